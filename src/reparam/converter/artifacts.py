@@ -1,0 +1,187 @@
+"""Write the deploy artifacts atomically and load them back without pickle.
+
+Artifacts of ``<stem>.pt``:
+
+* ``<stem>-converted.pt`` — the official deploy checkpoint format (:mod:`.official_format`), fp16 unless ``--fp32``;
+  never fused, so the official ``detect.py``/``val.py``/``export.py`` can load and fuse it themselves;
+* ``<stem>-converted.safetensors`` — the same weights; metadata holds the deploy config (JSON), ``nc``, ``names``,
+  ``stride`` and the reparam version, so :func:`load_safetensors` rebuilds the model without any pickle;
+* ``report.json`` — the conversion report.
+
+Everything is written into a staging folder inside ``out_dir`` and moved into place (``os.replace``, atomic on one
+file system) only when every file was written; a failure removes the staging folder and leaves ``out_dir`` as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from ..models import DetectionModel
+    from .checkpoint import Checkpoint
+    from .convert import ConvertOptions
+    from .pruning import DeployPlan
+
+SAFETENSORS_FORMAT = "reparam-deploy/1"
+
+
+def _sha256(path: Path) -> str:
+    from .convert import sha256_file
+
+    return sha256_file(path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _staging(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".reparam-staging-", dir=out))
+
+
+def _publish(stage: Path, out: Path) -> None:
+    for f in sorted(stage.iterdir(), key=lambda p: p.name == "report.json"):  # report last
+        os.replace(f, out / f.name)
+    stage.rmdir()
+
+
+def write_report_only(out: Path, report: dict[str, Any]) -> Path:
+    """Write just ``report.json`` (a failed conversion), atomically. Returns its path."""
+    stage = _staging(out)
+    try:
+        _write_json(stage / "report.json", report)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / "report.json"
+
+
+def save_safetensors(model: "DetectionModel", path: Path, *, nc: int, names: dict[int, str], stride: list[float],
+                     extra: dict[str, str] | None = None) -> None:
+    """Save ``model.state_dict()`` with the config and class metadata (strings, as safetensors requires)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": SAFETENSORS_FORMAT,
+        "config": json.dumps(model.yaml),
+        "nc": str(nc),
+        "names": json.dumps({str(k): v for k, v in names.items()}),
+        "stride": json.dumps(stride),
+        "reparam_version": __version__,
+        **(extra or {}),
+    }
+    save_file(state, str(path), metadata=meta)
+
+
+def load_safetensors(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> "DetectionModel":
+    """Rebuild a deploy model from a reparam ``.safetensors`` file, without pickle.
+
+    Returns our :class:`DetectionModel` in eval mode, in ``dtype`` (``None`` keeps the saved dtype).
+    Raises InvalidInputError when the file is not a reparam deploy safetensors file.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..models import DetectionModel
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise InvalidInputError(f"'{path}' is not a safetensors file ({exc})") from None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise InvalidInputError(f"'{path}' is not a reparam deploy model (metadata format {meta.get('format')!r})")
+    cfg = json.loads(meta["config"])
+    nc = int(meta["nc"])
+    model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
+    model.names = {int(k): v for k, v in json.loads(meta["names"]).items()}
+    state = load_file(str(path))
+    model.load_state_dict(state, strict=True)
+    stride = torch.tensor(json.loads(meta["stride"]), dtype=torch.float32)
+    model.stride = stride
+    model.model[-1].stride = stride.clone()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def write_all(
+    out: Path,
+    source: Path,
+    ckpt: "Checkpoint",
+    plan: "DeployPlan",
+    dual: torch.nn.Module,
+    deploy: "DetectionModel",
+    deploy_sd: dict[str, torch.Tensor],
+    options: "ConvertOptions",
+    report: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    """Write every requested artifact plus ``report.json`` atomically into ``out``; fills ``report['artifacts']``.
+
+    The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 bytes unchanged) unless
+    ``options.fp32``. Raises whatever an export step raises, after removing the staging folder.
+    """
+    from .official_format import save_official
+
+    stem = source.stem
+    stage = _staging(out)
+    arts: list[dict[str, Any]] = []
+    try:
+        # fp16 like the official deploy checkpoints (exact: the checkpoint's own fp16 tensors are copied in)
+        saved = copy.deepcopy(deploy) if options.fp32 else copy.deepcopy(deploy).half()
+        saved.load_state_dict(deploy_sd)
+        saved.yaml_file = f"{stem}-deploy.yaml"
+        saved.eval()
+        if "pt" in options.formats:
+            p = stage / f"{stem}-converted.pt"
+            save_official(saved, p)
+            arts.append({"name": p.name, "format": "pt", "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+        if "safetensors" in options.formats:
+            p = stage / f"{stem}-converted.safetensors"
+            save_safetensors(saved, p, nc=ckpt.nc, names=ckpt.names, stride=ckpt.stride)
+            arts.append({"name": p.name, "format": "safetensors",
+                         "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+        extra_formats = [f for f in options.formats if f in ("onnx", "torchscript")]
+        if extra_formats:
+            from . import export
+
+            arts.extend(export.export_all(deploy, stage, stem, options, report, say))
+        for a in arts:
+            p = stage / a["name"]
+            a["sha256"] = _sha256(p)
+            a["bytes"] = p.stat().st_size
+            a["path"] = str(out / a["name"])
+        report["artifacts"] = arts
+        main = next((a for a in arts if a["format"] == "pt"), arts[0] if arts else None)
+        report["deploy_sha256"] = main["sha256"] if main else None
+        before = int(report["source"].get("bytes") or 0)
+        after = int(main["bytes"]) if main else 0
+        report["bytes"] = {"before": before, "after": after, "saved": before - after}
+        report["status"] = "succeeded"
+        _write_json(stage / "report.json", report)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def finish_report(out: Path, report: dict[str, Any]) -> None:
+    """Rewrite ``report.json`` after the move (final timing), atomically via a temp file + ``os.replace``."""
+    tmp = out / ".report.json.tmp"
+    _write_json(tmp, report)
+    os.replace(tmp, out / "report.json")

@@ -1,0 +1,231 @@
+"""The conversion pipeline: dual checkpoint in, validated deploy artifacts and a report out.
+
+Steps (each recorded in the report): read the checkpoint safely (:mod:`.checkpoint`), derive the deploy graph
+(:mod:`.pruning`), copy the main-branch weights (:mod:`.transfer`), check equivalence (:mod:`.validation`),
+optionally fuse, then write the artifacts atomically (:mod:`.artifacts`). Nothing is written into ``out_dir``
+unless every step passed; a failed validation leaves only ``report.json`` (marked failed) behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..errors import InvalidInputError, ValidationFailedError
+from ..models import DetectionModel
+from . import artifacts
+from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
+from .pruning import derive_deploy_plan
+from .transfer import transfer_weights
+from .validation import check_equivalence, count_params, gflops, sample_inputs
+
+FORMATS = ("pt", "safetensors", "onnx", "torchscript")
+
+
+@dataclass
+class ConvertOptions:
+    """Settings of one conversion.
+
+    Attributes:
+        atol: tolerance on max |deploy - dual main| in output units (pixels / probability), fp32.
+        fp32: keep fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints).
+        half: fp16 weights in every artifact, ONNX/TorchScript included.
+        fuse: fold BatchNorm into convs and re-parameterize RepConvN before export.
+        formats: artifacts to write, from :data:`FORMATS`.
+        imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
+        seed: seed of the validation inputs.
+        prefer_ema: deploy the EMA weights when the checkpoint holds them.
+        onnx: extra ONNX options (opset, dynamic, nms ...), used by the export step.
+    """
+
+    atol: float = 1e-4
+    fp32: bool = False
+    half: bool = False
+    fuse: bool = False
+    formats: tuple[str, ...] = ("pt", "safetensors")
+    imgsz: int = 640
+    seed: int = 0
+    prefer_ema: bool = True
+    onnx: dict[str, Any] = field(default_factory=dict)
+
+    def settings_key(self) -> str:
+        """A stable digest of the settings that change the outputs (for idempotent registration)."""
+        text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
+                     self.prefer_ema, sorted(self.onnx.items())))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def check(self) -> None:
+        """Raise InvalidInputError for contradictory or out-of-range settings."""
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise InvalidInputError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+        if self.fp32 and self.half:
+            raise InvalidInputError("--fp32 and --half contradict each other; pick one")
+        if not (self.atol > 0):
+            raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
+        if self.imgsz < 32 or self.imgsz > 4096:
+            raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
+
+
+def variant_of(ckpt: Checkpoint) -> str:
+    """A short name of the architecture: the ``yaml_file`` stem when the model carries one, else a description."""
+    yf = ckpt.model_attrs.get("yaml_file")
+    if isinstance(yf, str) and yf:
+        return Path(yf).stem
+    return f"custom-{len(ckpt.cfg['backbone']) + len(ckpt.cfg['head'])}-layers"
+
+
+def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
+                *, what: str = "model") -> DetectionModel:
+    """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly, in fp32.
+
+    Raises InvalidInputError when the weights do not fit the config (lists the first mismatches).
+    """
+    model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
+    model.names = dict(names)
+    if state is not None:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            if shapes:
+                k = shapes[0]
+                parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)})")
+            raise InvalidInputError(f"the {what}'s weights do not fit its config: " + "; ".join(parts))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.float().eval()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, hex, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert(
+    source: str | Path,
+    out_dir: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    source_info: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Convert one dual checkpoint and write its deploy artifacts into ``out_dir``.
+
+    Returns the report dict (also written as ``out_dir/report.json``).
+
+    Raises:
+        InvalidInputError / UnsafeCheckpointError: bad input (nothing written).
+        ValidationFailedError: the deploy model's output differs (only a failed ``report.json`` is written); the
+            report is attached as ``err.report``.
+    """
+    options = options or ConvertOptions()
+    options.check()
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    path = Path(source)
+    timings: dict[str, float] = {}
+
+    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
+    timings["load_s"] = time.perf_counter() - t0
+    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
+    plan = derive_deploy_plan(ckpt.cfg)
+
+    t = time.perf_counter()
+    dual = build_model(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="checkpoint")
+    deploy_skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=ckpt.nc)
+    deploy_sd, account = transfer_weights(ckpt.state_dict, list(deploy_skeleton.state_dict()), plan)
+    if not account.exact:
+        raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
+    deploy = build_model(plan.deploy_cfg, ckpt.nc, ckpt.names, deploy_sd, what="deploy model")
+    deploy.stride = dual.stride.clone()
+    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    timings["build_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stride = int(max(ckpt.stride)) if ckpt.stride else 32
+    inputs = sample_inputs(options.imgsz, stride, options.seed)
+    result = check_equivalence(dual, deploy, inputs, options.atol)
+    timings["validate_s"] = time.perf_counter() - t
+    say(f"validation: max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> {'passed' if result.passed else 'FAILED'}")
+
+    t = time.perf_counter()
+    stats = {
+        "params": {"before": count_params(dual), "after": count_params(deploy)},
+        "gflops": {"before": round(gflops(dual, inputs[0].shape[-1]), 3), "after": round(gflops(deploy, inputs[0].shape[-1]), 3)},
+        "gflops_imgsz": int(inputs[0].shape[-1]),
+    }
+    timings["stats_s"] = time.perf_counter() - t
+
+    removed = {k: ckpt.top_level[k] for k in TRAINING_KEYS if k in ckpt.top_level and ckpt.top_level[k] not in ("None", "-1")}
+    dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
+    info = dict(source_info or {})
+    info.setdefault("uri", str(path))
+    info.setdefault("path", str(path.resolve()))
+    info.setdefault("bytes", ckpt.file_bytes)
+    if "sha256" not in info:
+        info["sha256"] = sha256_file(path)
+
+    report: dict[str, Any] = {
+        "reparam_version": __version__,
+        "source": info,
+        "variant": variant_of(ckpt),
+        "model_class": ckpt.model_class,
+        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head},
+        "pruned": plan.pruned,
+        "nc": ckpt.nc,
+        "names": {str(k): v for k, v in ckpt.names.items()},
+        "stride": ckpt.stride,
+        "weights_used": ckpt.weights,
+        "ema_vs_raw_max_abs_diff": ckpt.ema_differs_by,
+        "layers": {
+            "dual": len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"]),
+            "deploy": len(plan.layer_map),
+            "dropped": plan.dropped,
+            "map": {str(k): v for k, v in sorted(plan.layer_map.items())},
+        },
+        "tensors": {"dual": len(ckpt.state_dict), "deploy": len(deploy_sd), "dropped": account.dropped,
+                    "main_branch": account.main_keys, "used_exactly_once": account.exact},
+        **stats,
+        "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
+        "validation": {**result.to_dict(), "imgsz": int(inputs[0].shape[-1]), "seed": options.seed},
+        "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
+                    "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
+                    "onnx": dict(options.onnx)},
+        "settings_key": options.settings_key(),
+        "deploy_config": copy.deepcopy(plan.deploy_cfg),
+        "timing": timings,
+    }
+    out = Path(out_dir)
+    if not result.passed:
+        report["status"] = "validation_failed"
+        report["timing"]["total_s"] = time.perf_counter() - t0
+        artifacts.write_report_only(out, report)
+        err = ValidationFailedError(
+            f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}). "
+            "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
+        )
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+
+    artifacts.write_all(out, path, ckpt, plan, dual, deploy, deploy_sd, options, report, say)
+    report["status"] = "succeeded"
+    report["timing"]["total_s"] = time.perf_counter() - t0
+    artifacts.finish_report(out, report)
+    return report

@@ -1,0 +1,62 @@
+"""``reparam inspect``: what a checkpoint holds and what a conversion would keep, without converting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import read_checkpoint
+from .pruning import derive_deploy_plan
+from .convert import variant_of
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A JSON-able description of the checkpoint at ``path``.
+
+    Keys: file, bytes, top_level (entry -> what it holds), model_class, variant, head, nc, names, stride,
+    weights (``ema``/``model``), dtype, tensors, elements, layers (dual/deploy/dropped), globals.
+    Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
+    """
+    ckpt = read_checkpoint(path)
+    plan = derive_deploy_plan(ckpt.cfg)
+    n_layers = len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"])
+    return {
+        "file": str(path),
+        "bytes": ckpt.file_bytes,
+        "top_level": ckpt.top_level,
+        "model_class": ckpt.model_class,
+        "variant": variant_of(ckpt),
+        "head": ckpt.head_name,
+        "nc": ckpt.nc,
+        "names": {str(k): v for k, v in ckpt.names.items()},
+        "stride": ckpt.stride,
+        "weights": ckpt.weights,
+        "dtype": ckpt.dtype,
+        "tensors": len(ckpt.state_dict),
+        "elements": sum(t.numel() for t in ckpt.state_dict.values()),
+        "layers": {
+            "dual": n_layers,
+            "deploy": len(plan.layer_map),
+            "dropped": plan.dropped,
+            "pruned": plan.pruned,
+        },
+        "globals": ckpt.globals,
+    }
+
+
+def format_description(desc: dict[str, Any]) -> str:
+    """Human-readable text of :func:`describe`'s result."""
+    names = list(desc["names"].values())
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    lines = [
+        f"{desc['file']} ({desc['bytes']:,} bytes)",
+        f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, stride {desc['stride']}",
+        f"  classes      nc={desc['nc']}: {shown}",
+        f"  weights      {desc['tensors']} tensors, {desc['elements']:,} elements, {desc['dtype']}, "
+        f"using '{desc['weights']}'",
+        f"  layers       {desc['layers']['dual']}; a conversion keeps {desc['layers']['deploy']}"
+        + (f" and drops {len(desc['layers']['dropped'])} (auxiliary branch)" if desc["layers"]["pruned"]
+           else " (no auxiliary branch: nothing to prune)"),
+        "  entries      " + ", ".join(f"{k}={v}" for k, v in desc["top_level"].items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Copy the main-branch weights of a dual checkpoint into the deploy graph, with an exact account.
+
+Every deploy ``state_dict`` key is filled from exactly one dual key (:meth:`DeployPlan.map_key`), tensors are
+copied as saved (fp16 bytes stay identical, so the result reproduces the official conversion hash for hash),
+and the account proves that every main-branch tensor was used exactly once and that no auxiliary tensor leaked in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidInputError
+from .pruning import DeployPlan
+
+
+@dataclass
+class TransferAccount:
+    """What :func:`transfer_weights` did.
+
+    Attributes:
+        used: number of dual tensors copied; ``dropped``: number of dual tensors left out (auxiliary branch).
+        main_keys: number of dual tensors that belong to the main branch.
+        dropped_bytes: bytes of the auxiliary tensors left out.
+        problems: violations found (empty when the transfer is exact).
+    """
+
+    used: int
+    dropped: int
+    main_keys: int
+    dropped_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """True when every main tensor was used exactly once and nothing else was."""
+        return not self.problems
+
+
+def _layer(key: str) -> tuple[int, str]:
+    m = re.match(r"^model\.(\d+)\.(.*)$", key)
+    if not m:
+        raise InvalidInputError(f"weight '{key}' is not under model.<layer>.; the checkpoint is not a YOLOv9 model")
+    return int(m.group(1)), m.group(2)
+
+
+def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", plan: DeployPlan) -> set[str]:
+    """Dual keys the deploy model needs: kept layers, and the main half of the head."""
+    kept = set(plan.layer_map.values())
+    head = plan.layer_map[plan.head_index]
+    main_subs = set(plan.head_rename.values())
+    out = set()
+    for k in dual_sd:
+        i, rest = _layer(k)
+        if i not in kept:
+            continue
+        if i == head and plan.head_rename and rest.split(".", 1)[0] not in main_subs:
+            continue
+        out.add(k)
+    return out
+
+
+def transfer_weights(
+    dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan
+) -> tuple["OrderedDict[str, torch.Tensor]", TransferAccount]:
+    """Build the deploy state_dict for ``deploy_keys`` (the deploy model's own ``state_dict()`` keys, in order).
+
+    Raises InvalidInputError when a deploy key has no source tensor or shapes differ — the checkpoint's weights
+    do not fit its own config.
+    """
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    uses: Counter[str] = Counter()
+    for k in deploy_keys:
+        src = plan.map_key(k)
+        if src not in dual_sd:
+            raise InvalidInputError(
+                f"deploy weight '{k}' should come from '{src}', which the checkpoint lacks; its weights do not match "
+                "its model config"
+            )
+        out[k] = dual_sd[src]
+        uses[src] += 1
+    main = main_branch_keys(dual_sd, plan)
+    problems = []
+    twice = sorted(k for k, n in uses.items() if n > 1)
+    if twice:
+        problems.append(f"{len(twice)} main tensor(s) used more than once, e.g. {twice[0]}")
+    unused = sorted(main - set(uses))
+    if unused:
+        problems.append(f"{len(unused)} main-branch tensor(s) not used, e.g. {unused[0]}")
+    leaked = sorted(set(uses) - main)
+    if leaked:
+        problems.append(f"{len(leaked)} auxiliary tensor(s) leaked into the deploy model, e.g. {leaked[0]}")
+    dropped = [k for k in dual_sd if k not in uses]
+    account = TransferAccount(
+        used=len(uses),
+        dropped=len(dropped),
+        main_keys=len(main),
+        dropped_bytes=sum(dual_sd[k].numel() * dual_sd[k].element_size() for k in dropped),
+        problems=problems,
+    )
+    return out, account
