@@ -1,0 +1,140 @@
+"""Each of our blocks against the official block's recorded golden I/O (fixtures/golden).
+
+A golden holds the official block's state_dict (randomised BatchNorm statistics), its
+input and its eval-mode fp32 output; our block must load the state_dict strictly, have
+the same keys and reproduce every output tensor within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import reparam.models as rm
+from reparam.converter.fusion import fuse_model
+
+
+def _fixtures() -> Path:
+    here = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    return here if here.is_dir() else Path(os.environ.get("REPARAM_FIXTURES", here))
+
+
+GOLDEN = _fixtures() / "golden"
+# 1e-5 relative to the tensor's scale (max |ref|, at least 1): every block output is O(1)
+# and gets 1e-5 absolute; the heads' decoded boxes are in pixels (up to ~500 here), where
+# the last-bit softmax differences between torch builds (DFL, x stride 32) reach 3 ULP (9e-5).
+ATOL = 1e-5
+FILES = sorted(p.stem for p in GOLDEN.glob("*.json"))
+
+
+def _meta(name: str) -> dict:
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def _cls(official: str):
+    if official == "torch.nn.modules.upsampling.Upsample":
+        return nn.Upsample
+    return getattr(rm, official.rsplit(".", 1)[1])
+
+
+def _build(structure: dict, tensors: dict):
+    """Rebuild a nested list/tuple of tensors from a recorded structure."""
+    if "tensor" in structure:
+        return tensors[structure["tensor"]]
+    items = [_build(s, tensors) for s in structure["items"]]
+    return tuple(items) if structure["type"] == "tuple" else items
+
+
+def _flatten(structure: dict, value, out: dict) -> dict:
+    """Map each recorded tensor name to the matching tensor of ``value``, checking the nesting."""
+    if "tensor" in structure:
+        assert isinstance(value, torch.Tensor), f"{structure['tensor']}: expected a tensor, got {type(value)}"
+        out[structure["tensor"]] = value
+        return out
+    kind = tuple if structure["type"] == "tuple" else list
+    assert isinstance(value, kind), f"expected {structure['type']}, got {type(value).__name__}"
+    assert len(value) == len(structure["items"])
+    for s, v in zip(structure["items"], value):
+        _flatten(s, v, out)
+    return out
+
+
+def _load(name: str) -> tuple[dict, dict]:
+    tensors = load_file(str(GOLDEN / f"{name}.safetensors"))
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    return tensors, state
+
+
+def _make(meta: dict) -> nn.Module:
+    m = _cls(meta["official_class"])(*meta["ctor_args"], **meta["ctor_kwargs"])
+    if "stride" in meta:
+        m.stride = torch.tensor(meta["stride"])
+    return m
+
+
+def _check_outputs(meta: dict, tensors: dict, module: nn.Module) -> None:
+    inp = _build(meta["input_structure"], tensors)
+    with torch.no_grad():
+        out = module(inp)
+    got = _flatten(meta["output_structure"], out, {})
+    assert got, "golden records no output"
+    for key, ours in got.items():
+        ref = tensors[key]
+        assert ours.shape == ref.shape, f"{key}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+        tol = ATOL * max(1.0, ref.abs().max().item())
+        diff = (ours.float() - ref).abs().max().item()
+        assert diff <= tol, f"{key}: max |diff| {diff:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_block_matches_golden(name: str) -> None:
+    meta = _meta(name)
+    tensors, state = _load(name)
+    if name.endswith("_fused"):
+        base = name[: -len("_fused")]
+        module = _make(_meta(base))
+        module.load_state_dict(_load(base)[1], strict=True)
+        module.eval()
+        n_before = len(list(module.modules()))
+        fuse_model(module)
+        assert len(list(module.modules())) < n_before
+        ours = module.state_dict()
+        assert set(ours) == set(state) == set(meta["state_dict_keys"])
+        for k, v in state.items():
+            assert (ours[k] - v).abs().max().item() <= ATOL, k
+        assert sum(p.numel() for p in module.parameters()) == meta["n_params"]
+    else:
+        module = _make(meta)
+        assert set(module.state_dict()) == set(meta["state_dict_keys"])
+        module.load_state_dict(state, strict=True)
+        module.eval()
+        assert sum(p.numel() for p in module.parameters()) == meta["n_params"]
+    _check_outputs(meta, tensors, module)
+
+
+def test_every_golden_is_covered() -> None:
+    assert len(FILES) >= 28, f"expected the full golden set, found {len(FILES)} in {GOLDEN}"
+
+
+def test_fused_model_output_is_stable_under_repeat_fuse() -> None:
+    """fuse_model is idempotent: a second call changes nothing."""
+    meta = _meta("RepNCSPELAN4")
+    tensors, state = _load("RepNCSPELAN4")
+    module = _make(meta)
+    module.load_state_dict(state)
+    module.eval()
+    fuse_model(module)
+    keys = dict(module.state_dict())
+    fuse_model(module)
+    assert {k: v.shape for k, v in module.state_dict().items()} == {k: v.shape for k, v in keys.items()}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    inp = _build(meta["input_structure"], tensors)
+    with torch.no_grad():
+        diff = (module(inp) - tensors["output"]).abs().max().item()
+    assert diff <= 1e-4
