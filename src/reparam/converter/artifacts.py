@@ -51,7 +51,10 @@ def _staging(out: Path) -> Path:
 
 
 def _publish(stage: Path, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
     for f in sorted(stage.iterdir(), key=lambda p: p.name == "report.json"):  # report last
+        f.chmod(0o666 & ~umask)  # some writers create 0600 files
         os.replace(f, out / f.name)
     stage.rmdir()
 
@@ -126,6 +129,7 @@ def write_all(
     ckpt: "Checkpoint",
     plan: "DeployPlan",
     dual: torch.nn.Module,
+    export_model: torch.nn.Module,
     deploy: "DetectionModel",
     deploy_sd: dict[str, torch.Tensor],
     options: "ConvertOptions",
@@ -134,8 +138,8 @@ def write_all(
 ) -> None:
     """Write every requested artifact plus ``report.json`` atomically into ``out``; fills ``report['artifacts']``.
 
-    The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 bytes unchanged) unless
-    ``options.fp32``. Raises whatever an export step raises, after removing the staging folder.
+    The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 unless ``options.fp32``) in the
+    unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export. Raises whatever an export step raises, after removing the staging folder.
     """
     from .official_format import save_official
 
@@ -161,7 +165,7 @@ def write_all(
         if extra_formats:
             from . import export
 
-            arts.extend(export.export_all(deploy, stage, stem, options, report, say))
+            arts.extend(export.export_all(export_model, dual, stage, stem, options, report, say))
         for a in arts:
             p = stage / a["name"]
             a["sha256"] = _sha256(p)

@@ -138,7 +138,7 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Checkpoint:
             f"'{path}': the model carries no config (model.yaml with backbone/head); reparam derives the deploy "
             "graph from it and cannot convert without it"
         )
-    state = OrderedDict(chosen.named_tensors())
+    state = OrderedDict((k, v.detach()) for k, v in chosen.named_tensors())
     if not state:
         raise InvalidInputError(f"'{path}': the model has no weights")
     for name, t in state.items():
@@ -157,7 +157,7 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Checkpoint:
     stride_list = [float(s) for s in stride.tolist()] if isinstance(stride, torch.Tensor) else [8.0, 16.0, 32.0]
     ema_diff = None
     if use_ema and isinstance(model, ObjectRecord):
-        raw_sd = dict(model.named_tensors())
+        raw_sd = {k: v.detach() for k, v in model.named_tensors()}
         diffs = [
             float((raw_sd[k].float() - v.float()).abs().max())
             for k, v in state.items()

@@ -22,6 +22,7 @@ from ..errors import InvalidInputError, ValidationFailedError
 from ..models import DetectionModel
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
+from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
 from .validation import check_equivalence, count_params, gflops, sample_inputs
@@ -162,6 +163,15 @@ def convert(
     stride = int(max(ckpt.stride)) if ckpt.stride else 32
     inputs = sample_inputs(options.imgsz, stride, options.seed)
     result = check_equivalence(dual, deploy, inputs, options.atol)
+    fused_result = None
+    fused = None
+    if options.fuse:
+        fused = fuse_model(copy.deepcopy(deploy)).eval()
+        fused_result = check_equivalence(dual, fused, inputs, options.atol)
+        if result.passed and not fused_result.passed:
+            result.passed = False
+            result.reason = f"fused model: {fused_result.reason}"
+        result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
     timings["validate_s"] = time.perf_counter() - t
     say(f"validation: max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> {'passed' if result.passed else 'FAILED'}")
 
@@ -205,6 +215,11 @@ def convert(
         **stats,
         "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
         "validation": {**result.to_dict(), "imgsz": int(inputs[0].shape[-1]), "seed": options.seed},
+        "fusion": None if fused_result is None else {
+            "max_abs_diff_vs_dual": fused_result.max_abs_diff,
+            "modules_before": sum(1 for _ in deploy.modules()),
+            "modules_after": sum(1 for _ in fused.modules()),
+        },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
                     "onnx": dict(options.onnx)},
@@ -224,7 +239,8 @@ def convert(
         err.report = report  # type: ignore[attr-defined]
         raise err
 
-    artifacts.write_all(out, path, ckpt, plan, dual, deploy, deploy_sd, options, report, say)
+    artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy, deploy_sd, options,
+                        report, say)
     report["status"] = "succeeded"
     report["timing"]["total_s"] = time.perf_counter() - t0
     artifacts.finish_report(out, report)

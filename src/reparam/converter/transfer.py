@@ -1,8 +1,12 @@
 """Copy the main-branch weights of a dual checkpoint into the deploy graph, with an exact account.
 
 Every deploy ``state_dict`` key is filled from exactly one dual key (:meth:`DeployPlan.map_key`), tensors are
-copied as saved (fp16 bytes stay identical, so the result reproduces the official conversion hash for hash),
-and the account proves that every main-branch tensor was used exactly once and that no auxiliary tensor leaked in.
+copied as saved (fp16 stays fp16), and the account proves that every main-branch tensor was used exactly once and
+that no auxiliary tensor leaked in.
+
+One normalisation: negative zeros become ``+0.0``. The official notebook copies weights as ``w -= w; w += v``,
+which turns every ``-0.0`` into ``+0.0``; doing the same (numerically a no-op, ``-0.0 == 0.0``) makes our deploy
+state_dict equal the official conversion byte for byte.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", plan: DeployPlan
     return out
 
 
+def canonical_zeros(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every ``-0.0`` replaced by ``+0.0`` (same dtype; non-float tensors unchanged)."""
+    if not t.is_floating_point():
+        return t
+    neg_zero = (t == 0) & torch.signbit(t)
+    if not bool(neg_zero.any()):
+        return t
+    return torch.where(neg_zero, torch.zeros_like(t), t)
+
+
 def transfer_weights(
     dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan
 ) -> tuple["OrderedDict[str, torch.Tensor]", TransferAccount]:
@@ -80,7 +94,7 @@ def transfer_weights(
                 f"deploy weight '{k}' should come from '{src}', which the checkpoint lacks; its weights do not match "
                 "its model config"
             )
-        out[k] = dual_sd[src]
+        out[k] = canonical_zeros(dual_sd[src])
         uses[src] += 1
     main = main_branch_keys(dual_sd, plan)
     problems = []
