@@ -110,6 +110,35 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
     return model.float().eval()
 
 
+@dataclass
+class Pruned:
+    """The dual model, the deploy plan, and the deploy model carrying the main-branch weights (both fp32, eval)."""
+
+    plan: Any
+    dual: DetectionModel
+    deploy: DetectionModel
+    deploy_sd: dict[str, torch.Tensor]
+    account: Any
+
+
+def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor]) -> Pruned:
+    """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
+
+    ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). Raises InvalidInputError when the
+    weights do not fit the config or the transfer is not exact.
+    """
+    plan = derive_deploy_plan(cfg)
+    dual = build_model(cfg, nc, names, state, what="checkpoint")
+    skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc)
+    deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan)
+    if not account.exact:
+        raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
+    deploy = build_model(plan.deploy_cfg, nc, names, deploy_sd, what="deploy model")
+    deploy.stride = dual.stride.clone()
+    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    return Pruned(plan, dual, deploy, deploy_sd, account)
+
+
 def sha256_file(path: Path) -> str:
     """sha256 of a file, hex, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -146,17 +175,9 @@ def convert(
     ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
     timings["load_s"] = time.perf_counter() - t0
     say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
-    plan = derive_deploy_plan(ckpt.cfg)
-
     t = time.perf_counter()
-    dual = build_model(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="checkpoint")
-    deploy_skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=ckpt.nc)
-    deploy_sd, account = transfer_weights(ckpt.state_dict, list(deploy_skeleton.state_dict()), plan)
-    if not account.exact:
-        raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
-    deploy = build_model(plan.deploy_cfg, ckpt.nc, ckpt.names, deploy_sd, what="deploy model")
-    deploy.stride = dual.stride.clone()
-    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
+    plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
     timings["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

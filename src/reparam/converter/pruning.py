@@ -15,8 +15,8 @@ the first ``nl`` feed the auxiliary half (``cv2``/``cv3``/``dfl``), the last ``n
    index) is kept only when a kept layer other than the one right after it reads it by index — the config
    format cannot name the input otherwise. This reproduces the official deploy configs: gelan-c/m drop it,
    gelan-e keeps it (its second backbone starts with ``[0, 1, Conv, ...]``);
-4. renumber the kept layers and remap every ``from`` (``-1`` when it is the previous kept layer, else the new
-   absolute index);
+4. renumber the kept layers and remap every ``from``, keeping each entry's style (relative stays relative,
+   absolute stays absolute, as the official deploy configs are written);
 5. the head becomes ``DDetect`` over the main inputs, with the same args; its ``cv2``/``cv3``/``dfl`` weights
    come from the dual head's ``cv4``/``cv5``/``dfl2``.
 
@@ -126,9 +126,24 @@ def resolve_from(f: Any, i: int) -> list[int]:
     return out
 
 
-def _encode_from(sources: list[int], new_i: int, was_list: bool) -> Any:
-    enc = [-1 if s == new_i - 1 else s for s in sources]
-    return enc if was_list else enc[0]
+def _encode_from(original: Any, old_i: int, new_i: int, new_index: dict[int, int]) -> Any:
+    """Remap a layer's ``from`` into the deploy numbering, keeping the config's own style.
+
+    A relative entry stays relative (``-1`` stays ``-1``: adjacent kept layers stay adjacent) and an absolute one
+    stays absolute, so the result reads like the official deploy configs (``[[15, 18, 21], 1, DDetect, [nc]]``).
+    An input that was a dropped leading Silence becomes ``-1`` (the image, at deploy index 0).
+    """
+    items = original if isinstance(original, (list, tuple)) else [original]
+    out = []
+    for x in items:
+        src = x if x >= 0 else old_i + x
+        if src not in new_index:  # the dropped Silence: read the image
+            out.append(-1)
+        elif x < 0:
+            out.append(new_index[src] - new_i)
+        else:
+            out.append(new_index[src])
+    return list(out) if isinstance(original, (list, tuple)) else out[0]
 
 
 def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
@@ -193,18 +208,18 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
     deploy_layers: list[list[Any]] = []
     for new_i, old in enumerate(kept):
         f, number, module, args = layers[old]
-        srcs = [-1 if (s == 0 and silence_dropped) else s for s in sources[old]]
-        if any(s >= 0 and s not in new_index for s in srcs):  # cannot happen by construction; guard anyway
-            raise InvalidInputError(f"layer {old} reads a dropped layer; the config is not a valid dual graph")
-        # the layer that read a dropped leading Silence now reads the image (-1 at deploy index 0)
-        mapped = [new_index[s] if s >= 0 else -1 for s in srcs]
-        deploy_layers.append([_encode_from(mapped, new_i, isinstance(f, (list, tuple))), number, module, copy.deepcopy(args)])
+        lost = [s for s in sources[old] if s >= 0 and s not in new_index and not (s == 0 and silence_dropped)]
+        if lost:  # cannot happen by construction (ancestors are kept); guard anyway
+            raise InvalidInputError(f"layer {old} reads dropped layer {lost[0]}; the config is not a valid dual graph")
+        deploy_layers.append([_encode_from(f, old, new_i, new_index), number, module, copy.deepcopy(args)])
 
     deploy_head_name, rename = DUAL_HEADS[head_name]
     head_new_i = len(kept)
     head_module = head_mod[: -len(head_name)] + deploy_head_name
+    head_from = [x for x in (head_f if isinstance(head_f, (list, tuple)) else [head_f])][nl:]
     deploy_layers.append(
-        [_encode_from([new_index[s] for s in main_inputs], head_new_i, True), _head_n, head_module, copy.deepcopy(head_args)]
+        [_encode_from(head_from, head_i, head_new_i, {**new_index, head_i: head_new_i}), _head_n, head_module,
+         copy.deepcopy(head_args)]
     )
 
     n_backbone = sum(1 for old in kept if old < len(dual_cfg["backbone"]))
