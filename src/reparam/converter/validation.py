@@ -115,16 +115,18 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def gflops(model: nn.Module, imgsz: int = 640) -> float:
+def gflops(model: nn.Module, imgsz: int = 640, probe: int = 128) -> float:
     """GFLOPs of one forward pass at ``[1, 3, imgsz, imgsz]`` (fp32), counted by ``torch.utils.flop_counter``.
 
     Counted as torch does: 2 x multiply-accumulates for convolutions (the official YOLOv9 printout uses thop's
-    MACs x 2 too, so numbers are comparable).
+    MACs x 2 too, so numbers are comparable). The count runs at ``probe`` pixels and is scaled by
+    ``(imgsz / probe) ** 2``: every layer's work is proportional to its feature-map area, so this is exact when
+    both sizes are multiples of the largest stride, and far cheaper than counting at 640.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     p = next(model.parameters())
-    x = torch.zeros(1, 3, imgsz, imgsz, dtype=p.dtype, device=p.device)
+    x = torch.zeros(1, 3, probe, probe, dtype=p.dtype, device=p.device)
     with FlopCounterMode(display=False) as counter:
         model.eval()(x)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() * (imgsz / probe) ** 2 / 1e9
