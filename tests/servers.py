@@ -83,13 +83,13 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, ok=(
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 10 s."""
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 5 s."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -232,10 +232,10 @@ def test_mlflow_down_mid_registration_leaves_nothing_half_done(mlflow_server_fac
     assert server.env["AWS_SECRET_ACCESS_KEY"] not in str(ei.value)
     monkeypatch.undo()
     # inspect the server's own store directly: v2 exists but is not ready; the alias did not move
-    direct = MlflowClient(server.backend_uri)
-    versions = {v.version: v.tags.get("reparam.status") for v in direct.search_model_versions(f"name = '{name}'")}
+    direct = MlflowClient(server.backend_uri, registry_uri=server.backend_uri)
+    versions = {str(v.version): v.tags.get("reparam.status") for v in direct.search_model_versions(f"name = '{name}'")}
     assert versions["1"] == "ready" and versions.get("2") in ("pending", "failed")
-    assert direct.get_model_version_by_alias(name, "champion").version == "1"
+    assert str(direct.get_model_version_by_alias(name, "champion").version) == "1"
     assert registry.find_existing(name, key("o2"), server.backend_uri) is None
     assert promote(name, "2", ["champion"], True, tracking_uri=server.backend_uri).aliases == []
 

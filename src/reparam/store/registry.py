@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .. import __version__
@@ -292,6 +293,8 @@ def register(
             _cleanup(client, model_name, state)
         return RegistryError(redact(msg))
 
+    from mlflow.entities import Metric
+
     try:
         client = tracking.client(tracking_uri)
         state["step"] = "find existing"
@@ -317,8 +320,8 @@ def register(
         )
         state["model_id"] = model_id = logged.model_id
         state["step"] = "log metrics"
-        for k, v in metrics.items():
-            client.log_metric(run_id, k, v, model_id=model_id)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory(prefix="reparam-model-") as tmp:
             state["step"] = "build model directory"
             model_dir = Path(tmp) / "model"
