@@ -94,7 +94,7 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
         if reason:
             return Promotion(model_name, version, [], {}, reason)
         step = "read current aliases"
-        current = dict(client.get_registered_model(model_name).aliases or {})
+        current = {a: str(v) for a, v in (client.get_registered_model(model_name).aliases or {}).items()}
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         raise RegistryError(redact(f"promote {model_name} v{version}: {step} failed: {_cause(err)}")) from None
     previous: dict[str, str | None] = {}
