@@ -201,6 +201,15 @@ def test_concurrent_registrations_keep_both_versions_and_a_valid_alias(mlflow_se
     assert champion.version in ("1", "2") and champion.tags["reparam.validation_passed"] == "true"
 
 
+def test_register_keeps_stdout_clean(mlflow_server, tmp_path, capfd):
+    """The CLI's stdout is for its summary: MLflow's 'View run at <uri>' lines must not appear."""
+    out, report = make_outputs(tmp_path / "out")
+    capfd.readouterr()
+    registry.register(f"quiet-{uuid.uuid4().hex[:6]}", out, report, idempotency_key=key("quiet"),
+                      tracking_uri=mlflow_server.tracking_uri)  # fmt: skip
+    assert capfd.readouterr().out == ""
+
+
 def test_registry_unreachable_is_clear_and_redacted(tmp_path, closed_port, fast_fail):
     out, report = make_outputs(tmp_path / "out")
     with pytest.raises(RegistryError, match="find existing failed: cannot connect") as ei:

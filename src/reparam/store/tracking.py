@@ -30,6 +30,9 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 
 def client(tracking_uri: str | None = None):
     """An ``mlflow.MlflowClient`` for the resolved tracking URI (registry: ``$MLFLOW_REGISTRY_URI`` or the same)."""
+    # MLflow prints "View run ... at: <tracking URI>" on stdout when a run ends: that would pollute the
+    # CLI's stdout and could show credentials embedded in the URI
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
