@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the real YOLOv9 fixtures live, and small helpers."""
+"""Shared test fixtures: where the real YOLOv9 fixtures live; real servers come from ``servers.py``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["servers"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,399 @@
+"""Register a validated deploy model as a new MLflow model version (MLflow 3 logged-model API).
+
+:func:`register` runs these steps, each named in any error:
+
+1. ``find existing`` - a ready version with the same ``reparam.idempotency_key`` tag is returned as is
+   (no new version): converting the same source with the same settings twice registers once.
+2. ``create registered model`` (if missing; a concurrent creator is fine).
+3. ``create run`` - a run in experiment ``reparam`` (or ``$MLFLOW_EXPERIMENT_NAME``) carrying the
+   conversion's params, metrics and lineage tags.
+4. ``create logged model`` / ``upload artifacts`` / ``finalize logged model`` - the deploy outputs as
+   one logged model: an ``MLmodel`` file, the ``.pt``/``.safetensors``/``report.json`` files, and an
+   ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve.
+5. ``create model version`` - source ``models:/<model_id>``, run_id = the conversion run, with all tags
+   and ``reparam.status = pending``.
+6. ``mark version ready`` - ``reparam.status = ready`` is the LAST write. A version without it never
+   counts as done (not found by :func:`find_existing`, never promoted).
+
+On a failure after step 3 the half-made parts are cleaned up as far as the registry still answers: the
+version is deleted (or, if that fails, it keeps ``reparam.status = pending``/``failed``), the logged
+model is finalized FAILED, the run ends FAILED. Then RegistryError names the step and the cause.
+Aliases are not touched here: see :mod:`reparam.store.promotion`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..errors import RegistryError
+from . import tracking
+from .promotion import STATUS_READY, TAG_STATUS, TAG_VALIDATION, _cause
+from .uris import redact
+
+TAG_KEY = "reparam.idempotency_key"
+TAG_PREFIX = "reparam."
+DEFAULT_EXPERIMENT = "reparam"
+#: deploy output formats uploaded with the model (report "artifacts"[].format)
+FORMATS = ("pt", "safetensors", "onnx", "torchscript", "report")
+
+
+@dataclasses.dataclass
+class Registration:
+    """A registered deploy model version.
+
+    Attributes:
+        model_name, version: the registered model and its version (a string, as MLflow gives it).
+        model_uri: ``models:/<name>/<version>``.
+        run_id: the conversion run (metrics, params) - for an existing version, the run that made it.
+        model_id: the MLflow 3 logged model holding the artifacts.
+        created: False when an existing version with the same idempotency key was returned.
+        tags: the version's tags.
+        aliases: aliases pointing at it when it was found/created.
+    """
+
+    model_name: str
+    version: str
+    model_uri: str
+    run_id: str | None
+    model_id: str | None
+    created: bool
+    tags: dict
+    aliases: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def idempotency_key(source_sha256: str, settings: dict) -> str:
+    """sha256 hex of the source's sha256 and the conversion settings (JSON, sorted keys).
+
+    ``settings`` must hold everything that changes the output (variant, nc, fuse, opset, dtype,
+    tolerance, reparam version...) and nothing that does not (paths, timestamps).
+    """
+    blob = json.dumps({"source_sha256": source_sha256, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _as_dict(mv) -> dict:
+    return {
+        "model_name": mv.name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{mv.name}/{mv.version}",
+        "run_id": mv.run_id or None,
+        "model_id": getattr(mv, "model_id", None) or _model_id_from_source(mv.source),
+        "tags": dict(mv.tags or {}),
+        "aliases": list(getattr(mv, "aliases", None) or []),
+    }
+
+
+def _model_id_from_source(source: str | None) -> str | None:
+    if source and source.startswith("models:/m-") and "/" not in source[len("models:/") :]:
+        return source[len("models:/") :]
+    return None
+
+
+def _ready_versions(client, model_name: str, key: str) -> list:
+    flt = f"name = {_quote(model_name)} AND tags.`{TAG_KEY}` = {_quote(key)}"
+    found = client.search_model_versions(flt)
+    ready = [mv for mv in found if (mv.tags or {}).get(TAG_STATUS) == STATUS_READY]
+    return sorted(ready, key=lambda mv: int(mv.version))
+
+
+def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | None = None) -> dict | None:
+    """The oldest READY version of ``model_name`` tagged with ``idempotency_key``, or None.
+
+    Returns a dict: model_name, version, model_uri, run_id, model_id, tags, aliases.
+
+    Raises:
+        RegistryError: the registry cannot be queried.
+    """
+    try:
+        client = tracking.client(tracking_uri)
+        ready = _ready_versions(client, model_name, idempotency_key)
+    except Exception as err:  # noqa: BLE001
+        raise RegistryError(redact(f"register {model_name}: find existing failed: {_cause(err)}")) from None
+    return _as_dict(ready[0]) if ready else None
+
+
+def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
+    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags."""
+    val = report.get("validation") or {}
+    params = report.get("params") or {}
+    source = report.get("source") or {}
+    out = {
+        TAG_KEY: idempotency_key,
+        f"{TAG_PREFIX}source_uri": redact(source.get("uri", "")),
+        f"{TAG_PREFIX}source_sha256": source.get("sha256", ""),
+        f"{TAG_PREFIX}deploy_sha256": report.get("deploy_sha256", ""),
+        f"{TAG_PREFIX}variant": report.get("variant", ""),
+        f"{TAG_PREFIX}nc": report.get("nc", ""),
+        f"{TAG_PREFIX}params_before": params.get("before", ""),
+        f"{TAG_PREFIX}params_after": params.get("after", ""),
+        f"{TAG_PREFIX}max_abs_diff": val.get("max_abs_diff", ""),
+        TAG_VALIDATION: "true" if val.get("passed") is True else "false",
+        f"{TAG_PREFIX}version": __version__,
+    }
+    for k, v in (lineage or {}).items():
+        if v not in (None, ""):
+            out[f"{TAG_PREFIX}{k}"] = v
+    for k, v in (tags or {}).items():
+        if k.startswith(TAG_PREFIX) or k == TAG_STATUS:
+            raise RegistryError(f"register: tag {k!r} is reserved (the {TAG_PREFIX}* tags are set by reparam)")
+        out[k] = v
+    return {k: redact(str(v)) for k, v in out.items()}
+
+
+def run_metrics(report: dict) -> dict[str, float]:
+    """Numeric conversion metrics for the run: max_abs_diff, params_before/after, bytes_before/after,
+    duration_s (those present)."""
+    out: dict[str, float] = {}
+    val = report.get("validation") or {}
+    params = report.get("params") or {}
+    if isinstance(val.get("max_abs_diff"), (int, float)):
+        out["max_abs_diff"] = float(val["max_abs_diff"])
+    for k in ("before", "after"):
+        if isinstance(params.get(k), (int, float)):
+            out[f"params_{k}"] = float(params[k])
+    bytes_before = (report.get("source") or {}).get("bytes", (report.get("bytes") or {}).get("before"))
+    pt = [a for a in report.get("artifacts") or [] if a.get("format") == "pt"]
+    bytes_after = pt[0].get("bytes") if pt else (report.get("bytes") or {}).get("after")
+    if isinstance(bytes_before, (int, float)):
+        out["bytes_before"] = float(bytes_before)
+    if isinstance(bytes_after, (int, float)):
+        out["bytes_after"] = float(bytes_after)
+    if isinstance(report.get("duration_s"), (int, float)):
+        out["duration_s"] = float(report["duration_s"])
+    return out
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - created concurrently: read it back
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Deploy models converted by reparam")
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: str, run_id: str) -> list[str]:
+    """Lay out the logged model: deploy files + MLmodel (ONNX flavor if an .onnx is there)."""
+    from mlflow.models import Model
+
+    files = sorted(p for p in artifacts_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    onnx_files = [p for p in files if p.suffix == ".onnx"]
+    if len(onnx_files) > 1:
+        raise RegistryError(f"several .onnx files in {artifacts_dir}: {', '.join(p.name for p in onnx_files)}")
+    model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
+    if onnx_files:
+        import mlflow.onnx
+        import onnx
+
+        src = onnx_files[0]
+        # MLflow would otherwise run `pip install --dry-run` on the requirements (needs a package index;
+        # a conversion Job may have none). The requirements are MLflow's own defaults for the flavor.
+        os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+        mlflow.onnx.save_model(
+            onnx.load(str(src), load_external_data=False),
+            str(dest),
+            mlflow_model=model,
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            save_as_external_data=False,
+        )
+        # keep the exported bytes exactly (their sha256 is in the report) under their own name
+        (dest / "model.onnx").unlink(missing_ok=True)
+        model = Model.load(str(dest / "MLmodel"))
+        for flavor in ("onnx", "python_function"):
+            if flavor in model.flavors and "data" in model.flavors[flavor]:
+                model.flavors[flavor]["data"] = src.name
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+    model.metadata = {"reparam_version": __version__, "variant": report.get("variant"), "nc": report.get("nc")}
+    model.model_id, model.run_id = model_id, run_id
+    for p in files:
+        shutil.copyfile(p, dest / p.name)
+    if not (dest / "report.json").exists():
+        (dest / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    model.save(str(dest / "MLmodel"))
+    return sorted(p.name for p in dest.iterdir())
+
+
+def register(
+    model_name: str,
+    artifacts_dir: Path,
+    report: dict,
+    *,
+    tags: dict | None = None,
+    lineage: dict | None = None,
+    idempotency_key: str,
+    tracking_uri: str | None = None,
+    experiment_name: str | None = None,
+) -> Registration:
+    """Register the deploy outputs in ``artifacts_dir`` as a new version of ``model_name``.
+
+    Args:
+        model_name: registered model to add a version to (created if missing).
+        artifacts_dir: directory with the deploy outputs (.pt, .safetensors, .onnx, report.json).
+        report: the conversion report (see module :mod:`reparam.converter` report schema).
+        tags: user tags for the version (``--tag k=v``); ``reparam.*`` keys are reserved.
+        lineage: :attr:`reparam.store.sources.FetchedSource.lineage` of the source.
+        idempotency_key: see :func:`idempotency_key`.
+        tracking_uri: see :func:`reparam.store.tracking.resolve_tracking_uri`.
+        experiment_name: experiment for the conversion run (default ``$MLFLOW_EXPERIMENT_NAME`` or
+            ``reparam``).
+
+    Returns:
+        :class:`Registration` (``created=False`` if an existing version was found).
+
+    Raises:
+        RegistryError: validation did not pass, or a step failed (the message names it); nothing is
+            left that looks registered.
+    """
+    artifacts_dir = Path(artifacts_dir)
+    val = report.get("validation") or {}
+    if val.get("passed") is not True:
+        raise RegistryError(f"register {model_name}: refused: validation did not pass (nothing registered)")
+    if not artifacts_dir.is_dir():
+        raise RegistryError(f"register {model_name}: read artifacts failed: {artifacts_dir} is not a directory")
+    all_tags = version_tags(report, tags=tags, lineage=lineage, idempotency_key=idempotency_key)
+    metrics = run_metrics(report)
+    state: dict = {"step": "connect"}
+    client = None
+
+    def fail(err: BaseException) -> RegistryError:
+        msg = str(err) if isinstance(err, RegistryError) else f"register {model_name}: {state['step']} failed: {_cause(err)}"
+        if client is not None:
+            _cleanup(client, model_name, state)
+        return RegistryError(redact(msg))
+
+    from mlflow.entities import Metric
+
+    try:
+        client = tracking.client(tracking_uri)
+        state["step"] = "find existing"
+        ready = _ready_versions(client, model_name, idempotency_key)
+        if ready:
+            return _registration(ready[0], created=False)
+        state["step"] = "create registered model"
+        _ensure_registered_model(client, model_name)
+        state["step"] = "create run"
+        exp_id = _experiment_id(client, experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        run_tags = {k: v for k, v in all_tags.items() if k.startswith(TAG_PREFIX)}
+        run_tags["mlflow.runName"] = f"reparam-{model_name}"
+        run = client.create_run(exp_id, tags=run_tags)
+        state["run_id"] = run_id = run.info.run_id
+        state["step"] = "create logged model"
+        logged = client.create_logged_model(
+            exp_id,
+            name=model_name,
+            source_run_id=run_id,
+            tags={k: v for k, v in all_tags.items() if k != TAG_STATUS},
+            params={k[len(TAG_PREFIX) :]: v for k, v in run_tags.items() if k.startswith(TAG_PREFIX) and k != TAG_KEY},
+            model_type="reparam-deploy",
+        )
+        state["model_id"] = model_id = logged.model_id
+        state["step"] = "log metrics"
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory(prefix="reparam-model-") as tmp:
+            state["step"] = "build model directory"
+            model_dir = Path(tmp) / "model"
+            files = _build_model_dir(model_dir, artifacts_dir, report, model_id, run_id)
+            state["step"] = "upload artifacts"
+            client.log_model_artifacts(model_id, str(model_dir))
+        state["step"] = "finalize logged model"
+        client.finalize_logged_model(model_id, "READY")
+        state["step"] = "create model version"
+        # a server resolves models:/<model_id> itself; a local store would look it up through MLflow's
+        # global tracking URI (not ours), so it gets the logged model's concrete location instead
+        remote = str(client.tracking_uri).startswith(("http://", "https://", "databricks"))
+        mv = client.create_model_version(
+            model_name,
+            source=f"models:/{model_id}" if remote else logged.artifact_location,
+            run_id=run_id,
+            tags={**all_tags, TAG_STATUS: "pending", f"{TAG_PREFIX}files": ",".join(files)},
+            description=f"reparam {__version__}: {report.get('variant', '?')} deploy model from "
+            f"{all_tags.get(f'{TAG_PREFIX}source_uri', '?')}",
+            model_id=model_id,
+        )
+        state["version"] = str(mv.version)
+        state["step"] = "mark version ready"
+        client.set_model_version_tag(model_name, mv.version, TAG_STATUS, STATUS_READY)
+        state["done"] = True
+        state["step"] = "end run"
+        client.set_terminated(run_id, "FINISHED")
+        # a racing conversion with the same key: keep the oldest ready version, drop ours
+        state["step"] = "check duplicates"
+        ready = _ready_versions(client, model_name, idempotency_key)
+        if ready and str(ready[0].version) != state["version"]:
+            try:
+                client.set_model_version_tag(model_name, mv.version, TAG_STATUS, "duplicate")
+                client.delete_model_version(model_name, mv.version)
+            except Exception:  # noqa: BLE001 - the duplicate is tagged or harmless; the original wins
+                pass
+            return _registration(ready[0], created=False)
+        return _registration(client.get_model_version(model_name, mv.version), created=True)
+    except Exception as err:  # noqa: BLE001
+        if state.get("done"):  # registered and marked ready: only bookkeeping after it failed
+            version = state["version"]
+            return Registration(model_name, version, f"models:/{model_name}/{version}", state.get("run_id"),
+                                state.get("model_id"), True, {**all_tags, TAG_STATUS: STATUS_READY})  # fmt: skip
+        raise fail(err) from None
+
+
+def _registration(mv, *, created: bool) -> Registration:
+    d = _as_dict(mv)
+    return Registration(d["model_name"], d["version"], d["model_uri"], d["run_id"], d["model_id"], created,
+                        d["tags"], d["aliases"])  # fmt: skip
+
+
+def _cleanup(client, model_name: str, state: dict) -> None:
+    """Best effort: leave nothing that looks registered (each call may fail if the server is gone)."""
+    version = state.get("version")
+    if version is not None:
+        try:
+            client.set_model_version_tag(model_name, version, TAG_STATUS, "failed")
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            client.delete_model_version(model_name, version)
+        except Exception:  # noqa: BLE001
+            pass
+    if state.get("model_id"):
+        try:
+            client.finalize_logged_model(state["model_id"], "FAILED")
+        except Exception:  # noqa: BLE001
+            pass
+    if state.get("run_id"):
+        try:
+            client.set_tag(state["run_id"], f"{TAG_PREFIX}failed_step", state.get("step", "?"))
+            client.set_terminated(state["run_id"], "FAILED")
+        except Exception:  # noqa: BLE001
+            pass

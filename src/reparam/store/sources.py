@@ -1,0 +1,511 @@
+"""Fetch a source checkpoint to local disk, hashing it on the way.
+
+:func:`fetch` accepts every form :func:`reparam.store.uris.parse_source` knows. Remote bytes stream to
+``<workdir>/<name>.part`` in 1 MiB chunks while sha256 is computed (one pass, never the whole file in
+memory), then the file is renamed into place. A progress bar is drawn on stderr only when stderr is a
+terminal (or ``progress=True``). MLflow sources (``models:/``, ``runs:/``) are resolved to their concrete
+artifact location first; artifacts proxied by an MLflow server (``mlflow-artifacts:``) or kept in S3 are
+streamed the same way, other stores go through MLflow's own downloader and are hashed after.
+
+S3 is configured the usual way: boto3's credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, ...); endpoint from ``AWS_ENDPOINT_URL_S3``, ``MLFLOW_S3_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL`` for S3-compatible stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
+from urllib.parse import quote, urlsplit
+
+from ..errors import InvalidInputError, SourceError
+from . import tracking
+from .uris import SourceRef, parse_source, redact
+
+CHUNK = 1 << 20
+#: file suffixes taken as a checkpoint when a model version or directory holds several files
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclasses.dataclass
+class FetchedSource:
+    """A checkpoint on local disk.
+
+    Attributes:
+        path: the local file (for a local source, the file itself: not copied).
+        uri: the source URI as given, credentials redacted.
+        sha256: hex sha256 of the file's bytes.
+        bytes: its size in bytes.
+        lineage: where it came from, for registry tags; keys present as applicable:
+            ``source_run_id``, ``source_model_name``, ``source_model_version``, ``source_model_alias``,
+            ``source_model_id``, ``source_artifact_path``.
+        kind: ``local``, ``s3``, ``models``, ``runs`` or ``http``.
+        note: a line for the user, e.g. which file was picked inside a model version (or None).
+    """
+
+    path: Path
+    uri: str
+    sha256: str
+    bytes: int
+    lineage: dict
+    kind: str
+    note: str | None = None
+
+
+def fetch(
+    uri: str,
+    workdir: Path,
+    *,
+    sha256: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool | None = None,
+) -> FetchedSource:
+    """Bring the checkpoint at ``uri`` to local disk under ``workdir`` and hash it.
+
+    Args:
+        uri: local path, ``s3://bucket/key``, ``models:/name/version``, ``models:/name@alias``,
+            ``runs:/<run_id>/<path>`` or ``http(s)://`` URL.
+        workdir: directory for downloads (created if missing). Local sources are not copied.
+        sha256: expected hex sha256 (``--sha256``); a mismatch is an error and the download is removed.
+        tracking_uri: MLflow tracking URI for ``models:/``/``runs:/`` (see :mod:`reparam.store.tracking`).
+        progress: draw a progress bar on stderr; None = only if stderr is a terminal.
+
+    Returns:
+        :class:`FetchedSource`.
+
+    Raises:
+        InvalidInputError: malformed URI or malformed ``sha256``.
+        SourceError: unreachable store, bad credentials, missing object/run/version/alias, no or several
+            checkpoint candidates in a model version, sha256 mismatch. The message names the step and the
+            cause, never credentials.
+    """
+    ref = parse_source(uri)
+    if sha256 is not None and not _SHA256.match(sha256.strip()):
+        raise InvalidInputError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+    if progress is None:
+        progress = _stderr_is_tty()
+    shown = redact(ref.uri)
+    if ref.kind == "local":
+        fetched = _fetch_local(ref, shown)
+    else:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        fetcher = {"s3": _fetch_s3, "http": _fetch_http, "runs": _fetch_run, "models": _fetch_model}[ref.kind]
+        fetched = fetcher(ref, shown, workdir, tracking_uri, progress)
+    if sha256 is not None and fetched.sha256 != sha256.strip().lower():
+        if ref.kind != "local":
+            fetched.path.unlink(missing_ok=True)
+        raise SourceError(
+            f"fetch {shown}: verify sha256 failed: expected {sha256.strip().lower()}, got {fetched.sha256} "
+            "(wrong file or corrupted download)"
+        )
+    return fetched
+
+
+# --- local ---------------------------------------------------------------------------------------------
+
+
+def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
+    path = Path(os.path.expanduser(ref.path or ""))
+    if not path.exists():
+        raise SourceError(f"fetch {shown}: open local file failed: no such file")
+    if path.is_dir():
+        path = _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], path)
+    try:
+        digest, size = hash_file(path)
+    except OSError as err:
+        raise SourceError(f"fetch {shown}: read local file failed: {err.strerror or err}") from None
+    return FetchedSource(path.resolve(), shown, digest, size, {}, "local")
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
+    """The one checkpoint among ``names`` (relative paths); SourceError listing them if 0 or >1."""
+    cands = sorted(n for n in names if n.lower().endswith(CHECKPOINT_SUFFIXES))
+    if len(cands) == 1:
+        return (base / cands[0]) if base is not None else cands[0]
+    if not cands:
+        listing = ", ".join(sorted(names)[:20]) or "nothing"
+        raise SourceError(f"fetch {shown}: pick checkpoint failed: no *.pt file among {listing}")
+    raise SourceError(
+        f"fetch {shown}: pick checkpoint failed: {len(cands)} candidates ({', '.join(cands)}); "
+        "name one, e.g. <uri>/" + cands[0]
+    )
+
+
+# --- streaming helpers ---------------------------------------------------------------------------------
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn at most 10 times a second)."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.done = 0
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled and (time.monotonic() - self._last > 0.1):
+            self._draw()
+
+    def _draw(self) -> None:
+        self._last = time.monotonic()
+        mib = self.done / 2**20
+        if self.total:
+            frac = min(1.0, self.done / self.total)
+            bar = "#" * int(frac * 30)
+            line = f"\r{self.label} [{bar:<30}] {mib:7.1f}/{self.total / 2**20:.1f} MiB {frac:4.0%}"
+        else:
+            line = f"\r{self.label} {mib:7.1f} MiB"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _stream_to_file(
+    chunks: Iterable[bytes], dest: Path, label: str, total: int | None, progress: bool
+) -> tuple[str, int]:
+    """Write ``chunks`` to ``dest`` (via ``dest.part``), hashing as they pass; returns (sha256, bytes)."""
+    part = dest.with_name(dest.name + ".part")
+    h = hashlib.sha256()
+    bar = _Progress(label, total, progress)
+    try:
+        with open(part, "wb") as fh:
+            for chunk in chunks:
+                if chunk:
+                    fh.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+        bar.close()
+        if total is not None and bar.done != total:
+            raise SourceError(f"download truncated: got {bar.done} of {total} bytes")
+        os.replace(part, dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return h.hexdigest(), bar.done
+
+
+def _dest_for(workdir: Path, name: str) -> Path:
+    base = PurePosixPath(name).name or "checkpoint.pt"
+    return workdir / base
+
+
+# --- S3 ------------------------------------------------------------------------------------------------
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint from the environment (``AWS_ENDPOINT_URL_S3`` > ``MLFLOW_S3_ENDPOINT_URL`` >
+    ``AWS_ENDPOINT_URL``), or None for AWS itself."""
+    for var in ("AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def s3_client():
+    """A boto3 S3 client configured from the environment, failing fast on an unreachable endpoint."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+    # a fresh session each time: boto3's default session caches the credentials it first found
+    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint_url(), config=cfg)
+
+
+def s3_error(step: str, shown: str, err: BaseException) -> SourceError:
+    """A SourceError for a boto3/botocore failure of ``step`` on ``shown`` (one line, redacted)."""
+    from botocore import exceptions as bx
+
+    if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        cause = "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    elif isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError)):
+        cause = f"cannot reach S3 endpoint {s3_endpoint_url() or 'AWS'} ({type(err).__name__})"
+    elif isinstance(err, bx.ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            cause = "no such object (check bucket and key)"
+        elif code == "NoSuchBucket":
+            cause = "no such bucket"
+        elif code in ("403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "Forbidden") or status == 403:
+            cause = f"access denied ({code or status}): check the AWS credentials and their permissions"
+        else:
+            cause = f"{code or status}: {err}"
+    else:
+        cause = f"{type(err).__name__}: {err}"
+    return SourceError(redact(f"fetch {shown}: {step} failed: {cause}"))
+
+
+def _fetch_s3_object(bucket: str, key: str, shown: str, workdir: Path, progress: bool) -> tuple[Path, str, int]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = s3_client()
+    step = "head S3 object"
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+        step = "download S3 object"
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+        dest = _dest_for(workdir, key)
+        digest, size = _stream_to_file(
+            body.iter_chunks(CHUNK), dest, PurePosixPath(key).name, head.get("ContentLength"), progress
+        )
+    except (BotoCoreError, ClientError) as err:
+        raise s3_error(step, shown, err) from None
+    except SourceError as err:
+        raise SourceError(f"fetch {shown}: {step} failed: {err}") from None
+    return dest, digest, size
+
+
+def _fetch_s3(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+    dest, digest, size = _fetch_s3_object(ref.bucket, ref.key, shown, workdir, progress)
+    return FetchedSource(dest, shown, digest, size, {}, "s3")
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------
+
+
+def _http_chunks(url: str, shown: str, tracking_uri: str | None, step: str) -> tuple[Iterable[bytes], int | None, Callable]:
+    """Open a streaming GET; MLflow credentials are sent only to the tracking server's own URLs."""
+    import requests
+
+    kw: dict = {"stream": True, "timeout": (10, 120)}
+    base = tracking_uri or os.environ.get(tracking.ENV_TRACKING_URI) or ""
+    if base.startswith(("http://", "https://")) and url.startswith(base.rstrip("/") + "/"):
+        from mlflow.utils.credentials import get_default_host_creds
+
+        creds = get_default_host_creds(base)
+        if creds.token:
+            kw["headers"] = {"Authorization": f"Bearer {creds.token}"}
+        elif creds.username and creds.password:
+            kw["auth"] = (creds.username, creds.password)
+        if creds.ignore_tls_verification:
+            kw["verify"] = False
+        elif creds.server_cert_path:
+            kw["verify"] = creds.server_cert_path
+    try:
+        resp = requests.get(url, **kw)
+    except requests.exceptions.ConnectionError:
+        raise SourceError(f"fetch {shown}: {step} failed: cannot connect to {redact(_host(url))}") from None
+    except requests.exceptions.RequestException as err:
+        raise SourceError(redact(f"fetch {shown}: {step} failed: {type(err).__name__}: {err}")) from None
+    if resp.status_code != 200:
+        hint = {401: "unauthorized: check credentials", 403: "forbidden: check credentials", 404: "not found"}
+        cause = hint.get(resp.status_code, f"HTTP {resp.status_code} {resp.reason}")
+        detail = _error_detail(resp)
+        raise SourceError(redact(f"fetch {shown}: {step} failed: {cause}" + (f" ({detail})" if detail else "")))
+    total = resp.headers.get("Content-Length")
+    return resp.iter_content(CHUNK), (int(total) if total and total.isdigit() else None), resp.close
+
+
+def _error_detail(resp) -> str:
+    """The first line of an error body (MLflow sends JSON with ``message``), at most 200 characters."""
+    try:
+        text = resp.text
+    except Exception:  # noqa: BLE001
+        return ""
+    try:
+        import json
+
+        text = str(json.loads(text).get("message", text))
+    except (ValueError, AttributeError):
+        pass
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:200]
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def _download_http(url: str, shown: str, workdir: Path, tracking_uri, progress, step="download over HTTP"):
+    import requests
+
+    chunks, total, close = _http_chunks(url, shown, tracking_uri, step)
+    name = PurePosixPath(urlsplit(url).path).name
+    dest = _dest_for(workdir, name)
+    try:
+        digest, size = _stream_to_file(chunks, dest, name, total, progress)
+    except requests.exceptions.RequestException as err:
+        raise SourceError(redact(f"fetch {shown}: {step} failed: {type(err).__name__}: {err}")) from None
+    except SourceError as err:
+        raise SourceError(f"fetch {shown}: {step} failed: {err}") from None
+    finally:
+        close()
+    return dest, digest, size
+
+
+def _fetch_http(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+    dest, digest, size = _download_http(ref.url, shown, workdir, tracking_uri, progress)
+    return FetchedSource(dest, shown, digest, size, {}, "http")
+
+
+# --- MLflow --------------------------------------------------------------------------------------------
+
+
+def mlflow_error(step: str, shown: str, err: BaseException) -> str:
+    """One redacted line for an MLflow/requests failure of ``step``."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        code = getattr(err, "error_code", "")
+        msg = str(getattr(err, "message", err)).strip().splitlines()[0] if str(err).strip() else code
+        if "Max retries exceeded" in msg or "Connection refused" in msg or "Failed to establish" in msg:
+            msg = "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
+        cause = f"{code}: {msg}" if code and code not in msg else msg
+    else:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "Connection refused" in text or "Max retries exceeded" in text:
+            text = "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
+        cause = f"{type(err).__name__}: {text}"
+    return redact(f"fetch {shown}: {step} failed: {cause}")
+
+
+def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_uri: str, progress: bool):
+    """Download one artifact file given its concrete URI; returns (path, sha256, bytes)."""
+    parts = urlsplit(artifact_uri)
+    if parts.scheme == "s3":
+        return _fetch_s3_object(parts.netloc, parts.path.lstrip("/"), shown, workdir, progress)
+    if parts.scheme == "mlflow-artifacts":
+        base = f"http://{parts.netloc}" if parts.netloc else tracking_uri
+        if not base.startswith(("http://", "https://")):
+            raise SourceError(f"fetch {shown}: resolve artifact failed: mlflow-artifacts URI needs an HTTP tracking URI")
+        url = base.rstrip("/") + "/api/2.0/mlflow-artifacts/artifacts/" + quote(parts.path.lstrip("/"))
+        return _download_http(url, shown, workdir, base, progress, step="download artifact via the MLflow server")
+    if parts.scheme in ("http", "https"):
+        return _download_http(artifact_uri, shown, workdir, tracking_uri, progress)
+    # file stores and other clouds: MLflow's own downloader, then hash the result
+    import mlflow.artifacts
+
+    dst = workdir / f".dl-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri))
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
+        shutil.rmtree(dst, ignore_errors=True)
+        raise SourceError(mlflow_error("download artifact", shown, err)) from None
+    dest = _dest_for(workdir, local.name)
+    os.replace(local, dest)
+    shutil.rmtree(dst, ignore_errors=True)
+    digest, size = hash_file(dest)
+    return dest, digest, size
+
+
+def _list_files(artifact_uri: str, tracking_uri: str, prefix: str = "", depth: int = 0) -> list[str]:
+    """Relative paths of all files under ``artifact_uri`` (recursive, at most 4 levels)."""
+    import mlflow.artifacts
+
+    out: list[str] = []
+    for info in mlflow.artifacts.list_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri):
+        rel = PurePosixPath(info.path).name
+        full = f"{prefix}{rel}"
+        if info.is_dir:
+            if depth < 4:
+                out += _list_files(f"{artifact_uri.rstrip('/')}/{rel}", tracking_uri, full + "/", depth + 1)
+        else:
+            out.append(full)
+    return out
+
+
+def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(uri)
+    step = "look up run"
+    try:
+        run = client.get_run(ref.run_id)
+        root = run.info.artifact_uri.rstrip("/")
+        step = "list run artifacts"
+        parent = PurePosixPath(ref.path).parent.as_posix()
+        listing = _list_files(root if parent == "." else f"{root}/{parent}", uri)
+    except SourceError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise SourceError(mlflow_error(step, shown, err)) from None
+    name = PurePosixPath(ref.path).name
+    path = ref.path
+    if name not in listing:
+        # the path may be a directory holding the checkpoint
+        sub = [p[len(name) + 1 :] for p in listing if p.startswith(name + "/")]
+        if not sub:
+            raise SourceError(f"fetch {shown}: find artifact failed: run {ref.run_id} has no artifact {ref.path!r}")
+        path = f"{ref.path}/{_pick_checkpoint(shown, sub)}"
+    dest, digest, size = _download_artifact(f"{root}/{path}", shown, workdir, uri, progress)
+    lineage = {"source_run_id": ref.run_id, "source_artifact_path": path}
+    return FetchedSource(dest, shown, digest, size, lineage, "runs")
+
+
+def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(uri)
+    step = "look up model version"
+    try:
+        if ref.alias:
+            step = f"resolve alias @{ref.alias}"
+            mv = client.get_model_version_by_alias(ref.model_name, ref.alias)
+        else:
+            mv = client.get_model_version(ref.model_name, ref.version)
+        step = "resolve model version artifacts"
+        root = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
+        step = "list model version artifacts"
+        listing = _list_files(root, uri)
+    except Exception as err:  # noqa: BLE001
+        raise SourceError(mlflow_error(step, shown, err)) from None
+    note = None
+    if ref.path:
+        if ref.path not in listing:
+            raise SourceError(
+                f"fetch {shown}: find artifact failed: version {mv.version} has no {ref.path!r} "
+                f"(it has: {', '.join(sorted(listing)[:20])})"
+            )
+        path = ref.path
+    else:
+        path = _pick_checkpoint(shown, listing)
+        if len(listing) > 1:
+            note = f"picked {path} from {mv.name} version {mv.version} ({len(listing)} files)"
+    dest, digest, size = _download_artifact(f"{root}/{path}", shown, workdir, uri, progress)
+    lineage = {
+        "source_model_name": mv.name,
+        "source_model_version": str(mv.version),
+        "source_artifact_path": path,
+    }
+    if ref.alias:
+        lineage["source_model_alias"] = ref.alias
+    if mv.run_id:
+        lineage["source_run_id"] = mv.run_id
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and re.match(r"^models:/m-[0-9a-f]+$", mv.source or ""):
+        model_id = mv.source[len("models:/") :]  # MLflow 3 logged model as the version's source
+    if model_id:
+        lineage["source_model_id"] = model_id
+    return FetchedSource(dest, shown, digest, size, lineage, "models", note)
