@@ -98,30 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fetch(source: str, workdir: Path, sha256: str | None, tracking_uri: str | None) -> tuple[Path, dict[str, Any]]:
-    """Resolve a source to a local file; remote sources go through :mod:`reparam.store`."""
-    if "://" not in source and not source.startswith(("models:/", "runs:/")):
-        path = Path(source)
-        if not path.exists():
-            raise InvalidInputError(f"checkpoint '{source}' does not exist")
-        info: dict[str, Any] = {"uri": source}
-        if sha256:
-            from .converter.convert import sha256_file
-
-            actual = sha256_file(path)
-            if actual.lower() != sha256.lower():
-                raise InvalidInputError(f"sha256 of '{source}' is {actual}, expected {sha256}")
-            info["sha256"] = actual
-        return path, info
+def _fetch(source: str, workdir: Path, sha256: str | None, tracking_uri: str | None,
+           say=lambda _m: None) -> tuple[Path, dict[str, Any]]:
+    """Resolve a source (local path, s3://, models:/, runs:/, http(s)://) to a local file, with its sha256."""
     from .store.sources import fetch
 
     fetched = fetch(source, workdir, sha256=sha256, tracking_uri=tracking_uri)
+    if fetched.note:
+        say(fetched.note)
     return fetched.path, {"uri": fetched.uri, "sha256": fetched.sha256, "bytes": fetched.bytes,
-                          "lineage": fetched.lineage}
+                          "kind": fetched.kind, "lineage": fetched.lineage}
 
 
 def _human_summary(report: dict[str, Any]) -> str:
     v = report["validation"]
+    reg = report.get("registry")
+    if "layers" not in report and reg:  # nothing converted: an identical version already existed
+        return "\n".join([
+            f"reparam {report['reparam_version']}: {report['source']['uri']}",
+            f"  registered   {reg['model_uri']} already holds this conversion (deploy sha256 "
+            f"{report.get('deploy_sha256')}); nothing new was created",
+            f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
+        ])
     lines = [
         f"reparam {report['reparam_version']}: {report['source']['uri']}",
         f"  variant      {report['variant']} ({report['head']['dual']} -> {report['head']['deploy']}), "
@@ -137,14 +135,15 @@ def _human_summary(report: dict[str, Any]) -> str:
         lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} (saved {b['saved']:,})")
     lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}) "
                  f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
-    for a in report.get("artifacts", []):
+    for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
         check = a.get("check")
         extra = f", check max |diff| {check['max_abs_diff']:.3g}" if isinstance(check, dict) and "max_abs_diff" in check else ""
         lines.append(f"  wrote        {a['path']} ({a['bytes']:,} bytes{extra})")
-    reg = report.get("registry")
     if reg:
         lines.append(f"  registered   {reg.get('model_uri')} (aliases: {', '.join(reg.get('aliases') or []) or 'none'})"
-                     + (" [existing version, nothing new]" if reg.get("existing") else ""))
+                     + (" [existing version, nothing new]" if reg.get("existing") else "")
+                     + (f" [no alias moved: {reg['promotion_skipped']}]" if reg.get("promotion_skipped")
+                        and reg["promotion_skipped"] != "no alias requested" else ""))
     lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
     return "\n".join(lines)
 
@@ -201,24 +200,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
-            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri)
+            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
-            try:
-                report = convert(path, out, options, source_info=info, log=say)
-            except ReparamError as err:
-                report = getattr(err, "report", None)
-                raise
+            key = previous = None
             if args.register:
-                from .store.publish import register_conversion
+                from .store import publish
 
-                report["registry"] = register_conversion(
-                    report, out, model_name=args.register, aliases=args.alias, tags=tags,
-                    tracking_uri=args.tracking_uri, log=say,
-                )
-                from .converter.artifacts import finish_report
+                key = publish.idempotency_key(info["sha256"], options.settings_key())
+                previous = publish.find_previous(args.register, key, args.alias, args.tracking_uri)
+            if previous is not None:
+                say(f"{args.source} was already converted with these settings: "
+                    f"{args.register} version {previous['version']}; nothing to do")
+                report = {"reparam_version": __version__, "status": "succeeded", "source": info,
+                          **publish.summary_from_tags(previous), "timing": {},
+                          "registry": publish.reuse(previous, args.alias, args.tracking_uri)}
+            else:
+                try:
+                    report = convert(path, out, options, source_info=info, log=say)
+                except ReparamError as err:
+                    report = getattr(err, "report", None)
+                    raise
+                if args.register:
+                    from .converter.artifacts import finish_report
 
-                finish_report(out, report)
+                    report["registry"] = publish.register_conversion(
+                        report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
+                        lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
+                    )
+                    report["outputs_kept"] = bool(args.output)
+                    finish_report(out, report)
         report["timing"]["total_s"] = time.perf_counter() - t0
         if args.json:
             print(json.dumps(report, indent=2, default=str))

@@ -1,0 +1,112 @@
+"""The registration flow of ``reparam convert --register``: idempotency check, register, promote.
+
+1. Before converting, :func:`find_previous` looks for a ready version of the registered model tagged with the same
+   idempotency key (source sha256 + conversion settings). If there is one, the conversion is skipped and
+   :func:`reuse` reports it (and points the requested aliases at it, which the promotion rule allows because that
+   version is ready and validated).
+2. Otherwise, after the conversion passed, :func:`register_conversion` registers the outputs as a new version
+   (:func:`reparam.store.registry.register`) and then promotes it (:func:`reparam.store.promotion.promote`).
+
+MLflow's HTTP client retries for minutes by default; unless the user set them, the retry settings are lowered so
+that an unreachable registry fails within seconds (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``, backoff factor 1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from . import promotion, registry
+
+
+def _quick_failures() -> None:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+
+def idempotency_key(source_sha256: str, settings_key: str) -> str:
+    """The key that identifies "this source converted with these settings"."""
+    return registry.idempotency_key(source_sha256, {"settings": settings_key})
+
+
+def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: str | None) -> dict | None:
+    """Validate alias names, then return the existing ready version for ``key`` (or None).
+
+    Raises InvalidInputError for a bad alias, RegistryError when the registry cannot be queried.
+    """
+    _quick_failures()
+    promotion.check_aliases(aliases)
+    return registry.find_existing(model_name, key, tracking_uri)
+
+
+def _result(model_name: str, version: Any, model_uri: str | None, promo: promotion.Promotion | None,
+            *, existing: bool, run_id: str | None = None) -> dict[str, Any]:
+    return {
+        "model_name": model_name,
+        "version": str(version),
+        "model_uri": model_uri or f"models:/{model_name}/{version}",
+        "run_id": run_id,
+        "aliases": list(promo.aliases) if promo else [],
+        "previous_aliases": dict(promo.previous) if promo else {},
+        "promotion_skipped": promo.skipped_reason if promo else "no alias requested",
+        "existing": existing,
+    }
+
+
+def reuse(existing: dict, aliases: list[str], tracking_uri: str | None) -> dict[str, Any]:
+    """Report an existing version instead of registering a new one; point ``aliases`` at it."""
+    promo = promotion.promote(existing["model_name"], existing["version"], aliases, True, tracking_uri) if aliases else None
+    return _result(existing["model_name"], existing["version"], existing.get("model_uri"), promo, existing=True,
+                   run_id=existing.get("run_id"))
+
+
+def register_conversion(
+    report: dict[str, Any],
+    out_dir: Path,
+    *,
+    model_name: str,
+    aliases: list[str],
+    tags: dict[str, str],
+    key: str,
+    lineage: dict[str, Any] | None,
+    tracking_uri: str | None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Register the validated outputs in ``out_dir`` and promote them; returns ``report['registry']``.
+
+    Raises RegistryError (naming the failed step) from :func:`registry.register` / :func:`promotion.promote`; a
+    failed registration leaves no version that looks good and moves no alias.
+    """
+    _quick_failures()
+    reg = registry.register(model_name, out_dir, report, tags=tags, lineage=lineage, idempotency_key=key,
+                            tracking_uri=tracking_uri)
+    log(f"registered {reg.model_uri}" + ("" if reg.created else " (an identical version already existed)"))
+    passed = bool((report.get("validation") or {}).get("passed"))
+    promo = promotion.promote(model_name, reg.version, aliases, passed, tracking_uri) if aliases else None
+    if promo and promo.aliases:
+        log(f"aliases {', '.join(promo.aliases)} -> version {reg.version}")
+    elif promo and promo.skipped_reason:
+        log(f"no alias moved: {promo.skipped_reason}")
+    return _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id)
+
+
+def summary_from_tags(existing: dict) -> dict[str, Any]:
+    """Report fields recovered from an existing version's tags (for the no-op path)."""
+    t = existing.get("tags") or {}
+    p = registry.TAG_PREFIX
+
+    def num(name: str, cast=int):
+        try:
+            return cast(t[p + name])
+        except (KeyError, ValueError):
+            return None
+
+    return {
+        "deploy_sha256": t.get(p + "deploy_sha256"),
+        "params": {"before": num("params_before"), "after": num("params_after")},
+        "validation": {"passed": True, "max_abs_diff": num("max_abs_diff", float)},
+        "variant": t.get(p + "variant"),
+        "nc": num("nc"),
+    }
