@@ -54,7 +54,7 @@ def test_example_converts_via_cli(tmp_path: Path) -> None:
 
 
 def test_human_summary(tmp_path: Path) -> None:
-    proc = run_cli("convert", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q")
+    proc = run_cli("convert", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q", "--imgsz", "128")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for word in ("yolov9-t", "DualDDetect -> DDetect", "parameters", "GFLOPs", "bytes", "max |diff|", "passed"):
