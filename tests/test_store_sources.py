@@ -91,7 +91,7 @@ def test_local_is_hashed_not_copied(tmp_path):
 
 
 def test_local_missing_is_source_error(tmp_path):
-    with pytest.raises(SourceError, match="no such file"):
+    with pytest.raises(InvalidInputError, match="does not exist"):
         fetch(str(tmp_path / "nope.pt"), tmp_path)
 
 

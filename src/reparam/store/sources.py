@@ -115,8 +115,8 @@ def fetch(
 
 def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
     path = Path(os.path.expanduser(ref.path or ""))
-    if not path.exists():
-        raise SourceError(f"fetch {shown}: open local file failed: no such file")
+    if not path.exists():  # a local path will not appear by retrying: invalid input, not a source outage
+        raise InvalidInputError(f"checkpoint '{shown}' does not exist (no such file)")
     if path.is_dir():
         path = _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], path)
     try:
