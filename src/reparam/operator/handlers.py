@@ -123,11 +123,14 @@ async def reconcile(body: kopf.Body, **_: Any) -> None:
     await reconciler().reconcile(_plain(body))
 
 
-@kopf.on.event(jobs.GROUP, jobs.VERSION, jobs.PLURAL, id="resource-events")
-@instrumented("resource_event")
-async def resource_event(type: str, body: kopf.Body, **_: Any) -> None:
-    if type == "DELETED":
-        await reconciler().resource_gone(_plain(body))
+def _is_deletion(type: str | None, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+@kopf.on.event(jobs.GROUP, jobs.VERSION, jobs.PLURAL, id="resource-deleted", when=_is_deletion)
+@instrumented("resource_deleted")
+async def resource_deleted(body: kopf.Body, **_: Any) -> None:
+    await reconciler().resource_gone(_plain(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_MANAGED_BY: jobs.MANAGER}, id="job-events")

@@ -27,9 +27,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"reparam operator: error: {exc}", file=sys.stderr)
         return exc.exit_code
     handlers.configure(cfg)
-    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    kopf.configure(verbose=cfg.verbose)
+    kopf.configure(verbose=cfg.verbose)  # kopf's logging setup (one handler, its format)
     clusterwide = cfg.clusterwide or not cfg.namespaces
     if not cfg.namespaces and not cfg.clusterwide:
         logging.getLogger("reparam.operator").info("no namespace given: watching all namespaces")
