@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kube_env import JOBS, SECRETS, KubeEnv, now_iso
+from kube_env import SECRETS, KubeEnv, now_iso
 
 from reparam.operator import jobs as jobs_mod
 
@@ -161,7 +161,8 @@ class JobRunner:
         while True:
             live: set[str] = set()
             for (res, ns, name), obj in list(emu.objects.items()):
-                if res != JOBS or obj.deleted or (self.namespace is not None and ns != self.namespace):
+                if res.plural != "jobs" or res.group != "batch" or obj.deleted or (
+                        self.namespace is not None and ns != self.namespace):
                     continue
                 raw = obj.raw
                 finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"

@@ -260,6 +260,8 @@ class Reconciler:
             raise
 
     async def _delete_stale_jobs(self, body: dict[str, Any], gen: int) -> None:
+        if gen <= 1:
+            return  # generation 1 has no older Jobs (a re-created resource has another uid)
         meta = body["metadata"]
         owned = await self.client.list(_job_path(meta["namespace"]), {jobs.LABEL_UID: meta["uid"]})
         for job in owned:
@@ -327,8 +329,31 @@ class Reconciler:
             else:
                 await self._observe(key, job)
         except ApiError as exc:
-            raise kopf.TemporaryError(f"Kubernetes API error, will retry: {exc}",
+            # kopf does not retry event handlers: re-read the Job later ourselves, so a
+            # transient error on the final event cannot leave the resource Running.
+            if event_type != "DELETED":
+                self._spawn(self._reobserve(key, jmeta["namespace"], jmeta["name"]))
+            raise kopf.TemporaryError(f"Kubernetes API error, will re-read the Job: {exc}",
                                       delay=self.settings.retry_delay) from exc
+
+    async def _reobserve(self, key: Key, namespace: str, job_name: str) -> None:
+        delay = self.settings.retry_delay
+        for _ in range(10):
+            await asyncio.sleep(delay)
+            try:
+                job = await self._read_job(namespace, job_name)
+                if job is not None:
+                    await self._observe(key, job)
+                return
+            except ApiError as exc:
+                logger.warning("re-reading Job %s/%s failed (%s); retrying in %.0fs", namespace, job_name,
+                               exc, delay)
+                delay = min(delay * 2, 300.0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _job_deleted(self, key: Key, job: dict[str, Any], uid: str) -> None:
         body = await self._get_mc(key)
@@ -441,9 +466,7 @@ class Reconciler:
             if key in self._starting:
                 continue
             self._starting.add(key)
-            task = asyncio.get_running_loop().create_task(self._start_admitted(key))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._start_admitted(key))
 
     async def _start_admitted(self, key: Key) -> None:
         delay = self.settings.retry_delay
