@@ -1,0 +1,340 @@
+"""The Job that runs one conversion: a pure builder over plain dicts.
+
+:func:`build_job` turns a ``ModelConversion`` (its ``metadata`` and ``spec``) into a
+``batch/v1`` Job manifest; nothing here talks to a server. The rules come from the
+Kubernetes Job and Pod APIs:
+
+* one Job per resource *generation*, with a deterministic name (:func:`job_name`):
+  a re-run of the same generation finds the same Job (create returns 409), a new
+  generation gets a new Job; the name is at most 63 characters because the Job
+  controller copies it into the pods' ``batch.kubernetes.io/job-name`` label;
+* ``podFailurePolicy`` (Job API, needs ``restartPolicy: Never``): the converter's
+  permanent exit codes (:data:`reparam.exitcodes.PERMANENT`) fail the Job at once,
+  a pod evicted by node disruption (``DisruptionTarget``) does not count;
+* the container writes its summary to ``/dev/termination-log`` with
+  ``FallbackToLogsOnError`` (Pod API ``terminationMessagePath``/``Policy``);
+* restricted pod security (non-root, read-only root file system, no privilege
+  escalation, all capabilities dropped, RuntimeDefault seccomp); the converter
+  writes only to ``emptyDir`` volumes at :data:`WORK_DIR` and ``/tmp``;
+* credentials reach the container only through Secret references (``envFrom``,
+  ``env[].valueFrom``) copied from the spec; the resource never holds a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from .. import exitcodes
+
+GROUP = "reparam.dev"
+VERSION = "v1alpha1"
+PLURAL = "modelconversions"
+KIND = "ModelConversion"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: Name of the converter container (the podFailurePolicy refers to it).
+CONTAINER = "convert"
+#: Where the converter writes its outputs (an emptyDir).
+WORK_DIR = "/work"
+#: The Pod API's default termination message path.
+TERMINATION_LOG = "/dev/termination-log"
+#: The GPU resource name requested when the spec names none.
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Labels linking a Job (and its pods) to the resource.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_CONVERSION = f"{GROUP}/conversion"
+LABEL_UID = f"{GROUP}/conversion-uid"
+LABEL_GENERATION = f"{GROUP}/generation"
+MANAGER = "reparam-operator"
+
+#: Non-root user of the converter image.
+RUN_AS_USER = 65532
+
+PRECISIONS = ("fp16", "fp32")
+FORMATS = ("pt", "safetensors", "onnx", "torchscript")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_URI = re.compile(r"^(models:/[^/@\s]+(/[^/\s]+|@[A-Za-z0-9_-]+)|runs:/[^/\s]+/\S+|s3://[^/\s]+/\S+)$")
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-/ ]{1,250}$")
+
+
+class InvalidSpec(ValueError):
+    """The resource's spec cannot be converted; ``str(err)`` names the field and the fix."""
+
+
+def validate_spec(spec: dict[str, Any]) -> None:
+    """Check what the admission schema cannot (or what a schema-less apply let through).
+
+    Raises :class:`InvalidSpec` with one message per problem, joined by ``"; "``.
+    """
+    problems: list[str] = []
+    source = spec.get("source") or {}
+    uri = source.get("uri") or ""
+    if not _URI.match(uri):
+        problems.append(
+            f"spec.source.uri {uri!r} is not a models:/NAME/VERSION, models:/NAME@ALIAS, "
+            "runs:/RUN_ID/PATH or s3://BUCKET/KEY URI"
+        )
+    sha = source.get("sha256") or ""
+    if sha and not _SHA256.match(sha):
+        problems.append("spec.source.sha256 must be 64 lowercase hex digits (or empty to skip the check)")
+    conv = spec.get("conversion") or {}
+    if conv.get("precision", "fp16") not in PRECISIONS:
+        problems.append(f"spec.conversion.precision must be one of {', '.join(PRECISIONS)}")
+    formats = conv.get("formats") or ["pt"]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        problems.append(f"spec.conversion.formats has unknown {bad}; use {', '.join(FORMATS)}")
+    atol = conv.get("atol")
+    if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool) or atol <= 0):
+        problems.append(f"spec.conversion.atol must be a positive number, got {atol!r}")
+    reg = spec.get("registry")
+    if reg is not None:
+        if not re.match(r"^https?://\S+$", reg.get("trackingUri") or ""):
+            problems.append("spec.registry.trackingUri must be an http(s):// MLflow tracking URI")
+        if not _MODEL_NAME.match(reg.get("modelName") or ""):
+            problems.append("spec.registry.modelName must be a registered-model name (letters, digits, . _ -)")
+        for alias in reg.get("aliases") or []:
+            if not _ALIAS.match(alias) or alias == "latest" or re.match(r"^[vV]\d+$", alias):
+                problems.append(
+                    f"spec.registry.aliases: {alias!r} is not a valid MLflow alias "
+                    "(letters, digits, _ -; not 'latest', not v<digits>)"
+                )
+        for key in (reg.get("tags") or {}):
+            if not _TAG_KEY.match(key):
+                problems.append(f"spec.registry.tags: key {key!r} has characters MLflow does not accept")
+    job = spec.get("job") or {}
+    for field in ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished"):
+        value = job.get(field)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            problems.append(f"spec.job.{field} must be a non-negative integer")
+    for env in job.get("env") or []:
+        if "value" in env and _looks_secret(env.get("name", "")):
+            problems.append(
+                f"spec.job.env {env.get('name')!r} holds a literal value; pass credentials with "
+                "valueFrom.secretKeyRef or envFrom.secretRef instead"
+            )
+    if problems:
+        raise InvalidSpec("; ".join(problems))
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY"))
+
+
+def _dns_part(text: str) -> str:
+    part = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return part or "mc"
+
+
+def job_name(name: str, uid: str, generation: int) -> str:
+    """Deterministic Job name of a resource generation, at most 63 characters.
+
+    ``<name>-g<generation>-<6 hex of sha256(uid)>``; the name part is shortened
+    (never the suffix), so a resource re-created under the same name gets
+    another Job name. Shapes: ``("traffic-v7", "4f1c...", 3) -> "traffic-v7-g3-a1b2c3"``.
+    """
+    suffix = f"-g{int(generation)}-{hashlib.sha256(uid.encode()).hexdigest()[:6]}"
+    base = _dns_part(name)[: 63 - len(suffix)].rstrip("-") or "mc"
+    return base + suffix
+
+
+def label_value(text: str) -> str:
+    """A label value (at most 63 characters) naming ``text``; long names get a hash tail."""
+    if len(text) <= 63:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return text[:54].rstrip("-_.") + "-" + digest
+
+
+def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
+    """The controller owner reference to the resource; ``blockOwnerDeletion`` so that a
+    foreground delete waits for the Job, and the garbage collector removes the Job
+    when the resource goes (no finalizer needed)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(meta: dict[str, Any]) -> dict[str, str]:
+    """Labels put on the Job and its pods, linking both to the resource and generation."""
+    return {
+        LABEL_NAME: "reparam",
+        LABEL_COMPONENT: "conversion",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_CONVERSION: label_value(meta["name"]),
+        LABEL_UID: meta["uid"],
+        LABEL_GENERATION: str(int(meta.get("generation") or 1)),
+    }
+
+
+def command(spec: dict[str, Any]) -> list[str]:
+    """The ``reparam convert`` command line of the container, from the spec.
+
+    The converter reads credentials from its environment (Secret references),
+    never from the command line.
+    """
+    source = spec["source"]
+    conv = spec.get("conversion") or {}
+    cmd = ["reparam", "convert", source["uri"], "-o", f"{WORK_DIR}/out"]
+    if source.get("sha256"):
+        cmd += ["--sha256", source["sha256"]]
+    if conv.get("fuse", True):
+        cmd.append("--fuse")
+    cmd.append("--half" if conv.get("precision", "fp16") == "fp16" else "--fp32")
+    for fmt in conv.get("formats") or ["pt"]:
+        cmd += ["--format", fmt]
+    if conv.get("atol") is not None:
+        cmd += ["--atol", repr(float(conv["atol"]))]
+    reg = spec.get("registry")
+    if reg:
+        cmd += ["--register", reg["modelName"], "--tracking-uri", reg["trackingUri"]]
+        for alias in reg.get("aliases") or []:
+            cmd += ["--alias", alias]
+        for key, value in sorted((reg.get("tags") or {}).items()):
+            cmd += ["--tag", f"{key}={value}"]
+    cmd += ["--termination-log", TERMINATION_LOG, "--json"]
+    return cmd
+
+
+def _limits(job_spec: dict[str, Any]) -> dict[str, Any]:
+    resources = dict(job_spec.get("resources") or {})
+    limits = dict(resources.get("limits") or {})
+    limits.setdefault(GPU_RESOURCE, 1)
+    resources["limits"] = limits
+    return resources
+
+
+def build_job(body: dict[str, Any], default_image: str) -> dict[str, Any]:
+    """The ``batch/v1`` Job manifest for the resource's current generation.
+
+    ``body`` is the ModelConversion (``metadata.name/namespace/uid/generation`` and
+    ``spec``); ``default_image`` is used when ``spec.job.image`` is empty.
+    Raises :class:`InvalidSpec` (via :func:`validate_spec`) for an unusable spec.
+    """
+    meta = body["metadata"]
+    spec = body.get("spec") or {}
+    validate_spec(spec)
+    job_spec = spec.get("job") or {}
+    generation = int(meta.get("generation") or 1)
+    name = job_name(meta["name"], meta["uid"], generation)
+    lbl = labels(meta)
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": job_spec.get("image") or default_image,
+        "imagePullPolicy": job_spec.get("imagePullPolicy") or "IfNotPresent",
+        "command": command(spec),
+        "workingDir": WORK_DIR,
+        "env": [
+            {"name": "HOME", "value": WORK_DIR},
+            {"name": "TMPDIR", "value": "/tmp"},
+            {"name": "XDG_CACHE_HOME", "value": f"{WORK_DIR}/.cache"},
+            {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *[dict(e) for e in job_spec.get("env") or []],
+        ],
+        "resources": _limits(job_spec),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if job_spec.get("envFrom"):
+        container["envFrom"] = [dict(e) for e in job_spec["envFrom"]]
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "work", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        ],
+    }
+    if job_spec.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(job_spec["nodeSelector"])
+    if job_spec.get("tolerations"):
+        pod_spec["tolerations"] = [dict(t) for t in job_spec["tolerations"]]
+    if job_spec.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = job_spec["serviceAccountName"]
+    if job_spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [dict(s) for s in job_spec["imagePullSecrets"]]
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": dict(lbl),
+            "annotations": {f"{GROUP}/source-uri": spec["source"]["uri"]},
+            "ownerReferences": [owner_reference(meta)],
+        },
+        "spec": {
+            "backoffLimit": int(job_spec.get("backoffLimit", 2)),
+            "activeDeadlineSeconds": int(job_spec.get("activeDeadlineSeconds", 3600)),
+            "ttlSecondsAfterFinished": int(job_spec.get("ttlSecondsAfterFinished", 86400)),
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": sorted(exitcodes.PERMANENT),
+                        },
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
+            "template": {"metadata": {"labels": dict(lbl)}, "spec": pod_spec},
+        },
+    }
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether ``obj`` carries an owner reference to the object with ``uid``."""
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def generation_of(job: dict[str, Any]) -> int | None:
+    """The resource generation a Job was built for (from its label), or ``None``."""
+    value = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_GENERATION)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,85 @@
+"""Prometheus metrics of the operator, served on its own ``/metrics``.
+
+kopf exports no metrics, so the handlers record them here (prometheus-client).
+Label values are small fixed sets (handler names, results, outcomes): never a
+resource name, namespace or UID, so the series count stays bounded whatever the
+number of ModelConversions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+#: Conversion durations: 30 s to 8 h.
+DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800)
+#: Queue time of a Job (created to running).
+QUEUE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+#: Reconcile handler time.
+RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+OUTCOMES = ("succeeded", "failed", "validation_failed")
+RESULTS = ("ok", "temporary_error", "permanent_error", "error")
+
+
+class Metrics:
+    """All operator metrics on one registry (the process default unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        reg = registry if registry is not None else DEFAULT_REGISTRY
+        self.registry = reg
+        self.reconcile_total = Counter(
+            "reparam_operator_reconcile_total", "Handler invocations by handler and result.",
+            ["handler", "result"], registry=reg)
+        self.reconcile_errors_total = Counter(
+            "reparam_operator_reconcile_errors_total",
+            "Handler invocations that raised, by handler and kind (temporary_error, permanent_error, error).",
+            ["handler", "result"], registry=reg)
+        self.reconcile_seconds = Histogram(
+            "reparam_operator_reconcile_duration_seconds", "Handler run time.",
+            ["handler"], buckets=RECONCILE_BUCKETS, registry=reg)
+        self.conversions_total = Counter(
+            "reparam_conversions_total", "Finished conversions by outcome.", ["outcome"], registry=reg)
+        self.in_progress = Gauge(
+            "reparam_conversions_in_progress", "Conversions holding a slot (Job created, not finished).",
+            registry=reg)
+        self.queued = Gauge(
+            "reparam_conversions_queued", "Conversions waiting for a slot.", registry=reg)
+        self.duration = Histogram(
+            "reparam_conversion_duration_seconds", "Job creation to Job end, by outcome.",
+            ["outcome"], buckets=DURATION_BUCKETS, registry=reg)
+        self.queue_seconds = Histogram(
+            "reparam_job_queue_duration_seconds", "Job creation until its pod runs.",
+            buckets=QUEUE_BUCKETS, registry=reg)
+        self.registry_ops = Counter(
+            "reparam_registry_operations_total",
+            "Model registry operations done by the conversions (register, promote) by result.",
+            ["operation", "result"], registry=reg)
+        self.last_success = Gauge(
+            "reparam_last_success_timestamp_seconds", "Unix time of the last succeeded conversion.",
+            registry=reg)
+        for outcome in OUTCOMES:
+            self.conversions_total.labels(outcome=outcome)
+        for op in ("register", "promote"):
+            for result in ("success", "failure"):
+                self.registry_ops.labels(operation=op, result=result)
+
+    def set_slots(self, running: int, waiting: int) -> None:
+        """Update the in-progress and queued gauges from the slot queue."""
+        self.in_progress.set(running)
+        self.queued.set(waiting)
+
+    def serve(self, host: str, port: int):  # pragma: no cover - trivial wrapper
+        """Start the ``/metrics`` HTTP server in a thread; returns ``(server, thread)``."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+_METRICS: Metrics | None = None
+
+
+def get() -> Metrics:
+    """The process-wide :class:`Metrics` (created on first use)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics()
+    return _METRICS

@@ -1,0 +1,148 @@
+"""Operator settings: environment variables, overridden by command-line flags.
+
+One frozen :class:`Settings` value is built at start-up (``reparam operator`` or
+``kopf run -m reparam.operator``) and read by the handlers; nothing else keeps
+configuration.
+
+Environment (flag):
+
+=============================  ======================  ==========================================
+REPARAM_NAMESPACES             ``--namespace/-n``       comma-separated namespaces (globs allowed)
+REPARAM_CLUSTERWIDE            ``--all-namespaces/-A``  "true": watch every namespace
+REPARAM_IMAGE                  ``--image``              default converter image of the Jobs
+REPARAM_MAX_CONCURRENT         ``--max-concurrent``     conversions running at once, operator-wide
+REPARAM_METRICS_PORT           ``--metrics-port``       port of ``/metrics``; 0 turns it off
+REPARAM_METRICS_HOST           ``--metrics-host``       address ``/metrics`` binds to
+REPARAM_LIVENESS_PORT          ``--liveness-port``      port of kopf's ``/healthz``; 0 turns it off
+REPARAM_RETRY_DELAY            ``--retry-delay``        seconds before a transient error is retried
+REPARAM_SCANNING               ``--no-scanning``        "false": no CRD/namespace scanning
+REPARAM_STANDALONE             ``--peering NAME``       kopf peering (default: standalone)
+=============================  ======================  ==========================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+from ..errors import InvalidInputError
+
+#: Image the Jobs run when neither the resource nor the operator names one.
+DEFAULT_IMAGE = "ghcr.io/reparam/reparam:0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the operator can be told at start-up.
+
+    ``namespaces`` empty and ``clusterwide`` false means: the namespace from the
+    environment is required (kopf refuses to guess).
+    """
+
+    namespaces: tuple[str, ...] = ()
+    clusterwide: bool = False
+    image: str = DEFAULT_IMAGE
+    max_concurrent: int = 4
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    liveness_port: int = 8080
+    retry_delay: float = 10.0
+    scanning: bool = True
+    peering: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise InvalidInputError(
+                f"max concurrent conversions must be at least 1, got {self.max_concurrent}"
+            )
+        for port in (self.metrics_port, self.liveness_port):
+            if not 0 <= port <= 65535:
+                raise InvalidInputError(f"port must be within 0..65535, got {port}")
+        if self.retry_delay <= 0:
+            raise InvalidInputError(f"retry delay must be positive seconds, got {self.retry_delay}")
+
+
+def _bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidInputError(f"{name} must be true or false, got {text!r}")
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer, got {text!r}") from None
+
+
+def _float(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be a number of seconds, got {text!r}") from None
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``REPARAM_*`` environment variables (see module docstring).
+
+    Raises :class:`reparam.errors.InvalidInputError` naming the bad variable.
+    """
+    env = os.environ if environ is None else environ
+    kw: dict[str, object] = {}
+    if env.get("REPARAM_NAMESPACES"):
+        kw["namespaces"] = tuple(n.strip() for n in env["REPARAM_NAMESPACES"].split(",") if n.strip())
+    if "REPARAM_CLUSTERWIDE" in env:
+        kw["clusterwide"] = _bool(env["REPARAM_CLUSTERWIDE"], "REPARAM_CLUSTERWIDE")
+    if env.get("REPARAM_IMAGE"):
+        kw["image"] = env["REPARAM_IMAGE"]
+    if env.get("REPARAM_MAX_CONCURRENT"):
+        kw["max_concurrent"] = _int(env["REPARAM_MAX_CONCURRENT"], "REPARAM_MAX_CONCURRENT")
+    if env.get("REPARAM_METRICS_HOST"):
+        kw["metrics_host"] = env["REPARAM_METRICS_HOST"]
+    if env.get("REPARAM_METRICS_PORT"):
+        kw["metrics_port"] = _int(env["REPARAM_METRICS_PORT"], "REPARAM_METRICS_PORT")
+    if env.get("REPARAM_LIVENESS_PORT"):
+        kw["liveness_port"] = _int(env["REPARAM_LIVENESS_PORT"], "REPARAM_LIVENESS_PORT")
+    if env.get("REPARAM_RETRY_DELAY"):
+        kw["retry_delay"] = _float(env["REPARAM_RETRY_DELAY"], "REPARAM_RETRY_DELAY")
+    if "REPARAM_SCANNING" in env:
+        kw["scanning"] = _bool(env["REPARAM_SCANNING"], "REPARAM_SCANNING")
+    if env.get("REPARAM_PEERING"):
+        kw["peering"] = env["REPARAM_PEERING"]
+    return Settings(**kw)  # type: ignore[arg-type]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``reparam operator`` argument parser (flags override the environment)."""
+    p = argparse.ArgumentParser(prog="reparam operator", description="Run the ModelConversion operator.")
+    p.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                   help="namespace to watch (repeatable, globs allowed)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", dest="clusterwide", default=None,
+                   help="watch every namespace")
+    p.add_argument("--image", help="default converter image of the Jobs")
+    p.add_argument("--max-concurrent", type=int, help="conversions running at once (operator-wide)")
+    p.add_argument("--metrics-host", help="address /metrics binds to")
+    p.add_argument("--metrics-port", type=int, help="port of /metrics (0: off)")
+    p.add_argument("--liveness-port", type=int, help="port of /healthz (0: off)")
+    p.add_argument("--retry-delay", type=float, help="seconds before a transient error is retried")
+    p.add_argument("--no-scanning", action="store_false", dest="scanning", default=None,
+                   help="do not scan for CRDs/namespaces (the CRD must exist at start-up)")
+    p.add_argument("--peering", help="kopf peering name (default: standalone)")
+    p.add_argument("-v", "--verbose", action="store_true", default=None)
+    return p
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, then overridden by the flags in ``argv``."""
+    base = from_env(environ)
+    args = parser().parse_args(list(argv) if argv is not None else None)
+    changes = {k: v for k, v in vars(args).items() if v is not None}
+    if "namespaces" in changes:
+        changes["namespaces"] = tuple(changes["namespaces"])
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,378 @@
+"""Status transitions of a ``ModelConversion``: pure functions over plain dicts.
+
+This module is the one place that decides ``status.phase`` and the conditions.
+Every function takes the current ``status`` (never mutated) and returns the new
+one. Conditions follow ``metav1.Condition`` (type, status, reason, message,
+lastTransitionTime, observedGeneration; ``lastTransitionTime`` changes only when
+``status`` flips), see the Kubernetes API conventions, "Typical status properties".
+
+Phases::
+
+    Queued ──slot──▶ Pending ──pod running──▶ Running ──Job Complete──▶ Succeeded
+       (no Job yet)   (Job created)                    └─Job Failed────▶ Failed
+
+A terminal phase comes only from the Job's ``Complete``/``Failed`` conditions
+(plus the converter's summary from the pod's termination message), never from
+"a pod exists". A new ``metadata.generation`` starts over; an older generation's
+observations are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any
+
+from .. import exitcodes
+from .. import summary as summary_mod
+from . import jobs
+
+PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
+TERMINAL = ("Succeeded", "Failed")
+CONDITION_TYPES = ("JobCreated", "Converted", "Validated", "Registered", "Promoted", "Succeeded")
+
+#: Condition reasons for each converter exit code of a failed run.
+_EXIT_REASONS = {
+    exitcodes.INTERNAL: "InternalError",
+    exitcodes.INVALID_INPUT: "InvalidInput",
+    exitcodes.VALIDATION_FAILED: "ValidationFailed",
+    exitcodes.SOURCE_ERROR: "SourceError",
+    exitcodes.REGISTRY_ERROR: "RegistryError",
+}
+
+
+def timestamp(now: datetime.datetime) -> str:
+    """RFC 3339 UTC with seconds, as the Kubernetes API writes times."""
+    return now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    """Parse an RFC 3339 time from the API (``None`` when absent or malformed)."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    """The condition of ``type_`` (selected by type, never by list position)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def set_condition(
+    conditions: list[dict[str, Any]] | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """A new condition list with ``type_`` set; ``lastTransitionTime`` is kept unless
+    ``status`` changed. Order follows :data:`CONDITION_TYPES`."""
+    if status not in ("True", "False", "Unknown"):
+        raise ValueError(f"condition status must be True, False or Unknown, got {status!r}")
+    old = {c.get("type"): c for c in conditions or []}
+    prev = old.get(type_)
+    ltt = prev["lastTransitionTime"] if prev and prev.get("status") == status and prev.get(
+        "lastTransitionTime") else timestamp(now)
+    old[type_] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:4000],
+        "lastTransitionTime": ltt,
+        "observedGeneration": int(generation),
+    }
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(old.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+
+
+def is_terminal(status: dict[str, Any], generation: int) -> bool:
+    """Whether ``status`` is final for ``generation`` (nothing more to do for it)."""
+    return status.get("phase") in TERMINAL and status.get("observedGeneration") == generation
+
+
+def _start(status: dict[str, Any], generation: int) -> dict[str, Any]:
+    """A copy of ``status``; a new generation drops the older generation's outcome."""
+    new = {k: v for k, v in status.items()}
+    if new.get("observedGeneration") != generation:
+        for key in ("result", "job", "lastFailure"):
+            new.pop(key, None)
+        new["conditions"] = []
+    new["observedGeneration"] = int(generation)
+    return new
+
+
+def queued(status: dict[str, Any], generation: int, position: int, running: int, limit: int,
+           now: datetime.datetime) -> dict[str, Any]:
+    """Waiting for a slot: ``position`` (1-based) among waiting resources,
+    ``running`` of ``limit`` slots taken."""
+    if is_terminal(status, generation):
+        return status
+    new = _start(status, generation)
+    new["phase"] = "Queued"
+    msg = f"waiting for a free slot: {running} of {limit} conversions running, position {position} in the queue"
+    conds = set_condition(new.get("conditions"), "JobCreated", "False", "ConcurrencyLimit", msg, now, generation)
+    new["conditions"] = set_condition(conds, "Succeeded", "Unknown", "Queued", msg, now, generation)
+    return new
+
+
+def job_created(status: dict[str, Any], generation: int, job_name: str, now: datetime.datetime) -> dict[str, Any]:
+    """The Job of ``generation`` exists (created or adopted); phase Pending unless
+    already further along for this generation."""
+    if is_terminal(status, generation):
+        return status
+    new = _start(status, generation)
+    if new.get("phase") != "Running" or (new.get("job") or {}).get("name") != job_name:
+        new["phase"] = "Pending"
+    job = dict(new.get("job") or {})
+    job["name"] = job_name
+    job.setdefault("attempts", 0)
+    new["job"] = job
+    conds = set_condition(new.get("conditions"), "JobCreated", "True", "Created", f"Job {job_name} created",
+                          now, generation)
+    if new["phase"] == "Pending":
+        conds = set_condition(conds, "Succeeded", "Unknown", "Pending", f"Job {job_name} is starting",
+                              now, generation)
+    new["conditions"] = conds
+    return new
+
+
+def invalid(status: dict[str, Any], generation: int, message: str, now: datetime.datetime) -> dict[str, Any]:
+    """The spec of ``generation`` cannot be converted: Failed at once, no Job."""
+    new = _start(status, generation)
+    new["phase"] = "Failed"
+    new["lastFailure"] = {"reason": "InvalidSpec", "message": message[:4000], "time": timestamp(now)}
+    conds = set_condition(new.get("conditions"), "JobCreated", "False", "InvalidSpec", message, now, generation)
+    new["conditions"] = set_condition(conds, "Succeeded", "False", "InvalidSpec", message, now, generation)
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class JobView:
+    """What the operator needs from a Job's status (batch/v1 JobStatus).
+
+    ``state``: "pending" | "running" | "complete" | "failed". Only the ``Complete``
+    and ``Failed`` conditions with status "True" are terminal (``SuccessCriteriaMet``
+    and ``FailureTarget`` precede them and are not).
+    """
+
+    state: str
+    reason: str = ""
+    message: str = ""
+    attempts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+def read_job(job: dict[str, Any]) -> JobView:
+    """Summarise a Job's ``status`` into a :class:`JobView`."""
+    st = job.get("status") or {}
+    attempts = int(st.get("failed") or 0) + int(st.get("succeeded") or 0) + int(st.get("active") or 0)
+    kw = {"attempts": attempts, "start_time": st.get("startTime"), "completion_time": st.get("completionTime")}
+    for cond in st.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return JobView("complete", cond.get("reason") or "Completed", cond.get("message") or "", **kw)
+        if cond.get("type") == "Failed":
+            return JobView("failed", cond.get("reason") or "Failed", cond.get("message") or "", **kw)
+    if int(st.get("ready") or 0) > 0 or (int(st.get("active") or 0) > 0 and st.get("ready") is None):
+        return JobView("running", **kw)
+    return JobView("pending", **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class PodResult:
+    """The converter container's end, from the newest terminated pod of the Job."""
+
+    summary: dict[str, Any] | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    running: bool = False
+
+
+def read_pods(pods: list[dict[str, Any]]) -> PodResult:
+    """The converter's termination message and exit code from the Job's pods.
+
+    The newest pod (by ``creationTimestamp``) whose ``convert`` container has
+    terminated wins; ``running`` tells whether any pod's container runs now.
+    The message is parsed with :func:`reparam.summary.parse` (``None`` when it is a
+    log tail from ``FallbackToLogsOnError`` rather than a summary).
+    """
+    running = False
+    best: tuple[str, dict[str, Any]] | None = None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != jobs.CONTAINER:
+                continue
+            state = cs.get("state") or {}
+            if "running" in state:
+                running = True
+            term = state.get("terminated")
+            if term is not None:
+                created = (pod.get("metadata") or {}).get("creationTimestamp") or ""
+                key = (created, term.get("finishedAt") or "")
+                if best is None or key >= best[0]:
+                    best = (key, term)  # type: ignore[assignment]
+    if best is None:
+        return PodResult(running=running)
+    term = best[1]
+    code = term.get("exitCode")
+    return PodResult(
+        summary=summary_mod.parse(term.get("message")),
+        exit_code=int(code) if code is not None else None,
+        reason=term.get("reason") or "",
+        running=running,
+    )
+
+
+def observe(status: dict[str, Any], body_spec: dict[str, Any], generation: int, job: dict[str, Any],
+            pods: list[dict[str, Any]], now: datetime.datetime) -> dict[str, Any]:
+    """The status after looking at the Job of ``generation`` and its pods.
+
+    Ignored (status returned as is) when the Job belongs to another generation or
+    the status is already terminal for this generation.
+    """
+    if jobs.generation_of(job) not in (None, generation) or is_terminal(status, generation):
+        return status
+    view = read_job(job)
+    pod = read_pods(pods)
+    name = (job.get("metadata") or {}).get("name", "")
+    new = job_created(status, generation, name, now)
+    jinfo = {"name": name, "attempts": view.attempts}
+    if view.start_time:
+        jinfo["startTime"] = view.start_time
+    if view.completion_time:
+        jinfo["completionTime"] = view.completion_time
+    new["job"] = jinfo
+    if view.state == "pending" and not pod.running:
+        return new
+    if view.state in ("pending", "running"):
+        new["phase"] = "Running"
+        new["conditions"] = set_condition(new["conditions"], "Succeeded", "Unknown", "Running",
+                                          f"Job {name} is running", now, generation)
+        return new
+    if view.state == "complete":
+        return _succeeded(new, body_spec, generation, view, pod, now)
+    return _failed(new, body_spec, generation, view, pod, now)
+
+
+def _result(summ: dict[str, Any]) -> dict[str, Any]:
+    """``status.result`` from a summary; ``version`` as a string (MLflow's API type)."""
+    result = summary_mod.result_fields(summ)
+    if "version" in result:
+        result["version"] = str(result["version"])
+    return result
+
+
+def _succeeded(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, pod: PodResult,
+               now: datetime.datetime) -> dict[str, Any]:
+    summ = pod.summary or {}
+    conds = new["conditions"]
+    new["phase"] = "Succeeded"
+    if not summ:
+        msg = "the Job completed but the converter's summary was not readable from the pod"
+        for t in ("Converted", "Validated", "Registered", "Promoted"):
+            conds = set_condition(conds, t, "Unknown", "SummaryMissing", msg, now, gen)
+        new["conditions"] = set_condition(conds, "Succeeded", "True", "Completed", msg, now, gen)
+        return new
+    result = _result(summ)
+    new["result"] = result
+    conds = set_condition(conds, "Converted", "True", "Converted", _params_message(result), now, gen)
+    diff = result.get("maxAbsDiff")
+    conds = set_condition(conds, "Validated", "True", "WithinTolerance",
+                          f"max |diff| {diff:.3g}" if isinstance(diff, (int, float)) else "validated", now, gen)
+    conds = _registry_conditions(conds, spec, result, gen, now, failed_reason=None, message="")
+    new["conditions"] = set_condition(
+        conds, "Succeeded", "True", "Succeeded",
+        f"registered {result['modelName']} version {result['version']}" if result.get("version")
+        else "converted and validated", now, gen)
+    new.pop("lastFailure", None)
+    return new
+
+
+def _params_message(result: dict[str, Any]) -> str:
+    before, after = result.get("paramsBefore"), result.get("paramsAfter")
+    if before is not None and after is not None:
+        return f"{before} parameters -> {after} after reparameterization"
+    return "reparameterized"
+
+
+def _registry_conditions(conds: list[dict[str, Any]], spec: dict[str, Any], result: dict[str, Any], gen: int,
+                         now: datetime.datetime, failed_reason: str | None, message: str) -> list[dict[str, Any]]:
+    reg = spec.get("registry") or None
+    wanted = list((reg or {}).get("aliases") or [])
+    if reg is None:
+        conds = set_condition(conds, "Registered", "False", "NotRequested", "spec.registry is not set", now, gen)
+        return set_condition(conds, "Promoted", "False", "NotRequested", "spec.registry is not set", now, gen)
+    if result.get("version"):
+        conds = set_condition(conds, "Registered", "True", "Registered",
+                              f"{result.get('modelName')} version {result['version']}", now, gen)
+    else:
+        conds = set_condition(conds, "Registered", "False", failed_reason or "NotRegistered",
+                              message or "no model version was registered", now, gen)
+    if not wanted:
+        return set_condition(conds, "Promoted", "False", "NotRequested", "spec.registry.aliases is empty",
+                             now, gen)
+    got = set(result.get("aliases") or [])
+    missing = [a for a in wanted if a not in got]
+    if result.get("version") and not missing:
+        return set_condition(conds, "Promoted", "True", "AliasesSet",
+                             f"{', '.join(wanted)} -> version {result['version']}", now, gen)
+    return set_condition(conds, "Promoted", "False", failed_reason or "AliasesMissing",
+                         message or f"aliases not set: {', '.join(missing)}", now, gen)
+
+
+def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, pod: PodResult,
+            now: datetime.datetime) -> dict[str, Any]:
+    summ = pod.summary or {}
+    code = summ.get("exitCode", pod.exit_code)
+    reason = summ.get("reason") or _EXIT_REASONS.get(code) or pod.reason or view.reason or "Failed"
+    message = summ.get("message") or view.message or (
+        f"container exited with code {code}" if code is not None else f"Job failed: {view.reason}")
+    new["phase"] = "Failed"
+    result = _result(summ) if summ else {}
+    if result:
+        new["result"] = result
+    failure: dict[str, Any] = {"reason": reason, "message": message[:4000], "time": timestamp(now)}
+    if code is not None:
+        failure["exitCode"] = int(code)
+    new["lastFailure"] = failure
+    conds = new["conditions"]
+    validation_failed = summ.get("outcome") == "validation_failed" or code == exitcodes.VALIDATION_FAILED
+    if validation_failed:
+        conds = set_condition(conds, "Converted", "True", "Converted", _params_message(result), now, gen)
+        conds = set_condition(conds, "Validated", "False", "ValidationFailed", message, now, gen)
+        conds = set_condition(conds, "Registered", "False", "NotAttempted", "validation failed", now, gen)
+        conds = set_condition(conds, "Promoted", "False", "NotAttempted", "validation failed", now, gen)
+    elif code == exitcodes.REGISTRY_ERROR:
+        conds = set_condition(conds, "Converted", "True", "Converted", _params_message(result), now, gen)
+        conds = set_condition(conds, "Validated", "True", "WithinTolerance", "validated", now, gen)
+        conds = _registry_conditions(conds, spec, result, gen, now, failed_reason=reason, message=message)
+    else:
+        conds = set_condition(conds, "Converted", "False", reason, message, now, gen)
+        for t in ("Validated", "Registered", "Promoted"):
+            conds = set_condition(conds, t, "False", "NotAttempted", "conversion did not finish", now, gen)
+    new["conditions"] = set_condition(conds, "Succeeded", "False", reason, message, now, gen)
+    return new
+
+
+def outcome(status: dict[str, Any]) -> str | None:
+    """Metrics outcome of a terminal status: "succeeded", "validation_failed", "failed"
+    (``None`` while not terminal)."""
+    phase = status.get("phase")
+    if phase == "Succeeded":
+        return "succeeded"
+    if phase == "Failed":
+        validated = get_condition(status, "Validated")
+        if validated and validated.get("status") == "False" and validated.get("reason") == "ValidationFailed":
+            return "validation_failed"
+        return "failed"
+    return None

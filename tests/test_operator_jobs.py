@@ -1,0 +1,122 @@
+"""The pure Job builder: names, labels, owner, security, failure policy, command."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from reparam import exitcodes
+from reparam.operator import jobs
+
+
+def body(**spec_over) -> dict:
+    spec = {
+        "source": {"uri": "models:/traffic-dual/7", "sha256": "a" * 64},
+        "conversion": {"fuse": True, "precision": "fp16", "formats": ["pt", "onnx"], "atol": 1e-4},
+        "registry": {"trackingUri": "http://mlflow.mlops:5000", "modelName": "traffic-deploy",
+                     "aliases": ["champion"], "tags": {"team": "vision"}},
+        "job": {"resources": {"limits": {"memory": "16Gi"}}, "envFrom": [{"secretRef": {"name": "s3-creds"}}],
+                "activeDeadlineSeconds": 1800, "backoffLimit": 1, "ttlSecondsAfterFinished": 60,
+                "nodeSelector": {"gpu": "h100"}, "serviceAccountName": "conv"},
+    }
+    spec.update(spec_over)
+    return {"metadata": {"name": "traffic-v7", "namespace": "vision", "uid": "1234-abcd", "generation": 3},
+            "spec": spec}
+
+
+def test_job_name_is_deterministic_and_short() -> None:
+    assert jobs.job_name("traffic-v7", "u1", 3) == jobs.job_name("traffic-v7", "u1", 3)
+    assert jobs.job_name("traffic-v7", "u1", 3) != jobs.job_name("traffic-v7", "u1", 4)
+    assert jobs.job_name("traffic-v7", "u1", 3) != jobs.job_name("traffic-v7", "u2", 3)
+    assert jobs.job_name("traffic-v7", "u1", 3).startswith("traffic-v7-g3-")
+    long = jobs.job_name("a" * 250 + ".b", "u1", 123456)
+    assert len(long) <= 63 and long.endswith(jobs.job_name("x", "u1", 123456)[1:])
+    assert jobs.job_name("Weird.Name", "u", 1).startswith("weird-name-g1-")
+
+
+def test_build_job_links_owner_and_labels() -> None:
+    b = body()
+    job = jobs.build_job(b, "default:img")
+    meta = job["metadata"]
+    assert meta["name"] == jobs.job_name("traffic-v7", "1234-abcd", 3)
+    assert meta["namespace"] == "vision"
+    assert meta["ownerReferences"] == [{"apiVersion": "reparam.dev/v1alpha1", "kind": "ModelConversion",
+                                        "name": "traffic-v7", "uid": "1234-abcd", "controller": True,
+                                        "blockOwnerDeletion": True}]
+    assert meta["labels"][jobs.LABEL_UID] == "1234-abcd"
+    assert meta["labels"][jobs.LABEL_GENERATION] == "3"
+    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+    assert jobs.generation_of(job) == 3 and jobs.owned_by(job, "1234-abcd") and not jobs.owned_by(job, "x")
+
+
+def test_build_job_settings_security_and_failure_policy() -> None:
+    job = jobs.build_job(body(), "default:img")
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (1, 1800, 60)
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "convert", "operator": "In",
+                                                             "values": sorted(exitcodes.PERMANENT)}}
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["serviceAccountName"] == "conv"
+    (c,) = pod["containers"]
+    assert c["image"] == "default:img"
+    assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 1}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in vols[mounts["/work"]] and "emptyDir" in vols[mounts["/tmp"]]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+
+
+def test_command_from_spec() -> None:
+    cmd = jobs.build_job(body(), "img")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:5] == ["reparam", "convert", "models:/traffic-dual/7", "-o", "/work/out"]
+    joined = " ".join(cmd)
+    for part in ("--sha256 " + "a" * 64, "--fuse", "--half", "--format pt --format onnx", "--atol 0.0001",
+                 "--register traffic-deploy", "--tracking-uri http://mlflow.mlops:5000", "--alias champion",
+                 "--tag team=vision", "--termination-log /dev/termination-log", "--json"):
+        assert part in joined
+    plain = body(conversion={"fuse": False, "precision": "fp32"}, registry=None)
+    plain["spec"].pop("registry")
+    cmd2 = jobs.command(plain["spec"])
+    assert "--fuse" not in cmd2 and "--fp32" in cmd2 and "--register" not in cmd2
+    assert cmd2[cmd2.index("--format") + 1] == "pt"
+
+
+def test_spec_image_and_gpu_override() -> None:
+    b = body()
+    b["spec"]["job"]["image"] = "mine:1"
+    b["spec"]["job"]["resources"] = {"limits": {"nvidia.com/gpu": 2}}
+    c = jobs.build_job(b, "img")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "mine:1" and c["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"source": {"uri": "file:///x.pt"}}, "spec.source.uri"),
+    ({"source": {"uri": "models:/a/1", "sha256": "XYZ"}}, "sha256"),
+    ({"conversion": {"precision": "int8"}}, "precision"),
+    ({"conversion": {"formats": ["tflite"]}}, "formats"),
+    ({"conversion": {"atol": -1}}, "atol"),
+    ({"registry": {"trackingUri": "mlflow", "modelName": "m"}}, "trackingUri"),
+    ({"registry": {"trackingUri": "http://m", "modelName": "m", "aliases": ["latest"]}}, "alias"),
+    ({"job": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "plain"}]}}, "secretKeyRef"),
+])
+def test_validate_spec_rejects_with_clear_message(change: dict, needle: str) -> None:
+    b = copy.deepcopy(body())
+    b["spec"].update(change)
+    with pytest.raises(jobs.InvalidSpec, match=needle):
+        jobs.build_job(b, "img")
+
+
+def test_label_value_bounded() -> None:
+    assert jobs.label_value("short") == "short"
+    v = jobs.label_value("x" * 100)
+    assert len(v) <= 63 and v != jobs.label_value("x" * 99 + "y")
