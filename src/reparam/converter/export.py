@@ -25,8 +25,11 @@ and run on the validation inputs (seeded, :func:`~.validation.sample_inputs`; th
   can run it on this machine (else ``skipped: reason``), tolerance ``HALF_RTOL x max|reference|`` (fp16 has 11
   significant bits; boxes are in pixels up to the image size). The rounding error of the weights themselves is
   reported as ``fp16_weights_max_abs_diff`` (vs the fp32 model), not judged;
-* NMS graphs: counts and labels must agree; every detection must match one of the reference (same label) within
-  the tolerance on box corners and score.
+* NMS graphs: the NonMaxSuppression inputs (boxes xyxy, scores) are compared with torch's as above, and the graph's
+  outputs with the torch reference NMS (:mod:`.nms`) run on those same inputs: counts must agree and every detection
+  must match one of the reference (same label) within the tolerance. NMS is discontinuous (a score or IoU at a
+  threshold flips with rounding), so the count of torch's own end-to-end run is reported (``torch_num_dets``) but
+  not judged.
 
 Errors: :class:`~reparam.errors.InvalidInputError` for a non-deploy model or bad option combinations,
 :class:`~reparam.errors.ValidationFailedError` when a check fails (nothing is published; see
@@ -48,7 +51,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, ValidationFailedError
 from ..models.heads import DDetect
-from .nms import NMS_OUTPUTS, NMSHead
+from .nms import NMS_OUTPUTS, NMSHead, nms_inputs
 from .validation import main_output, sample_inputs
 
 if TYPE_CHECKING:
@@ -210,6 +213,7 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         proto = _quiet_export(lambda: convert_float_to_float16(proto, keep_io_types=False))
+        _toposort(proto.graph)  # the converter may append Casts after their consumers (Resize scales)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -217,6 +221,27 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return proto
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` in place so every node comes after the producers of its inputs (stable)."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[Any] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in known for name in node.input):
+                ordered.append(node)
+                known.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"ONNX graph has a cycle or a missing input near node {rest[0].name!r}")
+        pending = rest
+    copies = [copy.deepcopy(n) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def upcast_onnx(proto: Any) -> Any:
@@ -304,9 +329,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-def _compare(ref: Any, got: Any, atol: float, e2e: bool, allowed_unmatched: int = 0) -> tuple[float, str]:
-    if e2e:
-        return compare_detections(ref, got, atol, allowed_unmatched)
+def _compare(ref: Any, got: Any, atol: float, e2e: bool = False) -> tuple[float, str]:
     ref_t = ref if isinstance(ref, torch.Tensor) else ref[0]
     got_t = got if isinstance(got, torch.Tensor) else got[0]
     if tuple(ref_t.shape) != tuple(got_t.shape):
@@ -317,46 +340,91 @@ def _compare(ref: Any, got: Any, atol: float, e2e: bool, allowed_unmatched: int 
     return d, "" if d <= atol else f"max |diff| {d:.3g} exceeds {atol:.3g}"
 
 
-def _half_atol(ref: Any, atol: float, e2e: bool) -> float:
-    t = ref[1] if e2e else ref
-    scale = float(t.float().abs().max()) if t.numel() else 0.0
+def _half_atol(ref: torch.Tensor, atol: float) -> float:
+    scale = float(ref.float().abs().max()) if ref.numel() else 0.0
     return max(atol, HALF_RTOL * max(scale, 1.0))
 
 
+def with_nms_inputs(proto: Any) -> Any:
+    """A copy of an end-to-end ONNX model that also outputs the two inputs of its NonMaxSuppression node.
+
+    Used by the check: the prediction part is compared with torch on these, and the NMS part is compared with the
+    torch reference NMS run on exactly these (NMS is discontinuous: a score at the threshold or an IoU at the
+    threshold flips with fp32 rounding, so the reference must see the same inputs).
+    """
+    from onnx import TensorProto, helper
+
+    proto = copy.deepcopy(proto)
+    node = next((n for n in proto.graph.node if n.op_type == "NonMaxSuppression"), None)
+    if node is None:
+        raise ValueError("the end-to-end graph has no NonMaxSuppression node")
+    for name in node.input[:2]:
+        proto.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return proto
+
+
+def _check_run(kind: str, x: torch.Tensor, ref: Any, got: Any, tol: float, e2e: bool,
+               nms: NMSHead | None) -> dict[str, Any]:
+    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs then the NMS inputs."""
+    run: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
+    if not e2e:
+        d, why = _compare(ref, got, tol, False)
+    else:
+        y_ref = ref
+        boxes_ref, scores_ref = nms_inputs(y_ref)
+        outs, boxes_got, scores_got = list(got[:4]), got[4].float(), got[5].float()
+        d = max(_max_diff(boxes_ref, boxes_got), _max_diff(scores_ref, scores_got))
+        why = "" if d <= tol else f"NMS inputs (boxes, scores) max |diff| {d:.3g} exceeds {tol:.3g}"
+        assert nms is not None
+        with torch.no_grad():
+            expected = nms.select(boxes_got, scores_got)
+            torch_e2e = nms(y_ref)
+        d_nms, why_nms = compare_detections(expected, outs, tol)
+        run["nms_max_abs_diff"] = d_nms
+        run["num_dets"] = [int(v) for v in outs[0].flatten()]
+        run["torch_num_dets"] = [int(v) for v in torch_e2e[0].flatten()]  # info: NMS on torch's own predictions
+        if why_nms and not why:
+            why = f"NMS outputs differ from the torch reference NMS on the same inputs: {why_nms}"
+        d = max(d, d_nms)
+    run.update({"max_abs_diff": d, "atol": tol, "passed": not why})
+    if why:
+        run["reason"] = why
+    return run
+
+
 def _run_checks(name: str, runner_fp32: Callable[[torch.Tensor], Any], runner_fp16: Callable[[torch.Tensor], Any] | None,
-                reference: nn.Module, inputs: list[torch.Tensor], atol: float, e2e: bool, half: bool,
-                fp32_model: nn.Module | None) -> dict[str, Any]:
-    """Run an artifact and its torch reference on each input; returns the check dict (``passed`` etc.)."""
+                reference: nn.Module, inputs: list[torch.Tensor], atol: float, half: bool,
+                fp32_model: nn.Module | None, nms: NMSHead | None = None) -> dict[str, Any]:
+    """Run an artifact and its torch reference (``reference``: prediction ``y``) on each input; returns the check."""
     runs: list[dict[str, Any]] = []
     worst, reasons = 0.0, []
     weights_err = 0.0
+    e2e = nms is not None
     with torch.no_grad():
         for x in inputs:
             ref = reference(x)
-            got = runner_fp32(x)
-            d, why = _compare(ref, got, atol, e2e)
-            runs.append({"precision": "fp32" if not half else "fp32 (upcast fp16 weights)", "input_shape": list(x.shape),
-                         "max_abs_diff": d, "atol": atol, "passed": not why, **({"reason": why} if why else {})})
-            worst = max(worst, d)
-            if why:
-                reasons.append(f"{name} {list(x.shape)}: {why}")
-            if half and fp32_model is not None and not e2e:
+            run = _check_run("fp32" if not half else "fp32 (upcast fp16 weights)", x, ref, runner_fp32(x), atol, e2e,
+                             nms)
+            runs.append(run)
+            worst = max(worst, run["max_abs_diff"])
+            if not run["passed"]:
+                reasons.append(f"{name} {list(x.shape)}: {run['reason']}")
+            if half and fp32_model is not None:
                 weights_err = max(weights_err, _max_diff(fp32_model(x), ref))
             if runner_fp16 is not None:
-                tol = _half_atol(ref, atol, e2e)
+                tol = _half_atol(ref, atol)
                 try:
                     got16 = runner_fp16(x)
                 except Exception as exc:  # the runtime has no fp16 kernels here
                     runs.append({"precision": "fp16", "input_shape": list(x.shape),
                                  "skipped": f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                     continue
-                d16, why16 = _compare(ref, got16, tol, e2e, allowed_unmatched=2 if e2e else 0)
-                runs.append({"precision": "fp16", "input_shape": list(x.shape), "max_abs_diff": d16, "atol": tol,
-                             "passed": not why16, **({"reason": why16} if why16 else {})})
-                if why16:
-                    reasons.append(f"{name} fp16 {list(x.shape)}: {why16}")
+                run16 = _check_run("fp16", x, ref, got16, tol, e2e, nms)
+                runs.append(run16)
+                if not run16["passed"]:
+                    reasons.append(f"{name} fp16 {list(x.shape)}: {run16['reason']}")
     check: dict[str, Any] = {"passed": not reasons, "max_abs_diff": worst, "atol": atol, "runs": runs}
-    if half and not e2e:
+    if half:
         check["fp16_weights_max_abs_diff"] = weights_err
     if reasons:
         check["reason"] = "; ".join(reasons)
@@ -429,7 +497,7 @@ def export_all(export_model: nn.Module, dual: nn.Module, stage: Path, stem: str,
 
         nms = {k: o[k] for k in ("iou_thres", "score_thres", "max_det")} if o["nms"] else None
         module: nn.Module = EndToEnd(predict, **nms) if nms else predict
-        ref_module: nn.Module = EndToEnd(reference, **nms) if nms else reference
+        nms_head = NMSHead(**nms) if nms else None
         name = f"{stem}-converted{'-end2end' if nms else ''}.onnx"
         path = stage / name
         say(f"exporting ONNX (opset {o['opset']}, {'dynamic' if o['dynamic'] else 'static ' + str(list(sample.shape))}"
@@ -441,13 +509,15 @@ def export_all(export_model: nn.Module, dual: nn.Module, stage: Path, stem: str,
             raise InvalidInputError(f"ONNX export failed at opset {o['opset']}: {str(exc).splitlines()[0][:300]}; "
                                     "try the default --opset 17") from None
         checked = inputs if o["dynamic"] else [sample]
+        runnable = with_nms_inputs(proto) if nms else proto
+        as_stored = runnable.SerializeToString()
         if half:
-            up = upcast_onnx(proto).SerializeToString()
+            up = upcast_onnx(runnable).SerializeToString()
             fp32_run = lambda x: run_onnx(up, x)  # noqa: E731
-            fp16_run = lambda x: run_onnx(path, x.half())  # noqa: E731
+            fp16_run = lambda x: run_onnx(as_stored, x.half())  # noqa: E731
         else:
-            fp32_run, fp16_run = (lambda x: run_onnx(path, x)), None
-        check = _run_checks("onnx", fp32_run, fp16_run, ref_module, checked, atol, bool(nms), half, predict)
+            fp32_run, fp16_run = (lambda x: run_onnx(as_stored, x)), None
+        check = _run_checks("onnx", fp32_run, fp16_run, reference, checked, atol, half, predict, nms_head)
         check["runtime"] = f"onnxruntime {ort.__version__} CPUExecutionProvider"
         if not nms and not half:
             check["vs_dual_max_abs_diff"] = max(_max_diff(run_onnx(path, x)[0], dual_main[tuple(x.shape)])
@@ -471,12 +541,12 @@ def export_all(export_model: nn.Module, dual: nn.Module, stage: Path, stem: str,
                            metadata=export_metadata(model, report, int(sample.shape[-1]), nms=None))
         loaded = torch.jit.load(str(path), map_location="cpu").eval()
         if half:
-            upcast = copy.deepcopy(loaded).float()
+            upcast = _quiet_export(lambda: copy.deepcopy(loaded).float())
             fp32_run = lambda x: upcast(x)  # noqa: E731
             fp16_run = lambda x: loaded(x.half())  # noqa: E731
         else:
             fp32_run, fp16_run = (lambda x: loaded(x)), None
-        check = _run_checks("torchscript", fp32_run, fp16_run, reference, inputs, atol, False, half, predict)
+        check = _run_checks("torchscript", fp32_run, fp16_run, reference, inputs, atol, half, predict)
         check["runtime"] = f"torch {torch.__version__} (torch.jit.load, CPU)"
         if not half and dual_main:
             with torch.no_grad():

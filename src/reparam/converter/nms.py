@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["xywh2xyxy", "nms_indices", "gather_detections", "NMSHead", "reference_nms", "NMS_OUTPUTS"]
+__all__ = ["xywh2xyxy", "nms_indices", "gather_detections", "NMSHead", "nms_inputs", "reference_nms", "NMS_OUTPUTS"]
 
 #: Output names of the end-to-end ONNX graph, in order.
 NMS_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
@@ -152,11 +152,19 @@ class NMSHead(nn.Module):
         self.max_det = int(max_det)
 
     def forward(self, y: torch.Tensor):
-        y = y.float()
-        boxes = xywh2xyxy(y[:, :4].transpose(1, 2))  # [B, A, 4]
-        scores = y[:, 4:]  # [B, C, A]
+        boxes, scores = nms_inputs(y)
+        return self.select(boxes, scores)
+
+    def select(self, boxes: torch.Tensor, scores: torch.Tensor):
+        """NMS + ranking on prepared ``boxes [B, A, 4]`` xyxy and ``scores [B, C, A]`` (fp32)."""
         selected = _NonMaxSuppression.apply(boxes, scores, self.max_det, self.iou_thres, self.score_thres)
         return gather_detections(selected, boxes, scores, self.max_det)
+
+
+def nms_inputs(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y [B, 4 + nc, A]`` -> the NonMaxSuppression inputs ``boxes [B, A, 4]`` xyxy and ``scores [B, nc, A]``, fp32."""
+    y = y.float()
+    return xywh2xyxy(y[:, :4].transpose(1, 2)), y[:, 4:]
 
 
 def reference_nms(y: torch.Tensor, iou_thres: float = 0.45, score_thres: float = 0.25,
