@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     c.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold")
     c.add_argument("--max-det", type=int, default=300, help="NMS max detections")
+    c.add_argument("--export-atol", type=float, default=1e-3,
+                   help="max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default 1e-3; "
+                        "fp16 runs allow 2e-3 x the output range)")
     c.add_argument("--sha256", default=None, help="expected sha256 of the source checkpoint")
     c.add_argument("--register", metavar="NAME", default=None, help="register the deploy model as a new version of NAME")
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
@@ -197,6 +200,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             prefer_ema=not args.no_ema,
             onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "iou_thres": args.iou_thres,
                   "score_thres": args.score_thres, "max_det": args.max_det},
+            export_atol=args.export_atol,
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:

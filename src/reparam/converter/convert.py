@@ -44,6 +44,8 @@ class ConvertOptions:
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
         onnx: extra ONNX options (opset, dynamic, nms ...), used by the export step.
+        export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
+            :mod:`.export`).
     """
 
     atol: float = 1e-4
@@ -55,11 +57,13 @@ class ConvertOptions:
     seed: int = 0
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
+    export_atol: float = 1e-3
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
-                     self.prefer_ema, sorted(self.onnx.items())))
+                     self.prefer_ema, sorted(self.onnx.items()))
+                    + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -73,6 +77,9 @@ class ConvertOptions:
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
+        from .export import check_export_options
+
+        check_export_options(self)
 
 
 def variant_of(ckpt: Checkpoint) -> str:
@@ -243,7 +250,7 @@ def convert(
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
-                    "onnx": dict(options.onnx)},
+                    "onnx": dict(options.onnx), "export_atol": options.export_atol},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
         "timing": timings,
