@@ -240,6 +240,16 @@ def test_same_source_and_settings_again_is_a_noop(form, first, sources, client, 
     report = json.loads(proc.stdout)
     assert report["source"]["sha256"] == CKPT_SHA
     assert report["source"]["kind"] == form.split("_")[0]
+    lineage = {
+        "models_alias": {"source_model_name": sources["name"], "source_model_version": "1",
+                         "source_model_alias": "candidate", "source_run_id": sources["run_id"],
+                         "source_model_id": sources["model_id"], "source_artifact_path": "best.pt"},
+        "models_version": {"source_model_name": sources["name"], "source_model_version": "1",
+                           "source_run_id": sources["run_id"], "source_model_id": sources["model_id"],
+                           "source_artifact_path": "best.pt"},
+        "runs": {"source_run_id": sources["run_id"], "source_artifact_path": "weights/best.pt"},
+    }.get(form, {})  # fmt: skip
+    assert report["source"]["lineage"] == lineage
     assert report["registry"]["existing"] is True and report["registry"]["version"] == "1"
     assert report["deploy_sha256"] == first["report"]["deploy_sha256"]
     assert "layers" not in report  # nothing was converted
@@ -259,7 +269,8 @@ def test_failing_validation_moves_no_alias(first, sources, client, mlflow_server
                    "--tracking-uri", mlflow_server.tracking_uri, "--termination-log", str(term),
                    env=cli_env(s3_server))  # fmt: skip
     assert proc.returncode == exitcodes.VALIDATION_FAILED, proc.stderr
-    assert "validation failed" in one_error_line(proc)
+    line = one_error_line(proc)
+    assert "validation failed: fused model" in line and "--atol" in line, line
     after = versions_of(client, deploy)
     assert after == before and [v for v, t in after.items() if t.get("reparam.status") == "ready"] == ["1"]
     assert str(client.get_model_version_by_alias(deploy, "champion").version) == "1"
