@@ -1,0 +1,232 @@
+"""A real Prometheus scrapes the real operator while it runs a conversion.
+
+Debian's ``prometheus`` binary listens on 127.0.0.1 (free port, temporary config and
+storage, scrape interval 1 s) and scrapes the operator (``python -m reparam.operator``,
+kopf) running against the kmock emulator with the test Job runner (see
+test_operator_e2e.py). The test then reads the conversions counter back through
+Prometheus' HTTP API, runs every Grafana dashboard query and loads the chart's alert
+rules in that Prometheus, lints the live exposition with ``promtool check metrics``,
+and checks every API request the operator made against the chart's namespaced Role.
+
+Skipped only when the ``prometheus`` binary is absent (CI installs Debian's package).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from jobrunner import JobRunner, SubprocessExecutor, reparam_entrypoint
+from kube_env import MC_RESOURCE, ClusterEmulator, KubeEnv, child_env, mc_path, wait_for
+from operator_env import OperatorProcess, free_port
+from test_chart import CHART, dashboard, dashboard_exprs, render, rule_groups, rules_of
+
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+pytestmark = [
+    pytest.mark.servers,
+    pytest.mark.skipif(PROMETHEUS is None, reason="prometheus binary not installed (apt-get install -y prometheus)"),
+]
+NS = "scrape"
+JOB = "reparam-operator"
+
+#: kmock action -> Kubernetes RBAC verb (PATCH is the only update the clients send).
+VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "UPDATE": "patch",
+         "DELETE": "delete"}
+
+
+class Prometheus:
+    """One ``prometheus`` server on 127.0.0.1 with its own config and storage."""
+
+    def __init__(self, workdir: Path, target: str, rules: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        (workdir / "rules.yaml").write_text(yaml.safe_dump(rules))
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(workdir / "rules.yaml")],
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}],
+        }))
+        self.log_path = workdir / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> "Prometheus":
+        assert PROMETHEUS is not None
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={self.dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--storage.tsdb.retention.time=1h"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"prometheus not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as exc:  # 400: bad query; the body says why
+            body = json.load(exc)
+        assert body["status"] == "success", (path, params, body)
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] in ("vector", "scalar"), data
+        return data["result"] if data["resultType"] == "vector" else [{"metric": {}, "value": data["result"]}]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+
+@pytest.fixture(scope="module")
+def recorded() -> list[dict[str, Any]]:
+    """Every request the emulator serves: client, method, action, resource, namespace."""
+    calls: list[dict[str, Any]] = []
+    original = ClusterEmulator._handle
+
+    async def recording(self, request):  # type: ignore[no-untyped-def]
+        res = request.resource
+        calls.append({"agent": request.headers.get("User-Agent", ""), "action": getattr(request.action, "value", None),
+                      "group": res.group if res is not None else None,
+                      "plural": res.plural if res is not None else None,
+                      "subresource": request.subresource, "namespace": request.namespace,
+                      "path": request.url.path})
+        return await original(self, request)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ClusterEmulator, "_handle", recording)
+    yield calls
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def env(recorded):
+    e = KubeEnv().start()
+    yield e
+    e.stop()
+
+
+def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path) -> None:
+    status, data = env.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mlflow-creds", "namespace": NS},
+        "stringData": {"MLFLOW_TRACKING_USERNAME": "converter", "MLFLOW_TRACKING_PASSWORD": "pw"}})
+    assert status in (200, 201), data
+    with helm.Chart.load(CHART) as chart:
+        rules = rule_groups(chart)
+        exprs = dashboard_exprs(dashboard(chart))
+        (role,) = [o for o in render(chart, {"watchNamespaces": [NS]}) if o["kind"] == "Role"]
+    executor = SubprocessExecutor({"reparam": reparam_entrypoint()},
+                                  child_env(REPARAM_FAKE_REGISTRY=str(tmp_path / "registry.json")))
+    op = OperatorProcess(env.write_kubeconfig(tmp_path / "kubeconfig"), NS, tmp_path / "operator.log")
+    (tmp_path / "prom").mkdir()
+    prom = Prometheus(tmp_path / "prom", f"127.0.0.1:{op.metrics_port}", rules)
+    runner = JobRunner(env, executor, namespace=NS).start()
+    try:
+        op.start()
+        prom.start()
+        wait_for(lambda: prom.value(f'up{{job="{JOB}"}}') == 1, 30, interval=0.2, what="target up")
+        assert prom.value('reparam_conversions_total{outcome="succeeded"}') == 0
+        example = yaml.safe_load((CHART.parents[1] / "examples" / "conversion-models-version.yaml").read_text())
+        example["metadata"]["namespace"] = NS
+        status, data = env.request("POST", mc_path(NS), example)
+        assert status in (200, 201), data
+
+        def phase() -> str | None:
+            obj = env.get(MC_RESOURCE, NS, example["metadata"]["name"]) or {}
+            return (obj.get("status") or {}).get("phase")
+        wait_for(lambda: phase() == "Succeeded", 60, what="conversion Succeeded")
+        wait_for(lambda: prom.value(f'reparam_conversions_total{{job="{JOB}", outcome="succeeded"}}') == 1,
+                 30, interval=0.2, what="Prometheus sees the succeeded conversion")
+        assert prom.value('reparam_conversions_total{outcome="failed"}') == 0
+        assert prom.value('reparam_conversion_duration_seconds_count{outcome="succeeded"}') == 1
+        assert prom.value("reparam_job_queue_duration_seconds_count") == 1
+        assert prom.value('reparam_registry_operations_total{operation="promote", result="success"}') == 1
+        assert abs(prom.value("reparam_last_success_timestamp_seconds") - time.time()) < 120
+        wait_for(lambda: prom.value("reparam_conversions_in_progress") == 0, 10, interval=0.2, what="slot free")
+
+        # every Grafana query parses and runs here; the outcome panel shows all three outcomes
+        for expr in exprs:
+            prom.query(expr.replace("$__rate_interval", "1m").replace("$job", ".+"))
+        outcomes = prom.query(exprs[0].replace("$__rate_interval", "1m").replace("$job", ".+"))
+        assert {s["metric"]["outcome"] for s in outcomes} == {"succeeded", "failed", "validation_failed"}
+        # the chart's alert rules load and evaluate cleanly; none fires after a success
+        groups = wait_for(lambda: [g for g in prom.api("rules")["groups"]
+                                   if all(r.get("lastEvaluation", "").startswith("20") for r in g["rules"])],
+                          10, interval=0.2, what="rules evaluated")
+        (group,) = groups
+        assert {r["name"] for r in group["rules"]} == {"ReparamConversionFailures", "ReparamNoRecentSuccess",
+                                                       "ReparamReconcileErrors"}
+        assert {r["health"] for r in group["rules"]} == {"ok"} and {r["state"] for r in group["rules"]} == {"inactive"}
+
+        # the live exposition passes Prometheus' metric lint
+        if PROMTOOL:
+            with urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            res = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True,
+                                 timeout=60)
+            assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        prom.stop()
+        if op.proc is not None:
+            op.stop()
+        runner.stop()
+    assert runner.errors == []
+
+    # every API call the operator (kopf + its own client) made is allowed by the chart's Role
+    allowed = rules_of(role)
+    ops = [c for c in recorded if c["agent"].startswith(("kopf", "reparam-operator"))]
+    assert {c["agent"].split("/")[0] for c in ops} == {"kopf", "reparam-operator"}
+    resource_calls = [c for c in ops if c["plural"] is not None]
+    assert resource_calls
+    for c in resource_calls:
+        res = c["plural"] + (f"/{c['subresource']}" if c["subresource"] else "")
+        verb = VERBS[c["action"]]
+        assert c["namespace"] == NS, c  # nothing cluster-wide
+        assert verb in allowed.get((c["group"], res), set()), c
+    # the rest is API discovery (allowed to every authenticated user)
+    for c in ops:
+        if c["plural"] is None:
+            assert c["path"] == "/api" or c["path"].startswith(("/apis", "/api/v1")), c
+    seen = {(c["group"], c["plural"], VERBS[c["action"]]) for c in resource_calls}
+    assert {("reparam.dev", "modelconversions", "watch"), ("batch", "jobs", "create"),
+            ("", "pods", "list"), ("", "events", "create")} <= seen
