@@ -323,16 +323,8 @@ def _map(value: str, mapping: dict[str, str]) -> str:
 
 
 def reparam_entrypoint() -> list[str]:
-    """How the runner starts ``reparam``: the real CLI when this checkout has it.
-
-    TEMPORARY: until ``reparam.cli`` (the lead's converter CLI) is merged, fall back
-    to ``tests/fake_reparam.py``, which parses the same flags and writes a realistic
-    summary; the lead switches the conversion tests to the real CLI + MLflow.
-    """
-    src = Path(__file__).resolve().parents[1] / "src" / "reparam" / "cli.py"
-    if src.exists() and os.environ.get("REPARAM_TEST_FAKE_CLI") != "1":
-        return [sys.executable, "-m", "reparam.cli"]
-    return [sys.executable, str(Path(__file__).resolve().parent / "fake_reparam.py")]
+    """How the runner starts the image's ``reparam`` entrypoint: this checkout's real CLI."""
+    return [sys.executable, "-m", "reparam.cli"]
 
 
 __all__ = ["ContainerRun", "Gate", "JobRunner", "SubprocessExecutor", "instant_success", "reparam_entrypoint",

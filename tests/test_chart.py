@@ -508,10 +508,11 @@ tests:
             exp_annotations:
               summary: reparam operator handler job_event raised unexpected errors
               description: 2 unexpected errors in the last 15m; see the operator's log.
-  # pending work, no success ever: fires once 6h have passed (time() starts at 0) and 15m held
+  # pending work, no success ever, operator up since time 0: fires once 6h have passed and 15m held
   - interval: 5m
     input_series:
       - {series: 'reparam_last_success_timestamp_seconds{job="op"}', values: '0x120'}
+      - {series: 'reparam_operator_start_time_seconds{job="op"}', values: '0x120'}
       - {series: 'reparam_conversions_in_progress{job="op"}', values: '1x120'}
       - {series: 'reparam_conversions_queued{job="op"}', values: '0x120'}
     alert_rule_test:
@@ -525,6 +526,16 @@ tests:
               description: >-
                 Conversions are running or queued but none succeeded for 6h:
                 Jobs may be stuck (no GPU node, image pull errors) or failing.
+  # pending work, no success ever, but the operator only started at 6h30m: no alert at 7h (nor at 12h)
+  - interval: 5m
+    input_series:
+      - {series: 'reparam_last_success_timestamp_seconds{job="op"}', values: '0x160'}
+      - {series: 'reparam_operator_start_time_seconds{job="op"}', values: '23400x160'}
+      - {series: 'reparam_conversions_in_progress{job="op"}', values: '1x160'}
+      - {series: 'reparam_conversions_queued{job="op"}', values: '0x160'}
+    alert_rule_test:
+      - {eval_time: 7h, alertname: ReparamNoRecentSuccess, exp_alerts: []}
+      - {eval_time: 12h, alertname: ReparamNoRecentSuccess, exp_alerts: []}
   # nothing pending: no alert however old the last success
   - interval: 5m
     input_series:

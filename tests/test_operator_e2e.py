@@ -1,8 +1,9 @@
 """End to end: the real operator process (kopf) against kmock's emulator on 127.0.0.1,
 with the test Job runner playing the Job controller and kubelet.
 
-Conversions run ``jobrunner.reparam_entrypoint()``: the real ``reparam`` CLI once
-this checkout has it, else (TEMPORARY) ``tests/fake_reparam.py``.
+Conversions run the real ``reparam`` CLI (``jobrunner.reparam_entrypoint()``): the source is the shared
+yolov9-t dual checkpoint on the real S3 server (credentials only through the namespace's Secret) and the
+registry is the real MLflow server, so every success or failure below is a real conversion's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import json
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,15 +38,35 @@ def ns(request) -> str:
     return "t-" + request.node.name.replace("test_", "").replace("_", "-")[:40]
 
 
-@pytest.fixture()
-def registry_file(tmp_path: Path) -> Path:
-    return tmp_path / "registry.json"
+@pytest.fixture(scope="module")
+def real(s3_server, mlflow_server, fixtures):
+    """The source checkpoint on S3 and the MLflow registry the Jobs use (unique names per module run)."""
+    run = uuid.uuid4().hex[:8]
+    key = f"operator-e2e/{run}/best.pt"
+    s3_server.client().upload_file(str(fixtures / "ckpt" / "yolov9-t-dual-best.pt"), s3_server.bucket, key)
+    from mlflow import MlflowClient
+
+    return {
+        "uri": f"s3://{s3_server.bucket}/{key}",
+        "tracking_uri": mlflow_server.tracking_uri,
+        "model": f"traffic-deploy-{run}",
+        "s3": s3_server,
+        "client": MlflowClient(tracking_uri=mlflow_server.tracking_uri),
+    }
+
+
+def alias_version(real: dict, alias: str) -> str | None:
+    try:
+        return str(real["client"].get_model_version_by_alias(real["model"], alias).version)
+    except Exception:  # noqa: BLE001 - no such alias / model yet
+        return None
 
 
 @pytest.fixture()
-def runner(env: KubeEnv, registry_file: Path, ns: str):
-    executor = SubprocessExecutor({"reparam": reparam_entrypoint()},
-                                  child_env(REPARAM_FAKE_REGISTRY=str(registry_file)))
+def runner(env: KubeEnv, ns: str):
+    # the child gets no S3/MLflow credentials from the test process: only what the Job's Secret gives it
+    base = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    executor = SubprocessExecutor({"reparam": reparam_entrypoint()}, base)
     gate = Gate(executor)
     r = JobRunner(env, gate, namespace=ns).start()
     r.gate, r.executor_ = gate, executor  # type: ignore[attr-defined]
@@ -67,11 +89,19 @@ def start_operator(env: KubeEnv, tmp_path: Path, ns: str):
         p.stop()
 
 
+REAL: dict = {}  # filled by the autouse fixture below: source URI, tracking URI, model name
+
+
+@pytest.fixture(autouse=True)
+def _real(real):
+    REAL.update(real)
+
+
 def conversion(name: str, ns: str, **spec_over) -> dict:
     spec = {
-        "source": {"uri": "models:/traffic-dual/7", "sha256": ""},
+        "source": {"uri": REAL["uri"], "sha256": ""},
         "conversion": {"fuse": True, "precision": "fp16", "formats": ["pt", "safetensors"], "atol": 1e-4},
-        "registry": {"trackingUri": "http://mlflow.mlops:5000", "modelName": "traffic-deploy",
+        "registry": {"trackingUri": REAL["tracking_uri"], "modelName": REAL["model"],
                      "aliases": ["champion"], "tags": {"team": "vision"}},
         "job": {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "16Gi"}},
                 "envFrom": [{"secretRef": {"name": "s3-creds"}}], "backoffLimit": 2},
@@ -88,10 +118,12 @@ def create(env: KubeEnv, body: dict) -> dict:
 
 
 def secret(env: KubeEnv, ns: str) -> None:
+    s3 = REAL["s3"]
+    values = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+              "AWS_ENDPOINT_URL_S3": s3.endpoint, "AWS_DEFAULT_REGION": s3.region}
     status, data = env.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": ns},
-        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(b"AKIATEST").decode(),
-                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"s3cr3t").decode()}})
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}})
     assert status in (200, 201), data
 
 
@@ -119,19 +151,20 @@ def events(env: KubeEnv, ns: str, name: str) -> list[str]:
     return [e["reason"] for e in env.objects(EVENTS, ns) if e["involvedObject"]["name"] == name]
 
 
-def test_conversion_registers_and_promotes(env, ns, runner, start_operator, registry_file) -> None:
+def test_conversion_registers_and_promotes(env, ns, runner, start_operator) -> None:
     secret(env, ns)
     op = start_operator()
     env.call(lambda: runner.gate.open_all())
     created = create(env, conversion("traffic-v7", ns))
-    wait_for(lambda: phase(env, ns, "traffic-v7") == "Succeeded", 60, what="Succeeded")
+    wait_for(lambda: phase(env, ns, "traffic-v7") == "Succeeded", 300, what="Succeeded")
     obj = mc(env, ns, "traffic-v7")
     st = obj["status"]
     expected_job = jobs.job_name("traffic-v7", created["metadata"]["uid"], 1)
     assert job_names(env, ns) == [expected_job]
     assert st["observedGeneration"] == 1
-    assert st["result"]["modelName"] == "traffic-deploy" and st["result"]["version"] == "1"
-    assert st["result"]["aliases"] == ["champion"] and st["result"]["modelUri"] == "models:/traffic-deploy/1"
+    model = REAL["model"]
+    assert st["result"]["modelName"] == model and st["result"]["version"] == "1"
+    assert st["result"]["aliases"] == ["champion"] and st["result"]["modelUri"].startswith("models:/")
     assert 0 < st["result"]["maxAbsDiff"] <= 1e-4
     assert st["result"]["paramsAfter"] < st["result"]["paramsBefore"]
     assert st["job"]["name"] == expected_job and st["job"]["completionTime"]
@@ -139,18 +172,20 @@ def test_conversion_registers_and_promotes(env, ns, runner, start_operator, regi
         assert cond(obj, t)["status"] == "True", (t, cond(obj, t))
         assert cond(obj, t)["observedGeneration"] == 1
     assert "lastFailure" not in st
-    # the registry really moved the alias
-    reg = json.loads(registry_file.read_text())
-    assert reg["traffic-deploy"]["aliases"] == {"champion": "1"}
+    # the registry really moved the alias, and the version carries the deploy sha256 the status reports
+    assert alias_version(REAL, "champion") == "1"
+    mv = REAL["client"].get_model_version(model, "1")
+    assert mv.tags["reparam.deploy_sha256"] == st["result"]["deploySha256"]
+    assert mv.tags["team"] == "vision"
     # the Job: owned, labelled, credentials only by Secret reference, exactly the container command ran
     job = env.get(JOBS, ns, expected_job)
     assert job["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
     assert job["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] is True
     (run,) = runner.executor_.runs  # type: ignore[attr-defined]
-    assert run.command[:3] == ["reparam", "convert", "models:/traffic-dual/7"]
-    assert run.env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
-    assert "s3cr3t" not in json.dumps(obj) and "s3cr3t" not in json.dumps(job)
-    assert (run.workdir / "out" / "model.safetensors").exists() or reparam_entrypoint()[1] == "-m"
+    assert run.command[:3] == ["reparam", "convert", REAL["uri"]]
+    secret_value = REAL["s3"].secret_key
+    assert run.env["AWS_SECRET_ACCESS_KEY"] == secret_value
+    assert secret_value not in json.dumps(obj) and secret_value not in json.dumps(job)
     pods = env.objects(PODS, ns)
     assert len(pods) == 1
     term = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -172,16 +207,14 @@ def test_conversion_registers_and_promotes(env, ns, runner, start_operator, regi
     assert not [k for k in m if any("traffic" in v or created["metadata"]["uid"] in v for _, v in k[1])]
 
 
-def test_validation_failure_moves_no_alias_and_invalid_spec(env, ns, runner, start_operator,
-                                                            registry_file) -> None:
+def test_validation_failure_moves_no_alias_and_invalid_spec(env, ns, runner, start_operator) -> None:
     secret(env, ns)
-    registry_file.write_text(json.dumps({"traffic-deploy": {"versions": [{"version": "1", "source": "x"}],
-                                                            "aliases": {"champion": "1"}}}))
+    champion_before = alias_version(REAL, "champion")
     op = start_operator()
     env.call(lambda: runner.gate.open_all())
-    create(env, conversion("strict", ns, conversion={"atol": 1e-12, "formats": ["pt"]}))
+    create(env, conversion("strict", ns, conversion={"fuse": True, "atol": 1e-12, "formats": ["pt"]}))
     create(env, conversion("bad-uri", ns, source={"uri": "file:///tmp/x.pt"}))
-    wait_for(lambda: phase(env, ns, "strict") == "Failed", 60, what="strict Failed")
+    wait_for(lambda: phase(env, ns, "strict") == "Failed", 300, what="strict Failed")
     obj = mc(env, ns, "strict")
     assert cond(obj, "Validated")["status"] == "False" and cond(obj, "Validated")["reason"] == "ValidationFailed"
     assert cond(obj, "Converted")["status"] == "True"
@@ -193,7 +226,7 @@ def test_validation_failure_moves_no_alias_and_invalid_spec(env, ns, runner, sta
     assert len([p for p in env.objects(PODS, ns)]) == 1
     (job,) = env.objects(JOBS, ns)
     assert job["status"]["failed"] == 1
-    assert json.loads(registry_file.read_text())["traffic-deploy"]["aliases"] == {"champion": "1"}
+    assert alias_version(REAL, "champion") == champion_before
     # an invalid spec fails at once, with a clear message, and gets no Job
     wait_for(lambda: phase(env, ns, "bad-uri") == "Failed", 20, what="bad-uri Failed")
     bad = mc(env, ns, "bad-uri")
@@ -220,18 +253,18 @@ def test_spec_change_replaces_running_job(env, ns, runner, start_operator) -> No
     wait_for(lambda: phase(env, ns, "evolving") == "Running", 30, what="Running g1")
     assert job_names(env, ns) == [g1]
     status, data = env.request("PATCH", mc_path(ns, "evolving"),
-                               {"spec": {"conversion": {"atol": 5e-4, "formats": ["pt", "onnx"]}}})
+                               {"spec": {"conversion": {"atol": 5e-4, "formats": ["pt"]}}})
     assert status == 200 and data["metadata"]["generation"] == 2
     wait_for(lambda: job_names(env, ns) == [g2], 30, what="g1 replaced by g2")
     open_gate(env, runner, g2)
-    wait_for(lambda: phase(env, ns, "evolving") == "Succeeded", 60, what="Succeeded g2")
+    wait_for(lambda: phase(env, ns, "evolving") == "Succeeded", 300, what="Succeeded g2")
     obj = mc(env, ns, "evolving")
     assert obj["status"]["observedGeneration"] == 2 and obj["status"]["job"]["name"] == g2
     assert cond(obj, "Succeeded")["observedGeneration"] == 2
     assert "JobReplaced" in events(env, ns, "evolving")
     job = env.get(JOBS, ns, g2)
     cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert cmd[cmd.index("--atol") + 1] == "0.0005" and "onnx" in cmd
+    assert cmd[cmd.index("--atol") + 1] == "0.0005" and "safetensors" not in cmd
     assert [r.job_name for r in runner.executor_.runs] == [g2]  # type: ignore[attr-defined]
 
 
@@ -248,7 +281,7 @@ def test_operator_restart_mid_run(env, ns, runner, start_operator) -> None:
     m = second.metrics()
     assert metric(m, "reparam_conversions_in_progress") == 1  # the running Job holds its slot again
     open_gate(env, runner, g1)
-    wait_for(lambda: phase(env, ns, "survivor") == "Succeeded", 60, what="Succeeded after restart")
+    wait_for(lambda: phase(env, ns, "survivor") == "Succeeded", 300, what="Succeeded after restart")
     assert job_names(env, ns) == [g1] and len(env.objects(PODS, ns)) == 1
     obj = mc(env, ns, "survivor")
     assert obj["status"]["result"]["version"] == "1"
@@ -273,7 +306,7 @@ def test_concurrency_limit_queues_in_creation_order(env, ns, runner, start_opera
     time.sleep(0.5)
     assert len(job_names(env, ns)) == 2 and phase(env, ns, "c3") == "Queued"
     open_gate(env, runner, jn["c1"])
-    wait_for(lambda: phase(env, ns, "c1") == "Succeeded", 60, what="c1 Succeeded")
+    wait_for(lambda: phase(env, ns, "c1") == "Succeeded", 300, what="c1 Succeeded")
     wait_for(lambda: jn["c3"] in job_names(env, ns), 30, what="c3 admitted")
     assert phase(env, ns, "c2") in ("Pending", "Running")
     # deleting a resource removes its Job (owner reference + GC) and frees its slot
@@ -282,7 +315,7 @@ def test_concurrency_limit_queues_in_creation_order(env, ns, runner, start_opera
     wait_for(lambda: jn["c2"] not in job_names(env, ns), 10, what="c2's Job collected")
     wait_for(lambda: metric(op.metrics(), "reparam_conversions_in_progress") == 1, 10, what="slot freed")
     open_gate(env, runner, jn["c3"])
-    wait_for(lambda: phase(env, ns, "c3") == "Succeeded", 60, what="c3 Succeeded")
+    wait_for(lambda: phase(env, ns, "c3") == "Succeeded", 300, what="c3 Succeeded")
     wait_for(lambda: metric(op.metrics(), "reparam_conversions_in_progress") == 0, 10, what="all slots free")
     m = op.metrics()
     assert metric(m, "reparam_conversions_total", outcome="succeeded") == 2

@@ -120,3 +120,38 @@ def test_label_value_bounded() -> None:
     assert jobs.label_value("short") == "short"
     v = jobs.label_value("x" * 100)
     assert len(v) <= 63 and v != jobs.label_value("x" * 99 + "y")
+
+
+def test_operator_defaults_fill_only_empty_fields() -> None:
+    defaults = {"job": {"resources": {"limits": {"nvidia.com/gpu": 2}}, "nodeSelector": {"gpu": "h100"},
+                        "envFrom": [{"secretRef": {"name": "mlflow-creds"}}]},
+                "registry": {"trackingUri": "http://mlflow.mlops:5000"}}
+    spec = {"source": {"uri": "models:/m/1"}, "registry": {"modelName": "deploy"},
+            "job": {"nodeSelector": {"pool": "mine"}}}
+    out = jobs.with_defaults(spec, defaults)
+    assert out["job"]["nodeSelector"] == {"pool": "mine"}  # the resource wins
+    assert out["job"]["resources"] == {"limits": {"nvidia.com/gpu": 2}}
+    assert out["job"]["envFrom"] == [{"secretRef": {"name": "mlflow-creds"}}]
+    assert out["registry"]["trackingUri"] == "http://mlflow.mlops:5000"
+    assert spec["registry"] == {"modelName": "deploy"}  # pure
+    # no registry asked for: the default URI does not create one
+    assert "registry" not in jobs.with_defaults({"source": {"uri": "models:/m/1"}}, defaults)
+    body = {"metadata": {"name": "x", "namespace": "ns", "uid": "u-1", "generation": 1}, "spec": spec}
+    job = jobs.build_job(body, "img:1", defaults)
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert c["command"][c["command"].index("--tracking-uri") + 1] == "http://mlflow.mlops:5000"
+    with pytest.raises(jobs.InvalidSpec, match="trackingUri"):
+        jobs.build_job(body, "img:1", None)  # no URI anywhere: invalid
+
+
+def test_job_defaults_setting_is_checked() -> None:
+    from reparam.errors import InvalidInputError
+    from reparam.operator import settings
+
+    ok = settings.from_env({"REPARAM_JOB_DEFAULTS": '{"job": {"tolerations": [{"key": "gpu"}]}}'})
+    assert ok.job_defaults == {"job": {"tolerations": [{"key": "gpu"}]}}
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        settings.from_env({"REPARAM_JOB_DEFAULTS": "{nope"})
+    with pytest.raises(InvalidInputError, match="cannot be defaulted"):
+        settings.from_env({"REPARAM_JOB_DEFAULTS": '{"job": {"image": "x"}}'})

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 import urllib.error
+import uuid
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -146,17 +147,22 @@ def env(recorded):
     e.stop()
 
 
-def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path) -> None:
+def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path, s3_server, mlflow_server,
+                                         fixtures: Path) -> None:
+    # a real conversion: the shared checkpoint on the real S3 server, registered in the real MLflow server
+    key = f"scrape/{uuid.uuid4().hex[:8]}/best.pt"
+    s3_server.client().upload_file(str(fixtures / "ckpt" / "yolov9-t-dual-best.pt"), s3_server.bucket, key)
     status, data = env.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mlflow-creds", "namespace": NS},
-        "stringData": {"MLFLOW_TRACKING_USERNAME": "converter", "MLFLOW_TRACKING_PASSWORD": "pw"}})
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": NS},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                       "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_DEFAULT_REGION": s3_server.region}})
     assert status in (200, 201), data
     with helm.Chart.load(CHART) as chart:
         rules = rule_groups(chart)
         exprs = dashboard_exprs(dashboard(chart))
         (role,) = [o for o in render(chart, {"watchNamespaces": [NS]}) if o["kind"] == "Role"]
-    executor = SubprocessExecutor({"reparam": reparam_entrypoint()},
-                                  child_env(REPARAM_FAKE_REGISTRY=str(tmp_path / "registry.json")))
+    base = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    executor = SubprocessExecutor({"reparam": reparam_entrypoint()}, base)
     op = OperatorProcess(env.write_kubeconfig(tmp_path / "kubeconfig"), NS, tmp_path / "operator.log")
     (tmp_path / "prom").mkdir()
     prom = Prometheus(tmp_path / "prom", f"127.0.0.1:{op.metrics_port}", rules)
@@ -168,13 +174,18 @@ def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path)
         assert prom.value('reparam_conversions_total{outcome="succeeded"}') == 0
         example = yaml.safe_load((CHART.parents[1] / "examples" / "conversion-models-version.yaml").read_text())
         example["metadata"]["namespace"] = NS
+        example["spec"]["source"] = {"uri": f"s3://{s3_server.bucket}/{key}"}
+        example["spec"]["registry"]["trackingUri"] = mlflow_server.tracking_uri
+        example["spec"]["registry"]["modelName"] = f"scrape-{uuid.uuid4().hex[:8]}"
+        example["spec"]["job"]["envFrom"] = [{"secretRef": {"name": "s3-creds"}}]
+        example["spec"]["conversion"]["formats"] = ["pt", "safetensors"]  # keep the test quick
         status, data = env.request("POST", mc_path(NS), example)
         assert status in (200, 201), data
 
         def phase() -> str | None:
             obj = env.get(MC_RESOURCE, NS, example["metadata"]["name"]) or {}
             return (obj.get("status") or {}).get("phase")
-        wait_for(lambda: phase() == "Succeeded", 60, what="conversion Succeeded")
+        wait_for(lambda: phase() == "Succeeded", 300, what="conversion Succeeded")
         wait_for(lambda: prom.value(f'reparam_conversions_total{{job="{JOB}", outcome="succeeded"}}') == 1,
                  30, interval=0.2, what="Prometheus sees the succeeded conversion")
         assert prom.value('reparam_conversions_total{outcome="failed"}') == 0
@@ -196,7 +207,9 @@ def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path)
         (group,) = groups
         assert {r["name"] for r in group["rules"]} == {"ReparamConversionFailures", "ReparamNoRecentSuccess",
                                                        "ReparamReconcileErrors"}
-        assert {r["health"] for r in group["rules"]} == {"ok"} and {r["state"] for r in group["rules"]} == {"inactive"}
+        assert {r["health"] for r in group["rules"]} == {"ok"}
+        states = {r["name"]: (r["state"], r["query"]) for r in group["rules"]}
+        assert {k: v[0] for k, v in states.items()} == dict.fromkeys(states, "inactive"), states
 
         # the live exposition passes Prometheus' metric lint
         if PROMTOOL:

@@ -277,6 +277,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``reparam`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["operator"]:  # everything after it belongs to the operator's own parser (--help included)
+        return cmd_operator(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "operator": cmd_operator}

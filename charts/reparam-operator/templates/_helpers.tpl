@@ -98,7 +98,7 @@ groups:
             `kubectl get mconv -A` lists them; status.lastFailure holds the converter's message.
       - alert: ReparamNoRecentSuccess
         expr: |-
-          (time() - max(max_over_time(reparam_last_success_timestamp_seconds[1d])) > {{ include "reparam-operator.seconds" $r.noSuccessFor }})
+          (time() - (max(max_over_time(reparam_last_success_timestamp_seconds[1d]) > 0) or on() max(reparam_operator_start_time_seconds)) > {{ include "reparam-operator.seconds" $r.noSuccessFor }})
           and on() (sum(reparam_conversions_in_progress) + sum(reparam_conversions_queued) > 0)
         for: 15m
         labels:

@@ -22,6 +22,8 @@ Kubernetes Job and Pod APIs:
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import re
 from typing import Any
@@ -218,15 +220,43 @@ def _limits(job_spec: dict[str, Any]) -> dict[str, Any]:
     return resources
 
 
-def build_job(body: dict[str, Any], default_image: str) -> dict[str, Any]:
+#: ``spec.job`` fields the operator-wide defaults may fill (Helm value ``jobDefaults``).
+DEFAULTABLE_JOB_FIELDS = ("resources", "nodeSelector", "tolerations", "envFrom", "serviceAccountName",
+                          "imagePullSecrets")
+
+
+def with_defaults(spec: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """``spec`` with the operator's defaults filled in where the resource leaves a field empty.
+
+    ``defaults`` has the CRD's own shape: ``{"job": {<DEFAULTABLE_JOB_FIELDS>}, "registry": {"trackingUri": ...}}``.
+    The resource always wins; a registry default applies only to a resource that asks for registration
+    (has ``spec.registry``). Pure: returns a new dict.
+    """
+    out = copy.deepcopy(spec)
+    if not defaults:
+        return out
+    job = dict(out.get("job") or {})
+    for field, value in (defaults.get("job") or {}).items():
+        if field in DEFAULTABLE_JOB_FIELDS and not job.get(field) and value:
+            job[field] = copy.deepcopy(value)
+    if job:
+        out["job"] = job
+    reg_default = (defaults.get("registry") or {}).get("trackingUri")
+    if out.get("registry") is not None and not out["registry"].get("trackingUri") and reg_default:
+        out["registry"] = {**out["registry"], "trackingUri": reg_default}
+    return out
+
+
+def build_job(body: dict[str, Any], default_image: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``batch/v1`` Job manifest for the resource's current generation.
 
     ``body`` is the ModelConversion (``metadata.name/namespace/uid/generation`` and
-    ``spec``); ``default_image`` is used when ``spec.job.image`` is empty.
+    ``spec``); ``default_image`` is used when ``spec.job.image`` is empty and
+    ``defaults`` (:func:`with_defaults`) fill the other fields the resource leaves empty.
     Raises :class:`InvalidSpec` (via :func:`validate_spec`) for an unusable spec.
     """
     meta = body["metadata"]
-    spec = body.get("spec") or {}
+    spec = with_defaults(body.get("spec") or {}, defaults)
     validate_spec(spec)
     job_spec = spec.get("job") or {}
     generation = int(meta.get("generation") or 1)

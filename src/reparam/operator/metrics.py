@@ -56,8 +56,12 @@ class Metrics:
             "Model registry operations done by the conversions (register, promote) by result.",
             ["operation", "result"], registry=reg)
         self.last_success = Gauge(
-            "reparam_last_success_timestamp_seconds", "Unix time of the last succeeded conversion.",
+            "reparam_last_success_timestamp_seconds", "Unix time of the last succeeded conversion (0: none yet).",
             registry=reg)
+        # the baseline for "no success for a long time" alerts while no conversion has succeeded yet
+        self.started = Gauge(
+            "reparam_operator_start_time_seconds", "Unix time this operator process started.", registry=reg)
+        self.started.set_to_current_time()
         for outcome in OUTCOMES:
             self.conversions_total.labels(outcome=outcome)
         for op in ("register", "promote"):

@@ -227,7 +227,7 @@ class Reconciler:
                 self._gauges()
             return
         try:
-            jobs.validate_spec(body.get("spec") or {})
+            jobs.validate_spec(jobs.with_defaults(body.get("spec") or {}, dict(self.settings.job_defaults)))
         except jobs.InvalidSpec as exc:
             await self._mark_invalid(body, str(exc))
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
@@ -279,7 +279,7 @@ class Reconciler:
 
     async def _create_job(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
-        manifest = jobs.build_job(body, self.settings.image)
+        manifest = jobs.build_job(body, self.settings.image, dict(self.settings.job_defaults))
         name = manifest["metadata"]["name"]
         try:
             job = await self.client.create(_job_path(meta["namespace"]), manifest)

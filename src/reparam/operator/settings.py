@@ -17,6 +17,7 @@ REPARAM_LIVENESS_PORT          ``--liveness-port``      port of kopf's ``/health
 REPARAM_RETRY_DELAY            ``--retry-delay``        seconds before a transient error is retried
 REPARAM_SCANNING               ``--no-scanning``        "false": no CRD/namespace scanning
 REPARAM_STANDALONE             ``--peering NAME``       kopf peering (default: standalone)
+REPARAM_JOB_DEFAULTS           ``--job-defaults JSON``  defaults for spec.job / spec.registry.trackingUri
 =============================  ======================  ==========================================
 """
 
@@ -52,6 +53,7 @@ class Settings:
     scanning: bool = True
     peering: str | None = None
     verbose: bool = False
+    job_defaults: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -88,6 +90,30 @@ def _float(text: str, name: str) -> float:
         raise InvalidInputError(f"{name} must be a number of seconds, got {text!r}") from None
 
 
+def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict:
+    """Parse the Job defaults JSON (``{"job": {...}, "registry": {"trackingUri": ...}}``).
+
+    Raises InvalidInputError for bad JSON, a non-object, or keys the operator does not default.
+    """
+    import json
+
+    from .jobs import DEFAULTABLE_JOB_FIELDS
+
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise InvalidInputError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"job", "registry"}:
+        raise InvalidInputError(f"{name} must be a JSON object with keys 'job' and/or 'registry'")
+    bad = sorted(set(data.get("job") or {}) - set(DEFAULTABLE_JOB_FIELDS))
+    if bad:
+        raise InvalidInputError(f"{name}: job fields {bad} cannot be defaulted; allowed: {list(DEFAULTABLE_JOB_FIELDS)}")
+    bad = sorted(set(data.get("registry") or {}) - {"trackingUri"})
+    if bad:
+        raise InvalidInputError(f"{name}: registry fields {bad} cannot be defaulted; allowed: ['trackingUri']")
+    return data
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``REPARAM_*`` environment variables (see module docstring).
 
@@ -115,6 +141,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         kw["scanning"] = _bool(env["REPARAM_SCANNING"], "REPARAM_SCANNING")
     if env.get("REPARAM_PEERING"):
         kw["peering"] = env["REPARAM_PEERING"]
+    if env.get("REPARAM_JOB_DEFAULTS"):
+        kw["job_defaults"] = parse_job_defaults(env["REPARAM_JOB_DEFAULTS"])
     return Settings(**kw)  # type: ignore[arg-type]
 
 
@@ -134,6 +162,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scanning", action="store_false", dest="scanning", default=None,
                    help="do not scan for CRDs/namespaces (the CRD must exist at start-up)")
     p.add_argument("--peering", help="kopf peering name (default: standalone)")
+    p.add_argument("--job-defaults", metavar="JSON",
+                   help='defaults for empty spec.job fields and spec.registry.trackingUri, e.g. '
+                        '\'{"job": {"nodeSelector": {"gpu": "h100"}}}\'')
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p
 
@@ -145,4 +176,6 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     changes = {k: v for k, v in vars(args).items() if v is not None}
     if "namespaces" in changes:
         changes["namespaces"] = tuple(changes["namespaces"])
+    if "job_defaults" in changes:
+        changes["job_defaults"] = parse_job_defaults(changes["job_defaults"], "--job-defaults")
     return dataclasses.replace(base, **changes)
