@@ -236,15 +236,17 @@ def test_crd_schema_rejects_broken_conversions(mutate, path: list) -> None:
 
 
 def test_mlflow_secret_example_is_a_valid_secret() -> None:
-    secret = yaml.safe_load((EXAMPLES / "mlflow-secret.yaml").read_text())
-    kubernetes_validate.validate(secret, KUBE_VERSIONS[-1], strict=True)
+    secrets = list(yaml.safe_load_all((EXAMPLES / "mlflow-secret.yaml").read_text()))
+    for s in secrets:
+        kubernetes_validate.validate(s, KUBE_VERSIONS[-1], strict=True)
+    secret = next(s for s in secrets if s["metadata"]["name"] == "mlflow-creds")
     referenced = set()
     for path in CONVERSIONS:
         job = yaml.safe_load(path.read_text())["spec"].get("job") or {}
         referenced |= {e["secretRef"]["name"] for e in job.get("envFrom") or [] if "secretRef" in e}
         referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for e in job.get("env") or []
                        if "secretKeyRef" in e.get("valueFrom", {})}
-    assert secret["metadata"]["name"] in referenced
+    assert referenced == {s["metadata"]["name"] for s in secrets}  # every Secret the examples use is defined
     # the keys the runs: example reads exist
     assert "token" in secret["stringData"]
     assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(secret["stringData"])

@@ -213,3 +213,25 @@ def test_pickled_format_matches_official_converted_file(tmp_path: Path, fixtures
     assert a["model.22"].get("f") == b["model.22"].get("f") == [15, 18, 21]
     assert a[""].get("yaml") == b[""].get("yaml")  # the derived deploy config equals the official gelan-t dict
     assert a["model.22"].get("stride").dtype == b["model.22"].get("stride").dtype
+
+
+def test_failed_validation_removes_stale_outputs_of_an_earlier_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli("convert", str(EXAMPLE), "-o", str(out), "-q", "--imgsz", "64").returncode == 0
+    assert (out / "yolov9-t-dual-best-converted.pt").is_file()
+    (out / "unrelated.txt").write_text("keep me")
+    proc = run_cli("convert", str(EXAMPLE), "-o", str(out), "--fuse", "--atol", "1e-12", "--imgsz", "64")
+    assert proc.returncode == exitcodes.VALIDATION_FAILED
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "unrelated.txt"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_stale_outputs"] == ["yolov9-t-dual-best-converted.pt",
+                                               "yolov9-t-dual-best-converted.safetensors"]
+
+
+def test_directory_sources(tmp_path: Path, fixtures: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("inspect", str(empty))
+    assert proc.returncode == exitcodes.INVALID_INPUT and "holds no files" in one_error_line(proc)
+    proc = run_cli("inspect", str(fixtures / "ckpt"))
+    assert proc.returncode == exitcodes.INVALID_INPUT and "5 candidates" in one_error_line(proc)

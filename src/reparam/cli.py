@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["pt", "safetensors", "onnx", "torchscript"],
                    help="artifact to write (repeatable; default: pt and safetensors)")
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
+    c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
     c.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     c.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and image size")
     c.add_argument("--nms", action="store_true", help="ONNX: append NonMaxSuppression (end-to-end boxes)")
-    c.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
-    c.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold")
-    c.add_argument("--max-det", type=int, default=300, help="NMS max detections")
+    c.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    c.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold (default 0.25)")
+    c.add_argument("--max-det", type=int, default=300, help="NMS max detections (default 300)")
     c.add_argument("--export-atol", type=float, default=1e-3,
                    help="max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default 1e-3; "
                         "fp16 runs allow 2e-3 x the output range)")
@@ -85,16 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--register", metavar="NAME", default=None, help="register the deploy model as a new version of NAME")
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
     c.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag on the new version (repeatable)")
-    c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)")
     c.add_argument("--termination-log", default=os.environ.get("REPARAM_TERMINATION_LOG"),
                    help="also write the JSON summary here (Kubernetes: /dev/termination-log)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
     i = sub.add_parser("inspect", help="show what a checkpoint holds, without converting")
-    i.add_argument("source")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--tracking-uri", default=None)
-    i.add_argument("--sha256", default=None)
+    i.add_argument("source", help="checkpoint: local path or folder, s3://, models:/, runs:/ or http(s):// URI")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    i.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
+    i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (needs reparam[operator])", add_help=False)
     o.add_argument("args", nargs=argparse.REMAINDER)
@@ -135,7 +135,8 @@ def _human_summary(report: dict[str, Any]) -> str:
     ]
     if "bytes" in report:
         b = report["bytes"]
-        lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} (saved {b['saved']:,})")
+        change = f"saved {b['saved']:,}" if b["saved"] >= 0 else f"{-b['saved']:,} larger"
+        lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} ({change})")
     lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}) "
                  f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
     for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
@@ -270,7 +271,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     try:
         from .operator.main import run
     except ImportError as exc:
-        _eprint(f"reparam: error: the operator needs the [operator] extra ({exc}); pip install 'reparam[operator]'")
+        _eprint(f"reparam: error: the operator needs the [operator] extra ({exc}): pip install -e '.[operator]' "
+                "in a checkout, or pip install 'reparam[operator]'")
         return exitcodes.INVALID_INPUT
     return int(run(args.args) or 0)
 
@@ -278,6 +280,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``reparam`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # MLflow logs schema migrations of a new local store at INFO; our own progress lines say what matters
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if argv[:1] == ["operator"]:  # everything after it belongs to the operator's own parser (--help included)
         return cmd_operator(argparse.Namespace(args=argv[1:]))
     parser = build_parser()

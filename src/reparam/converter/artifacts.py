@@ -59,11 +59,27 @@ def _publish(stage: Path, out: Path) -> None:
     stage.rmdir()
 
 
-def write_report_only(out: Path, report: dict[str, Any]) -> Path:
-    """Write just ``report.json`` (a failed conversion), atomically. Returns its path."""
+def artifact_names(stem: str) -> list[str]:
+    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json``."""
+    base = f"{stem}-converted"
+    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript"]
+
+
+def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None) -> Path:
+    """Write just ``report.json`` (a failed conversion), atomically. Returns its path.
+
+    With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are removed first, so that
+    nothing in ``out`` looks like a good result of this (failed) conversion; the report lists them.
+    """
+    stale = [out / n for n in artifact_names(stem)] if stem else []
+    removed = [p.name for p in stale if p.is_file()]
+    if removed:
+        report["removed_stale_outputs"] = removed
     stage = _staging(out)
     try:
         _write_json(stage / "report.json", report)
+        for p in stale:
+            p.unlink(missing_ok=True)
         _publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -259,7 +259,7 @@ def convert(
     if not result.passed:
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0
-        artifacts.write_report_only(out, report)
+        artifacts.write_report_only(out, report, stem=path.stem)
         err = ValidationFailedError(
             f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
@@ -267,8 +267,15 @@ def convert(
         err.report = report  # type: ignore[attr-defined]
         raise err
 
-    artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy, deploy_sd, options,
-                        report, say)
+    try:
+        artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy, deploy_sd,
+                            options, report, say)
+    except ValidationFailedError as err:  # an export's check failed: same outcome as a failed validation
+        report["status"] = "validation_failed"
+        report["timing"]["total_s"] = time.perf_counter() - t0
+        artifacts.write_report_only(out, report, stem=path.stem)
+        err.report = report  # type: ignore[attr-defined]
+        raise
     report["status"] = "succeeded"
     report["timing"]["total_s"] = time.perf_counter() - t0
     artifacts.finish_report(out, report)

@@ -16,7 +16,7 @@ REPARAM_METRICS_HOST           ``--metrics-host``       address ``/metrics`` bin
 REPARAM_LIVENESS_PORT          ``--liveness-port``      port of kopf's ``/healthz``; 0 turns it off
 REPARAM_RETRY_DELAY            ``--retry-delay``        seconds before a transient error is retried
 REPARAM_SCANNING               ``--no-scanning``        "false": no CRD/namespace scanning
-REPARAM_STANDALONE             ``--peering NAME``       kopf peering (default: standalone)
+REPARAM_PEERING                ``--peering NAME``       kopf peering (default: standalone)
 REPARAM_JOB_DEFAULTS           ``--job-defaults JSON``  defaults for spec.job / spec.registry.trackingUri
 =============================  ======================  ==========================================
 """

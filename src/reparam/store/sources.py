@@ -138,14 +138,20 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
-    """The one checkpoint among ``names`` (relative paths); SourceError listing them if 0 or >1."""
+    """The one checkpoint among ``names`` (relative paths).
+
+    Raises InvalidInputError (retrying cannot help: the user must name the file) listing what is there when
+    there is no ``*.pt`` or more than one.
+    """
     cands = sorted(n for n in names if n.lower().endswith(CHECKPOINT_SUFFIXES))
     if len(cands) == 1:
         return (base / cands[0]) if base is not None else cands[0]
     if not cands:
-        listing = ", ".join(sorted(names)[:20]) or "nothing"
-        raise SourceError(f"fetch {shown}: pick checkpoint failed: no *.pt file among {listing}")
-    raise SourceError(
+        if not names:
+            raise InvalidInputError(f"{shown} holds no files; expected one *.pt checkpoint")
+        listing = ", ".join(sorted(names)[:20])
+        raise InvalidInputError(f"{shown} holds no *.pt checkpoint (it has: {listing})")
+    raise InvalidInputError(
         f"fetch {shown}: pick checkpoint failed: {len(cands)} candidates ({', '.join(cands)}); "
         "name one, e.g. <uri>/" + cands[0]
     )
