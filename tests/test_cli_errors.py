@@ -17,7 +17,7 @@ import torch
 from reparam import exitcodes
 from reparam.converter.convert import ConvertOptions, build_model, convert
 from reparam.converter.official_format import save_official
-from reparam.converter.safe_load import ObjectRecord, load_pickle
+from reparam.converter.safe_load import load_pickle
 from reparam.errors import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,13 +199,8 @@ def test_pickled_format_matches_official_converted_file(tmp_path: Path, fixtures
     ref = load_pickle(fixtures / "reference" / "yolov9-t-dual-best-converted.pt")
     assert sorted(ours.globals) == sorted(ref.globals)
 
-    def walk(rec: ObjectRecord, prefix: str = ""):
-        yield prefix, rec
-        for k, child in rec.modules().items():
-            yield from walk(child, f"{prefix}.{k}" if prefix else k)
-
-    a = dict(walk(ours.obj["model"]))
-    b = dict(walk(ref.obj["model"]))
+    a = dict(ours.obj["model"].named_modules())
+    b = dict(ref.obj["model"].named_modules())
     assert list(a) == list(b)
     for name in b:
         assert a[name].cls == b[name].cls, name

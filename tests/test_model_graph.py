@@ -1,7 +1,7 @@
 """DetectionModel built from config dicts, checked against real official checkpoints.
 
-The checkpoints are read with an inert unpickler (tests/ckpt_probe.py): no official
-class is imported or called.
+The checkpoints are read with reparam's own allowlisting loader (reparam.converter.safe_load):
+no official class is imported or called.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-import ckpt_probe as cp
+from collections import OrderedDict
+
+from reparam.converter.safe_load import ObjectRecord, load_pickle
 from reparam.converter.fusion import fuse_model
 from reparam.errors import InvalidInputError
 from reparam.models import DDetect, DetectionModel, DualDDetect, RepConvN
@@ -40,8 +42,8 @@ SCALAR = (int, float, str, bool, list, tuple, type(None))
 
 @pytest.fixture(scope="module")
 def probes() -> dict:
-    out = {name: cp.load(FIX / "ckpt" / f"{name}.pt") for name in CKPTS}
-    out["converted"] = cp.load(FIX / "reference" / "yolov9-t-dual-best-converted.pt")
+    out = {name: load_pickle(FIX / "ckpt" / f"{name}.pt").obj for name in CKPTS}
+    out["converted"] = load_pickle(FIX / "reference" / "yolov9-t-dual-best-converted.pt").obj
     return out
 
 
@@ -50,14 +52,18 @@ def image() -> torch.Tensor:
     return load_file(str(FIX / "reference" / "input-640.safetensors"))["input"]
 
 
-def _official_model(probes: dict, name: str) -> cp.Stub:
+def _state_dict(rec: ObjectRecord) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k, v.detach()) for k, v in rec.named_tensors())
+
+
+def _official_model(probes: dict, name: str) -> ObjectRecord:
     ck = probes[name]
     return ck["ema"] if ck.get("ema") is not None else ck["model"]
 
 
-def _ours(official: cp.Stub) -> DetectionModel:
+def _ours(official: ObjectRecord) -> DetectionModel:
     model = DetectionModel(official.state["yaml"])
-    model.load_state_dict({k: v.float() for k, v in cp.state_dict(official).items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in _state_dict(official).items()}, strict=True)
     return model.eval()
 
 
@@ -65,7 +71,7 @@ def _ours(official: cp.Stub) -> DetectionModel:
 def test_graph_matches_checkpoint_structure(probes: dict, name: str) -> None:
     official = _official_model(probes, name)
     model = DetectionModel(official.state["yaml"])
-    ref_sd = cp.state_dict(official)
+    ref_sd = _state_dict(official)
     ours_sd = model.state_dict()
     assert list(ours_sd) == list(ref_sd)
     assert {k: tuple(v.shape) for k, v in ours_sd.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
@@ -77,16 +83,16 @@ def test_graph_matches_checkpoint_structure(probes: dict, name: str) -> None:
     assert model.nc == official.state["nc"] == len(model.names)
 
     # every module has the official instance attributes, with equal plain values
-    ref_modules = dict(cp.named_modules(official))
+    ref_modules = dict(official.named_modules())
     ours_modules = dict(model.named_modules())
     assert list(ours_modules) == list(ref_modules)
     for path, stub in ref_modules.items():
-        ref_attrs = cp.public_attrs(stub)
+        ref_attrs = stub.public_attrs()
         ours = ours_modules[path]
         ours_attrs = {k: v for k, v in vars(ours).items() if not k.startswith("_") and k != "training"}
         allowed = MODEL_ONLY_OFFICIAL if path == "" else {"shape"}  # shape: set by an eval forward
-        assert set(ref_attrs) - allowed == set(ours_attrs), f"{path or 'model'} ({stub.qualname})"
-        assert stub.qualname.rsplit(".", 1)[1] == type(ours).__name__
+        assert set(ref_attrs) - allowed == set(ours_attrs), f"{path or 'model'} ({stub.cls})"
+        assert stub.cls.rsplit(".", 1)[1] == type(ours).__name__
         for key in set(ref_attrs) & set(ours_attrs):
             ref_v = ref_attrs[key]
             if isinstance(ref_v, SCALAR) and key != "yaml":
@@ -158,7 +164,7 @@ def test_dual_config_file_builds_like_its_checkpoint(probes: dict) -> None:
     official = _official_model(probes, "yolov9-c-quarter-dual")
     model = DetectionModel(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in cp.state_dict(official).items()}
+        k: tuple(v.shape) for k, v in _state_dict(official).items()}
     assert model.model[0].type == "models.common.Silence"
 
 

@@ -49,9 +49,9 @@ def test_config_builds_and_runs(name: str) -> None:
 @pytest.mark.parametrize("name, ckpt", [("yolov9-t", "yolov9-t-dual-best"), ("yolov9-s", "yolov9-s-dual"),
                                         ("gelan-t", "gelan-t")])
 def test_config_equals_checkpoint_yaml(name: str, ckpt: str) -> None:
-    import ckpt_probe as cp
+    from reparam.converter.safe_load import load_pickle
 
-    official = cp.load(FIX / "ckpt" / f"{ckpt}.pt")["model"].state["yaml"]
+    official = load_pickle(FIX / "ckpt" / f"{ckpt}.pt").obj["model"].state["yaml"]
     ours = config(name, nc=official["nc"])
     assert ours["backbone"] == official["backbone"] + official["head"]
 

@@ -106,6 +106,17 @@ class ObjectRecord:
         mods = self.state.get("_modules") or {}
         return {k: v for k, v in mods.items() if v is not None}
 
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "ObjectRecord"]]:
+        """(dotted name, record) for this module and every submodule, as ``nn.Module.named_modules``."""
+        yield prefix, self
+        for k, child in self.modules().items():
+            if isinstance(child, ObjectRecord):
+                yield from child.named_modules(f"{prefix}.{k}" if prefix else k)
+
+    def public_attrs(self) -> dict[str, Any]:
+        """The pickled instance attributes without ``nn.Module`` internals (``_*`` and ``training``)."""
+        return {k: v for k, v in self.state.items() if not k.startswith("_") and k != "training"}
+
     def named_tensors(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         """``state_dict``-style (name, tensor) pairs: parameters and persistent buffers, depth first.
 
