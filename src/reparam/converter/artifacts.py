@@ -36,9 +36,9 @@ SAFETENSORS_FORMAT = "reparam-deploy/1"
 
 
 def _sha256(path: Path) -> str:
-    from .convert import sha256_file
+    from ..store.sources import hash_file
 
-    return sha256_file(path)
+    return hash_file(path)[0]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

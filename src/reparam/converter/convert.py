@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import InvalidInputError, ValidationFailedError
+from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
@@ -146,15 +147,6 @@ def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, 
     return Pruned(plan, dual, deploy, deploy_sd, account)
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, hex, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(
     source: str | Path,
     out_dir: str | Path,
@@ -218,7 +210,7 @@ def convert(
     info.setdefault("path", str(path.resolve()))
     info.setdefault("bytes", ckpt.file_bytes)
     if "sha256" not in info:
-        info["sha256"] = sha256_file(path)
+        info["sha256"] = hash_file(path)[0]
 
     report: dict[str, Any] = {
         "reparam_version": __version__,
