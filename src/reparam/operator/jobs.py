@@ -61,7 +61,9 @@ PRECISIONS = ("fp16", "fp32")
 FORMATS = ("pt", "safetensors", "onnx", "torchscript")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_URI = re.compile(r"^(models:/[^/@\s]+(/[^/\s]+|@[A-Za-z0-9_-]+)|runs:/[^/\s]+/\S+|s3://[^/\s]+/\S+)$")
+#: Source kinds a Job can fetch (a local path or file:// is meaningless inside a pod). The URI grammar itself is
+#: the converter's own (:func:`reparam.store.uris.parse_source`), so the operator accepts exactly what it runs.
+CLUSTER_SOURCE_KINDS = ("models", "runs", "s3")
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-/ ]{1,250}$")
@@ -79,7 +81,7 @@ def validate_spec(spec: dict[str, Any]) -> None:
     problems: list[str] = []
     source = spec.get("source") or {}
     uri = source.get("uri") or ""
-    if not _URI.match(uri):
+    if not _cluster_source(uri):
         problems.append(
             f"spec.source.uri {uri!r} is not a models:/NAME/VERSION, models:/NAME@ALIAS, "
             "runs:/RUN_ID/PATH or s3://BUCKET/KEY URI"
@@ -125,6 +127,16 @@ def validate_spec(spec: dict[str, Any]) -> None:
             )
     if problems:
         raise InvalidSpec("; ".join(problems))
+
+
+def _cluster_source(uri: str) -> bool:
+    from ..errors import InvalidInputError
+    from ..store.uris import parse_source
+
+    try:
+        return parse_source(uri).kind in CLUSTER_SOURCE_KINDS
+    except InvalidInputError:
+        return False
 
 
 def _looks_secret(name: str) -> bool:
