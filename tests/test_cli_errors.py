@@ -230,3 +230,10 @@ def test_directory_sources(tmp_path: Path, fixtures: Path) -> None:
     assert proc.returncode == exitcodes.INVALID_INPUT and "holds no files" in one_error_line(proc)
     proc = run_cli("inspect", str(fixtures / "ckpt"))
     assert proc.returncode == exitcodes.INVALID_INPUT and "5 candidates" in one_error_line(proc)
+
+
+def test_usage_errors_are_one_line() -> None:
+    proc = run_cli("convert", str(EXAMPLE), "--format", "xyz")
+    assert proc.returncode == exitcodes.INVALID_INPUT
+    assert "invalid choice: 'xyz'" in one_error_line(proc)
+    assert "usage:" not in proc.stderr

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from . import __version__, exitcodes
 from . import summary as summary_mod
@@ -49,9 +49,16 @@ def _parse_tags(items: Sequence[str]) -> dict[str, str]:
     return tags
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(exitcodes.INVALID_INPUT, f"reparam: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    p = argparse.ArgumentParser(prog="reparam", description="YOLOv9 dual checkpoints -> validated deploy models")
+    p = _Parser(prog="reparam", description="YOLOv9 dual checkpoints -> validated deploy models")
     p.add_argument("--version", action="version", version=f"reparam {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
