@@ -26,14 +26,6 @@ from . import __version__, exitcodes
 from . import summary as summary_mod
 from .errors import InvalidInputError, ReparamError
 
-_REASONS = {
-    exitcodes.INVALID_INPUT: "InvalidInput",
-    exitcodes.VALIDATION_FAILED: "ValidationFailed",
-    exitcodes.SOURCE_ERROR: "SourceError",
-    exitcodes.REGISTRY_ERROR: "RegistryError",
-    exitcodes.INTERNAL: "InternalError",
-}
-
 
 def _eprint(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -163,7 +155,7 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
     outcome = "succeeded" if code == 0 else ("validation_failed" if code == exitcodes.VALIDATION_FAILED else "failed")
     s: dict[str, Any] = {"outcome": outcome, "exitCode": code}
     if code:
-        s["reason"] = _REASONS.get(code, "Error")
+        s["reason"] = exitcodes.REASONS.get(code, "Error")
         s["message"] = message
     if report:
         reg = report.get("registry") or {}

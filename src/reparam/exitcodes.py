@@ -19,3 +19,13 @@ REGISTRY_ERROR = 5
 
 #: Exit codes for which a retry cannot succeed (used by the Job's podFailurePolicy).
 PERMANENT = (INVALID_INPUT, VALIDATION_FAILED)
+
+#: CamelCase reason of each failure exit code: the termination summary's ``reason`` and the operator's
+#: condition reasons.
+REASONS = {
+    INTERNAL: "InternalError",
+    INVALID_INPUT: "InvalidInput",
+    VALIDATION_FAILED: "ValidationFailed",
+    SOURCE_ERROR: "SourceError",
+    REGISTRY_ERROR: "RegistryError",
+}

@@ -31,14 +31,6 @@ PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")
 CONDITION_TYPES = ("JobCreated", "Converted", "Validated", "Registered", "Promoted", "Succeeded")
 
-#: Condition reasons for each converter exit code of a failed run.
-_EXIT_REASONS = {
-    exitcodes.INTERNAL: "InternalError",
-    exitcodes.INVALID_INPUT: "InvalidInput",
-    exitcodes.VALIDATION_FAILED: "ValidationFailed",
-    exitcodes.SOURCE_ERROR: "SourceError",
-    exitcodes.REGISTRY_ERROR: "RegistryError",
-}
 
 
 def timestamp(now: datetime.datetime) -> str:
@@ -334,7 +326,7 @@ def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, 
             now: datetime.datetime) -> dict[str, Any]:
     summ = pod.summary or {}
     code = summ.get("exitCode", pod.exit_code)
-    reason = summ.get("reason") or _EXIT_REASONS.get(code) or pod.reason or view.reason or "Failed"
+    reason = summ.get("reason") or exitcodes.REASONS.get(code) or pod.reason or view.reason or "Failed"
     message = summ.get("message") or view.message or (
         f"container exited with code {code}" if code is not None else f"Job failed: {view.reason}")
     new["phase"] = "Failed"
