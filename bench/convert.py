@@ -12,12 +12,10 @@ Usage: python bench/convert.py [CKPT] [--repeat N]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

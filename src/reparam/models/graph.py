@@ -14,7 +14,6 @@ layer index, or a list of them.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 

@@ -96,7 +96,7 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
         step = "read current aliases"
         current = {a: str(v) for a, v in (client.get_registered_model(model_name).aliases or {}).items()}
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
-        raise RegistryError(redact(f"promote {model_name} v{version}: {step} failed: {_cause(err)}")) from None
+        raise RegistryError(redact(f"promote {model_name} v{version}: {step} failed: {tracking.describe_error(err)}")) from None
     previous: dict[str, str | None] = {}
     for alias in to_set:
         try:
@@ -105,7 +105,7 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
         except Exception as err:  # noqa: BLE001
             _restore(client, model_name, previous)
             raise RegistryError(
-                redact(f"promote {model_name} v{version}: set alias @{alias} failed: {_cause(err)}")
+                redact(f"promote {model_name} v{version}: set alias @{alias} failed: {tracking.describe_error(err)}")
             ) from None
     return Promotion(model_name, version, list(to_set), previous)
 
@@ -119,12 +119,3 @@ def _restore(client, model_name: str, previous: dict[str, str | None]) -> None:
                 client.set_registered_model_alias(model_name, alias, old)
         except Exception:  # noqa: BLE001 - best effort; the error raised names the failed step
             pass
-
-
-def _cause(err: BaseException) -> str:
-    msg = str(getattr(err, "message", err)).strip()
-    first = msg.splitlines()[0] if msg else type(err).__name__
-    if "Max retries exceeded" in first or "Connection refused" in first or "Failed to establish" in first:
-        return "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
-    code = getattr(err, "error_code", None)
-    return f"{code}: {first}" if code and code not in first else first

@@ -35,7 +35,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import RegistryError
 from . import tracking
-from .promotion import STATUS_READY, TAG_STATUS, TAG_VALIDATION, _cause
+from .promotion import STATUS_READY, TAG_STATUS, TAG_VALIDATION
 from .uris import redact
 
 TAG_KEY = "reparam.idempotency_key"
@@ -123,7 +123,7 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
         client = tracking.client(tracking_uri)
         ready = _ready_versions(client, model_name, idempotency_key)
     except Exception as err:  # noqa: BLE001
-        raise RegistryError(redact(f"register {model_name}: find existing failed: {_cause(err)}")) from None
+        raise RegistryError(redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
     return _as_dict(ready[0]) if ready else None
 
 
@@ -288,7 +288,7 @@ def register(
     client = None
 
     def fail(err: BaseException) -> RegistryError:
-        msg = str(err) if isinstance(err, RegistryError) else f"register {model_name}: {state['step']} failed: {_cause(err)}"
+        msg = str(err) if isinstance(err, RegistryError) else f"register {model_name}: {state['step']} failed: {tracking.describe_error(err)}"
         if client is not None:
             _cleanup(client, model_name, state)
         return RegistryError(redact(msg))

@@ -383,20 +383,7 @@ def _fetch_http(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progres
 
 def mlflow_error(step: str, shown: str, err: BaseException) -> str:
     """One redacted line for an MLflow/requests failure of ``step``."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, MlflowException):
-        code = getattr(err, "error_code", "")
-        msg = str(getattr(err, "message", err)).strip().splitlines()[0] if str(err).strip() else code
-        if "Max retries exceeded" in msg or "Connection refused" in msg or "Failed to establish" in msg:
-            msg = "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
-        cause = f"{code}: {msg}" if code and code not in msg else msg
-    else:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "Connection refused" in text or "Max retries exceeded" in text:
-            text = "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
-        cause = f"{type(err).__name__}: {text}"
-    return redact(f"fetch {shown}: {step} failed: {cause}")
+    return redact(f"fetch {shown}: {step} failed: {tracking.describe_error(err, with_type=True)}")
 
 
 def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_uri: str, progress: bool):

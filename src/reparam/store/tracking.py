@@ -38,3 +38,22 @@ def client(tracking_uri: str | None = None):
     uri = resolve_tracking_uri(tracking_uri)
     registry = os.environ.get(ENV_REGISTRY_URI) if not tracking_uri else None
     return MlflowClient(tracking_uri=uri, registry_uri=registry or uri)
+
+
+_NO_CONNECTION = ("Max retries exceeded", "Connection refused", "Failed to establish")
+
+
+def describe_error(err: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an MLflow (or requests) failure, for one-line errors; not redacted.
+
+    An MLflow error reads ``CODE: message``; a refused connection reads "cannot connect to the MLflow tracking
+    server ..."; any other error its first line, prefixed by its type when ``with_type``.
+    """
+    code = getattr(err, "error_code", None)
+    text = str(getattr(err, "message", err)).strip()
+    first = text.splitlines()[0] if text else (code or type(err).__name__)
+    if any(marker in first for marker in _NO_CONNECTION):
+        return "cannot connect to the MLflow tracking server (is it running? check --tracking-uri)"
+    if code:
+        return f"{code}: {first}" if code not in first else first
+    return f"{type(err).__name__}: {first}" if with_type else first
