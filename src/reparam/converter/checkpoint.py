@@ -82,7 +82,7 @@ class Checkpoint:
 
 
 #: Bounds of :func:`summarize`: nesting depth, list items and dict entries shown before a count replaces them.
-SUMMARY_DEPTH, SUMMARY_ITEMS, SUMMARY_ENTRIES, SUMMARY_TEXT = 3, 16, 64, 200
+SUMMARY_DEPTH, SUMMARY_ITEMS, SUMMARY_ENTRIES, SUMMARY_TEXT = 4, 16, 64, 200
 
 
 def summarize(value: Any, depth: int = 0) -> Any:

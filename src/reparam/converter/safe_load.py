@@ -193,7 +193,10 @@ def _numpy_scalar(dtype: Any, data: bytes | None = None) -> Any:
 
 def _numpy_dtype(*args: Any) -> Any:
     if not args or not isinstance(args[0], str) or args[0].startswith("O"):
-        raise UnsafeCheckpointError(f"checkpoint builds numpy.dtype{args!r}; only plain numeric dtypes are allowed")
+        what = " (an object dtype: arbitrary Python objects)" if args and str(args[0]).startswith("O") else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint builds numpy.dtype{args!r:.60}{what}; only plain numeric dtypes are allowed"
+        )
     return np.dtype(args[0])
 
 
