@@ -420,6 +420,14 @@ def test_options_import_without_torch():
     assert out.stdout.split() == ["17", "False"]
 
 
+def test_cli_multi_label_needs_nms(tmp_path):
+    cmd = [sys.executable, "-m", "reparam.cli", "convert", str(tmp_path / "never-read.pt"), "--format", "onnx",
+           "--multi-label"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["reparam: error: --multi-label chooses the NMS semantics; add --nms"]
+
+
 def test_cli_writes_every_artifact_in_report(fixtures, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
