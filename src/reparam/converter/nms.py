@@ -97,10 +97,17 @@ def nms_indices(boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, i
 
 
 class _NonMaxSuppression(torch.autograd.Function):
-    """:func:`nms_indices` in torch; the ONNX ``NonMaxSuppression`` node when exported (TorchScript exporter)."""
+    """:func:`nms_indices` in torch; the ONNX ``NonMaxSuppression`` node when exported (TorchScript exporter).
+
+    While tracing for export the torch value is a placeholder row ``[[0, 0, 0]]``: the exporter replaces this
+    node by the operator, only the output's type matters there, and :func:`nms_indices` (a Python loop) would cost
+    minutes on a prediction with many candidates.
+    """
 
     @staticmethod
     def forward(ctx, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):  # noqa: D102
+        if torch.jit.is_tracing():
+            return torch.zeros((1, 3), dtype=torch.int64)
         return nms_indices(boxes, scores, max_per_class, iou_thres, score_thres)
 
     @staticmethod

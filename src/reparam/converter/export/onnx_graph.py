@@ -72,9 +72,7 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     quiet(lambda: torch.onnx.export(
         module, (x,), str(path), dynamo=False, opset_version=int(opset), input_names=[INPUT_NAME],
         output_names=outputs, dynamic_axes=axes, do_constant_folding=True))
-    with torch.no_grad():
-        got = module(x)
-    shapes = declared_shapes(outputs, [got] if isinstance(got, torch.Tensor) else list(got), axes)
+    shapes = declared_shapes(outputs, _output_shapes(module, x), axes)
     proto = onnx.load(str(path))
     _declare(proto, shapes)
     if half:
@@ -91,15 +89,26 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     return proto
 
 
-def declared_shapes(names: list[str], tensors: list[torch.Tensor],
+def _output_shapes(module: nn.Module, x: torch.Tensor) -> list[list[int]]:
+    """The output shapes of ``module`` on ``x``; end-to-end ones without running NMS (fixed by ``max_det``)."""
+    nms = module if isinstance(module, NMSHead) else getattr(module, "nms", None)
+    if isinstance(nms, NMSHead):
+        b, k = int(x.shape[0]), nms.max_det
+        return [[b, 1], [b, k, 4], [b, k], [b, k]]
+    with torch.no_grad():
+        got = module(x)
+    return [list(t.shape) for t in ([got] if isinstance(got, torch.Tensor) else got)]
+
+
+def declared_shapes(names: list[str], shapes: list[list[int]],
                     axes: dict[str, dict[int, str]] | None) -> dict[str, list[int | str]]:
     """Output name -> shape to declare: the traced output's shape, with the dynamic axes' names where dynamic.
 
     The exporter leaves dimensions it cannot prove constant symbolic (``output0``'s ``4 + nc`` came out as
     ``Concat..._dim_1`` with ``--dynamic``); what is static is known from the module, so it is declared.
     """
-    return {name: [(axes or {}).get(name, {}).get(i, int(d)) for i, d in enumerate(t.shape)]
-            for name, t in zip(names, tensors)}
+    return {name: [(axes or {}).get(name, {}).get(i, int(d)) for i, d in enumerate(shape)]
+            for name, shape in zip(names, shapes)}
 
 
 def _declare(proto: Any, shapes: dict[str, list[int | str]]) -> None:
