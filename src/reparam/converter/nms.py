@@ -3,8 +3,8 @@
 The end-to-end export appends :class:`NMSHead` to a deploy model's ``y [B, 4 + nc, A]`` (box xywh in input pixels,
 then class scores). Two semantics (``NMSHead(multi_label=...)``, CLI ``--multi-label``):
 
-* **best class** (default), as the official YOLOv9 ``detect.py`` and end-to-end export (WongKinYiu/yolov9
-  ``utils/general.py`` ``non_max_suppression(multi_label=False)``): each box is a candidate once, with its best
+* **best class** (default), as the official YOLOv9 ``detect.py`` (WongKinYiu/yolov9 ``utils/general.py``
+  ``non_max_suppression(multi_label=False)``): each box is a candidate once, with its best
   class (first one on a tie) and that class's score; candidates need a score strictly above ``score_thres``.
 * **multi-label**, as the official ``val.py`` (``multi_label=True``): every (box, class) pair whose score is strictly
   above ``score_thres`` is a candidate, so one box can come out once per class.

@@ -42,7 +42,7 @@ class ExportOptions:
             class dimension ``4 + nc`` stays static.
         nms: append ``NonMaxSuppression`` (end-to-end graph, :mod:`reparam.converter.nms`).
         multi_label: NMS keeps every (box, class) pair above ``score_thres`` (as the official ``val.py``); default
-            one detection per box with its best class (as the official ``detect.py`` and end-to-end export).
+            one detection per box with its best class (as the official ``detect.py``).
         iou_thres: NMS IoU threshold (a lower-scored box of the same class is dropped when IoU > this).
         score_thres: NMS score threshold (a candidate needs a class score > this), in [0, 1).
         max_det: detections per image in the end-to-end outputs (>= 1).
