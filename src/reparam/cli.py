@@ -50,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
+    from .converter.export.options import EXPORT_DEFAULTS, HALF_RTOL  # torch-free: the defaults live there
+
     p = _Parser(prog="reparam", description="YOLOv9 dual checkpoints -> validated deploy models")
     p.add_argument("--version", action="version", version=f"reparam {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,15 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
-    c.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    c.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and image size")
-    c.add_argument("--nms", action="store_true", help="ONNX: append NonMaxSuppression (end-to-end boxes)")
-    c.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
-    c.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold (default 0.25)")
-    c.add_argument("--max-det", type=int, default=300, help="NMS max detections (default 300)")
-    c.add_argument("--export-atol", type=float, default=1e-3,
-                   help="max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default 1e-3; "
-                        "fp16 runs allow 2e-3 x the output range)")
+    d = EXPORT_DEFAULTS
+    c.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
+    c.add_argument("--dynamic", action="store_true",
+                   help="ONNX: dynamic batch and image size (output0 [batch, 4 + nc, anchors])")
+    c.add_argument("--nms", action="store_true", help="ONNX: append NonMaxSuppression (end-to-end boxes; one "
+                                                      "detection per box, its best class, as official detect.py)")
+    c.add_argument("--multi-label", action="store_true",
+                   help="with --nms: one detection per (box, class) above --score-thres, as official val.py")
+    c.add_argument("--iou-thres", type=float, default=d.iou_thres, help=f"NMS IoU threshold (default {d.iou_thres})")
+    c.add_argument("--score-thres", type=float, default=d.score_thres,
+                   help=f"NMS score threshold (default {d.score_thres})")
+    c.add_argument("--max-det", type=int, default=d.max_det, help=f"NMS max detections (default {d.max_det})")
+    c.add_argument("--export-atol", type=float, default=d.export_atol,
+                   help=f"max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default "
+                        f"{d.export_atol:g}; fp16 runs allow {HALF_RTOL:g} x the output range)")
     c.add_argument("--sha256", default=None, help="expected sha256 of the source checkpoint")
     c.add_argument("--register", metavar="NAME", default=None, help="register the deploy model as a new version of NAME")
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
@@ -211,8 +219,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
             formats=tuple(dict.fromkeys(args.formats or ["pt", "safetensors"])), imgsz=args.imgsz, seed=args.seed,
             prefer_ema=not args.no_ema,
-            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "iou_thres": args.iou_thres,
-                  "score_thres": args.score_thres, "max_det": args.max_det},
+            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
+                  "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
             export_atol=args.export_atol,
         )
         options.check()

@@ -23,6 +23,7 @@ from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, Checkpoint, compact, read_checkpoint
+from .export.options import EXPORT_DEFAULTS, check_export_options
 from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
@@ -44,7 +45,8 @@ class ConvertOptions:
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
-        onnx: extra ONNX options (opset, dynamic, nms ...), used by the export step.
+        onnx: ONNX options (fields of :class:`~.export.options.ExportOptions`: opset, dynamic, nms, multi_label,
+            iou_thres, score_thres, max_det); missing ones take its defaults.
         export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
             :mod:`.export`).
     """
@@ -58,7 +60,7 @@ class ConvertOptions:
     seed: int = 0
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
-    export_atol: float = 1e-3
+    export_atol: float = EXPORT_DEFAULTS.export_atol
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
@@ -78,8 +80,6 @@ class ConvertOptions:
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
-        from .export import check_export_options
-
         check_export_options(self)
 
 
