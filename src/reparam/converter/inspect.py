@@ -10,14 +10,17 @@ from .pruning import derive_deploy_plan
 from .convert import variant_of
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """A JSON-able description of the checkpoint at ``path``.
+def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
+             names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A JSON-able description of the checkpoint at ``path`` (with ``cfg``: of a bare state_dict, see
+    :func:`reparam.converter.checkpoint.read_state_dict`).
 
-    Keys: file, bytes, top_level (entry -> what it holds), model_class, variant, head, nc, names, stride,
-    weights (``ema``/``model``), dtype, tensors, elements, layers (dual/deploy/dropped), globals.
+    Keys: file, bytes, top_level (entry -> what it holds), model_class, variant, head, nc, names, stride
+    (``None`` for a state_dict: measured at conversion), weights (``ema``/``model``/``state_dict``), dtype, tensors,
+    elements, layers (dual/deploy/dropped), globals, state_dict (its origin, or ``None``).
     Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, cfg=cfg, nc=nc, names=names)
     plan = derive_deploy_plan(ckpt.cfg)
     n_layers = len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"])
     return {
@@ -41,6 +44,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "pruned": plan.pruned,
         },
         "globals": ckpt.globals,
+        "state_dict": ckpt.origin,
     }
 
 
@@ -57,6 +61,10 @@ def format_description(desc: dict[str, Any]) -> str:
         f"  layers       {desc['layers']['dual']}; a conversion keeps {desc['layers']['deploy']}"
         + (f" and drops {len(desc['layers']['dropped'])} (auxiliary branch)" if desc["layers"]["pruned"]
            else " (no auxiliary branch: nothing to prune)"),
-        "  entries      " + ", ".join(f"{k}={v}" for k, v in desc["top_level"].items()),
+        "  entries      " + (", ".join(f"{k}={v}" for k, v in desc["top_level"].items()) or "none"),
     ]
+    if desc.get("state_dict"):
+        sd = desc["state_dict"]
+        lines.append(f"  state_dict   {sd['entry']}, key prefix {sd['key_prefix'] or 'none'!r}, config {sd['config']}"
+                     + "".join(f"; {n}" for n in sd["notes"]))
     return "\n".join(lines)
