@@ -26,7 +26,7 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, exitcodes
 from . import summary as summary_mod
-from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError
+from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
 
 
 def _eprint(msg: str) -> None:
@@ -68,7 +68,7 @@ def _parse_tags(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidInputError(f"--tag expects KEY=VALUE, got {item!r}")
+            raise InvalidInputError(f"--tag expects KEY=VALUE, got {brief(item)}")
         tags[key] = value
     return tags
 
