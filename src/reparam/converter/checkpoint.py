@@ -305,16 +305,18 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True, cfg: str | Pat
     model = obj.get("model")
     ema = obj.get("ema")
     if not isinstance(model, ObjectRecord) and not isinstance(ema, ObjectRecord):
+        lightning = "state_dict" in obj and ("pytorch-lightning_version" in obj or "global_step" in obj)
         found = find_state_dict(obj)
         if found is not None:
             where, tensors = found
             raise InvalidInputError(
-                "bare state_dict without a model config: give its architecture with --cfg, a published name "
-                "(yolov9-t/s/m/c/e, gelan-t/s/m/c/e) or the training's model yaml; "
-                f"'{path}' holds {count_of(tensors, 'tensors')}{'' if where == 'file' else ' under ' + repr(where)}"
+                f"bare state_dict without a model config{' (a PyTorch Lightning checkpoint)' if lightning else ''}: "
+                "give its architecture with --cfg, a published name (yolov9-t/s/m/c/e, gelan-t/s/m/c/e) or the "
+                f"training's model yaml; '{path}' holds {count_of(tensors, 'tensors')}"
+                f"{'' if where == 'file' else ' under ' + repr(where)}"
             )
         hint = ""
-        if "state_dict" in obj and ("pytorch-lightning_version" in obj or "global_step" in obj):
+        if lightning:
             hint = "; this looks like a PyTorch Lightning checkpoint"
         elif "train_args" in obj or "train_results" in obj:
             hint = "; this looks like an Ultralytics checkpoint"
