@@ -54,7 +54,8 @@ def format_description(desc: dict[str, Any]) -> str:
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     lines = [
         f"{desc['file']} ({desc['bytes']:,} bytes)",
-        f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, stride {desc['stride']}",
+        f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, "
+        f"stride {desc['stride'] or 'measured at conversion'}",
         f"  classes      nc={desc['nc']}: {shown}",
         f"  weights      {desc['tensors']} tensors, {desc['elements']:,} elements, {desc['dtype']}, "
         f"using '{desc['weights']}'",
