@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..errors import InvalidInputError, ValidationFailedError
+from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
@@ -49,6 +49,10 @@ class ConvertOptions:
             iou_thres, score_thres, max_det); missing ones take its defaults.
         export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
             :mod:`.export`).
+        cfg: the source is a bare state_dict of this architecture: a published name (``yolov9-c``) or a config
+            file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
+        nc: with ``cfg``: the class count, checked against the weights (which decide it).
+        names: with ``cfg``: class names, one per class (default ``class0`` ...).
     """
 
     atol: float = 1e-4
@@ -61,12 +65,16 @@ class ConvertOptions:
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
     export_atol: float = EXPORT_DEFAULTS.export_atol
+    cfg: str | None = None
+    nc: int | None = None
+    names: tuple[str, ...] | None = None
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
                      self.prefer_ema, sorted(self.onnx.items()))
-                    + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ()))
+                    + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
+                    + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -78,9 +86,19 @@ class ConvertOptions:
             raise InvalidInputError("--fp32 and --half contradict each other; pick one")
         if not (self.atol > 0):
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
+        if self.cfg is None and (self.nc is not None or self.names is not None):
+            raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
+        if self.nc is not None and self.nc < 1:
+            raise InvalidInputError(f"--nc must be >= 1, got {self.nc}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
         check_export_options(self)
+
+
+def _config_digest(spec: str) -> str:
+    """``spec`` plus the sha256 of the file it names (a config file's content changes the outputs)."""
+    path = Path(spec).expanduser()
+    return f"{spec}:{hash_file(path)[0]}" if path.is_file() else spec
 
 
 def variant_of(ckpt: Checkpoint) -> str:
@@ -92,10 +110,11 @@ def variant_of(ckpt: Checkpoint) -> str:
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
-                *, what: str = "model") -> DetectionModel:
+                *, what: str = "model", fits: str = "its config") -> DetectionModel:
     """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly, in fp32.
 
-    Raises InvalidInputError when the weights do not fit the config (lists the first mismatches).
+    Raises InvalidInputError when the weights do not fit the config: missing, unexpected and other-shape keys by
+    count and first example (``fits`` names the config in the message, e.g. ``"--cfg yolov9-c"``).
     """
     model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
     model.names = dict(names)
@@ -107,13 +126,14 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
         if missing or unexpected or shapes:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+                parts.append(count_of(missing, "missing"))
             if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+                parts.append(count_of(unexpected, "unexpected"))
             if shapes:
                 k = shapes[0]
-                parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)})")
-            raise InvalidInputError(f"the {what}'s weights do not fit its config: " + "; ".join(parts))
+                parts.append(f"{len(shapes):,} of another shape (e.g. {brief(k)}: {list(state[k].shape)} vs "
+                             f"{list(own[k].shape)})")
+            raise InvalidInputError(f"the {what}'s weights do not fit {fits}: " + "; ".join(parts))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.float().eval()
 
@@ -129,14 +149,15 @@ class Pruned:
     account: Any
 
 
-def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor]) -> Pruned:
+def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
+          what: str = "checkpoint", fits: str = "its config") -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). Raises InvalidInputError when the
-    weights do not fit the config or the transfer is not exact.
+    weights do not fit the config (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
     plan = derive_deploy_plan(cfg)
-    dual = build_model(cfg, nc, names, state, what="checkpoint")
+    dual = build_model(cfg, nc, names, state, what=what, fits=fits)
     skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc)
     deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan)
     if not account.exact:
@@ -171,12 +192,19 @@ def convert(
     path = Path(source)
     timings: dict[str, float] = {}
 
-    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
+    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
+                           names=options.names)
     timings["load_s"] = time.perf_counter() - t0
-    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
+    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights"
+        + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
+    for note in (ckpt.origin or {}).get("notes", []):
+        say(note)
     t = time.perf_counter()
-    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict,
+                   what="state_dict" if ckpt.origin else "checkpoint", fits=ckpt.fits)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
+        ckpt.stride = [float(s) for s in dual.stride.tolist()]
     timings["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -224,6 +252,7 @@ def convert(
         "names": {str(k): v for k, v in ckpt.names.items()},
         "stride": ckpt.stride,
         "weights_used": ckpt.weights,
+        "state_dict": ckpt.origin,
         "ema_vs_raw_max_abs_diff": ckpt.ema_differs_by,
         "layers": {
             "dual": len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"]),
@@ -243,7 +272,10 @@ def convert(
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
-                    "onnx": dict(options.onnx), "export_atol": options.export_atol},
+                    "onnx": dict(options.onnx), "export_atol": options.export_atol,
+                    **({"cfg": options.cfg, "nc": options.nc,
+                        "names": list(options.names) if options.names is not None else None}
+                       if options.cfg is not None else {})},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
         "timing": timings,
