@@ -109,7 +109,10 @@ def test_reuse_and_promotion_share_one_completeness_rule():
     assert version_problem("READY", READY) is None
     assert version_problem("FAILED_REGISTRATION", READY) == "MLflow status is FAILED_REGISTRATION (not READY)"
     assert version_problem("READY", {}) == "version is not ready (reparam.status=None)"
-    assert [name for name, _ in RULES] == ["requested", "validation", "version_complete"]
+    assert [(name, reads) for name, _, reads in RULES] == [("requested", False), ("validation", False),
+                                                          ("version_complete", True)]
+    early = decide(["champion"], validation_passed=True, version_status=None, version_tags=None, version_known=False)
+    assert early.allowed and early.aliases == ["champion"]
 
 
 @pytest.mark.parametrize("bad", ["latest", "v3", "has space", "a/b", ""])

@@ -105,11 +105,12 @@ def _version_complete(c: Candidate) -> str | None:
     return version_problem(c.version_status, c.version_tags)
 
 
-#: The rules, in order; the first that returns a reason refuses the promotion.
-RULES: tuple[tuple[str, Callable[[Candidate], str | None]], ...] = (
-    ("requested", _requested),
-    ("validation", _validated),
-    ("version_complete", _version_complete),
+#: The rules, in order: (name, rule, whether it reads the version's status/tags); the first rule that returns a
+#: reason refuses the promotion.
+RULES: tuple[tuple[str, Callable[[Candidate], str | None], bool], ...] = (
+    ("requested", _requested, False),
+    ("validation", _validated, False),
+    ("version_complete", _version_complete, True),
 )
 
 @dataclasses.dataclass
@@ -143,15 +144,20 @@ def check_aliases(aliases) -> list[str]:
     return out
 
 
-def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None
-           ) -> Decision:
+def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None,
+           version_known: bool = True) -> Decision:
     """The promotion rule (pure): a :class:`Decision` from the :data:`RULES`.
+
+    With ``version_known=False`` only the rules that do not read the version run (so a caller can refuse before
+    reading the registry); an allowed decision then means "read the version and decide again".
 
     Raises:
         InvalidInputError: a malformed alias name (:func:`check_aliases`).
     """
     cand = Candidate(tuple(check_aliases(aliases)), bool(validation_passed), version_status, dict(version_tags or {}))
-    for name, rule in RULES:
+    for name, rule, reads_version in RULES:
+        if reads_version and not version_known:
+            continue
         reason = rule(cand)
         if reason:
             return Decision([], reason, name)
@@ -170,10 +176,10 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
     """
     version = str(version)
     wanted = check_aliases(aliases)
-    if not wanted:
-        return Promotion(model_name, version, [], {}, "no alias requested")
-    if not validation_passed:  # no registry call needed to refuse
-        return Promotion(model_name, version, [], {}, "validation did not pass")
+    early = decide(wanted, validation_passed=validation_passed, version_status=None, version_tags=None,
+                   version_known=False)
+    if not early.allowed:  # no registry call needed to refuse
+        return Promotion(model_name, version, [], {}, early.reason)
     client = tracking.client(tracking_uri)
     step = f"read {model_name} version {version}"
     try:
