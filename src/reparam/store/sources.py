@@ -97,8 +97,9 @@ def fetch(
     Raises:
         InvalidInputError: malformed URI or malformed ``sha256``; a model version in ``FAILED_REGISTRATION`` or
             whose logged model is ``FAILED`` (retrying cannot help).
-        SourceError: a model version (or its logged model) still pending after ``registry_wait``; unreachable store, bad credentials, missing object/run/version/alias, no or several
-            checkpoint candidates in a model version, sha256 mismatch. The message names the step and the
+        SourceError: a model version (or its logged model) still pending after ``registry_wait``; unreachable
+            store, bad credentials, missing object/run/version/alias, no or several checkpoint candidates in a
+            model version, sha256 mismatch. The message names the step and the
             cause, never credentials.
     """
     ref = parse_source(uri)
@@ -486,9 +487,10 @@ def run_warnings(run_id: str, status: str) -> list[str]:
             "behind, check that it is the one you want"]
 
 
-
 def _short(text: object, limit: int = 120) -> str:
-    line = str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
+    """The first line of ``text``, redacted, at most ``limit`` characters ("" for None)."""
+    text = redact(text or "").strip()
+    line = text.splitlines()[0] if text else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
