@@ -5,8 +5,8 @@
     reparam convert SOURCE [-o OUT] [--json] [--atol X] [--fp32|--half] [--fuse] [--format F]...
                            [--cfg NAME|FILE [--nc N] [--names A,B,...]]
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
-                           [--termination-log PATH] [-v]
-    reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [-v]
+                           [--registry-wait SECONDS] [--termination-log PATH] [-v]
+    reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
 Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
@@ -81,6 +81,24 @@ class _Parser(argparse.ArgumentParser):
                   error_line(f"{message} (see '{self.prog} --help')", more=f"see '{self.prog} --help'") + "\n")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected 0 to 86400 seconds, got {text}")
+    return value
+
+
+def _add_registry_wait(p: argparse.ArgumentParser) -> None:
+    from .store.tracking import REGISTRY_WAIT_S
+
+    p.add_argument("--registry-wait", type=_seconds, default=REGISTRY_WAIT_S, metavar="SECONDS",
+                   help="how long to wait for an MLflow model version (or logged model) that is still being "
+                        f"registered, PENDING_REGISTRATION, before giving up with exit 4 (default {REGISTRY_WAIT_S:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     from .converter.export.options import EXPORT_DEFAULTS, HALF_RTOL  # torch-free: the defaults live there
@@ -126,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
     c.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag on the new version (repeatable)")
     c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)")
+    _add_registry_wait(c)
     c.add_argument("--termination-log", default=os.environ.get("REPARAM_TERMINATION_LOG"),
                    help="also write the JSON summary here (Kubernetes: /dev/termination-log)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -137,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
     _state_dict_args(i)
+    _add_registry_wait(i)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (needs reparam[operator])", add_help=False)
     o.add_argument("args", nargs=argparse.REMAINDER)
@@ -164,16 +184,21 @@ def _state_dict_args(p: argparse.ArgumentParser) -> None:
                    help=f"print the whole error message too (the error line stops at {MAX_ERROR_CHARS} characters)")
 
 
-def _fetch(source: str, workdir: Path, sha256: str | None, tracking_uri: str | None,
-           say=lambda _m: None) -> tuple[Path, dict[str, Any]]:
-    """Resolve a source (local path, s3://, models:/, runs:/, http(s)://) to a local file, with its sha256."""
+def _fetch(source: str, workdir: Path, args: argparse.Namespace, say=lambda _m: None) -> tuple[Path, dict[str, Any]]:
+    """Resolve a source (local path, s3://, models:/, runs:/, http(s)://) to a local file, with its sha256.
+
+    The source's warnings (e.g. its run FAILED) go to stderr, one line each, whatever ``--quiet`` says.
+    """
     from .store.sources import fetch
 
-    fetched = fetch(source, workdir, sha256=sha256, tracking_uri=tracking_uri)
+    fetched = fetch(source, workdir, sha256=args.sha256, tracking_uri=args.tracking_uri,
+                    registry_wait=args.registry_wait)
     if fetched.note:
         say(fetched.note)
+    for warning in fetched.warnings:
+        _eprint(f"reparam: warning: {warning}")
     return fetched.path, {"uri": fetched.uri, "sha256": fetched.sha256, "bytes": fetched.bytes,
-                          "kind": fetched.kind, "lineage": fetched.lineage}
+                          "kind": fetched.kind, "lineage": fetched.lineage, "warnings": list(fetched.warnings)}
 
 
 def _weights_note(report: dict[str, Any]) -> list[str]:
@@ -197,6 +222,7 @@ def _human_summary(report: dict[str, Any]) -> str:
             f"  registered   {reg['model_uri']} already holds this conversion (deploy sha256 "
             f"{report.get('deploy_sha256')}); nothing new was created",
             f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
+            *([f"  updated tags: {', '.join(reg['updated_tags'])}"] if reg.get("updated_tags") else []),
         ])
     lines = [
         f"reparam {report['reparam_version']}: {report['source']['uri']}",
@@ -224,6 +250,8 @@ def _human_summary(report: dict[str, Any]) -> str:
                      + (" [existing version, nothing new]" if reg.get("existing") else "")
                      + (f" [no alias moved: {reg['promotion_skipped']}]" if reg.get("promotion_skipped")
                         and reg["promotion_skipped"] != "no alias requested" else ""))
+        if reg.get("updated_tags"):
+            lines.append(f"  updated tags: {', '.join(reg['updated_tags'])}")
     lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
     return "\n".join(lines)
 
@@ -271,6 +299,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
+        if tags:
+            from .store.registry import check_user_tags
+
+            check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         options = ConvertOptions(
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
             formats=tuple(dict.fromkeys(args.formats or ["pt", "safetensors"])), imgsz=args.imgsz, seed=args.seed,
@@ -282,7 +314,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
-            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri, say)
+            path, info = _fetch(args.source, Path(work), args, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
             key = previous = None
@@ -290,13 +322,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 from .store import publish
 
                 key = publish.idempotency_key(info["sha256"], options.settings_key())
-                previous = publish.find_previous(args.register, key, args.alias, args.tracking_uri)
+                previous = publish.find_previous(args.register, key, args.alias, args.tracking_uri, tags=tags,
+                                                 log=say)
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
-                    f"{args.register} version {previous['version']}; nothing to do")
+                    f"{args.register} version {previous['version']}; nothing to convert")
                 report = {"reparam_version": __version__, "status": "succeeded", "source": info,
                           **publish.summary_from_tags(previous), "timing": {},
-                          "registry": publish.reuse(previous, args.alias, args.tracking_uri)}
+                          "registry": publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say)}
             else:
                 try:
                     report = convert(path, out, options, source_info=info, log=say)
@@ -309,6 +342,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     report["registry"] = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
+                        wait_s=args.registry_wait,
                     )
                     report["outputs_kept"] = bool(args.output)
                     finish_report(out, report)
@@ -334,7 +368,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
-            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri)
+            path, info = _fetch(args.source, Path(work), args)
             if args.cfg is None and (args.nc is not None or args.names is not None):
                 raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
             desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names)
