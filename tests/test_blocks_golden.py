@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import reparam.models as rm
-from reparam.converter.fusion import fuse_model
+from reparam.models import fuse_model
 
 
 def _fixtures() -> Path:

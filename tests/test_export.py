@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from reparam.converter.checkpoint import read_checkpoint
 from reparam.converter.convert import ConvertOptions, build_model
-from reparam.store.sources import hash_file
+from reparam.hashing import hash_file
 from reparam.converter.export import (EndToEnd, Predictions, export_all, export_onnx, export_torchscript,
                                       compare_detections, run_onnx)
-from reparam.converter.fusion import fuse_model
+from reparam.models import fuse_model
 from reparam.converter.nms import NMS_OUTPUTS, nms_indices, reference_nms, xywh2xyxy
 from reparam.converter.pruning import derive_deploy_plan
 from reparam.converter.transfer import transfer_weights

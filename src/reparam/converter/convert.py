@@ -18,17 +18,15 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
+from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS
 from ..errors import InvalidInputError, ValidationFailedError
-from ..store.sources import hash_file
-from ..models import DetectionModel
+from ..hashing import hash_file
+from ..models import DetectionModel, fuse_model
 from . import artifacts
-from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
-from .fusion import fuse_model
+from .checkpoint import TRAINING_KEYS, read_checkpoint, variant_of
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
 from .validation import check_equivalence, count_params, gflops, sample_inputs
-
-FORMATS = ("pt", "safetensors", "onnx", "torchscript")
 
 
 @dataclass
@@ -40,7 +38,7 @@ class ConvertOptions:
         fp32: keep fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints).
         half: fp16 weights in every artifact, ONNX/TorchScript included.
         fuse: fold BatchNorm into convs and re-parameterize RepConvN before export.
-        formats: artifacts to write, from :data:`FORMATS`.
+        formats: artifacts to write, from :data:`reparam.spec.FORMATS`.
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
@@ -49,11 +47,11 @@ class ConvertOptions:
             :mod:`.export`).
     """
 
-    atol: float = 1e-4
+    atol: float = DEFAULT_ATOL
     fp32: bool = False
     half: bool = False
     fuse: bool = False
-    formats: tuple[str, ...] = ("pt", "safetensors")
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     imgsz: int = 640
     seed: int = 0
     prefer_ema: bool = True
@@ -81,14 +79,6 @@ class ConvertOptions:
         from .export import check_export_options
 
         check_export_options(self)
-
-
-def variant_of(ckpt: Checkpoint) -> str:
-    """A short name of the architecture: the ``yaml_file`` stem when the model carries one, else a description."""
-    yf = ckpt.model_attrs.get("yaml_file")
-    if isinstance(yf, str) and yf:
-        return Path(yf).stem
-    return f"custom-{len(ckpt.cfg['backbone']) + len(ckpt.cfg['head'])}-layers"
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
