@@ -105,18 +105,25 @@ def _full(pattern: str, text: object) -> bool:
     return isinstance(text, str) and re.fullmatch(pattern, text) is not None
 
 
+def _problem(what: str, value: object, pattern: str, max_len: int, rule: str) -> str | None:
+    """Why ``value`` is not a ``what`` (longer than ``max_len`` or outside ``pattern``), or None."""
+    if isinstance(value, str) and len(value) > max_len:
+        return f"{what} {value[:40]!r}... is {len(value)} characters long; at most {max_len}"
+    if not _full(pattern, value):
+        return f"{what} {value!r} is not valid: {rule}"
+    return None
+
+
 def alias_problem(alias: object) -> str | None:
     """Why ``alias`` is not a usable MLflow alias name, or None when it is (rules: module docstring).
 
     Examples: ``champion``, ``prod-2``, ``1prod``, ``_x`` are accepted; ``latest``, ``Latest``, ``v3``, ``V12``,
     ``a b``, ``a/b``, ``""``, ``champión`` and names over 255 characters are refused.
     """
-    if not _full(ALIAS_PATTERN, alias):
-        return (f"alias {alias!r} is not a valid alias name: use 1 to {ALIAS_MAX} ASCII letters, digits, "
-                "'_' or '-'")
-    if _full(ALIAS_RESERVED_PATTERN, alias):
+    problem = _problem("alias", alias, ALIAS_PATTERN, ALIAS_MAX, "use ASCII letters, digits, '_' or '-'")
+    if problem is None and _full(ALIAS_RESERVED_PATTERN, alias):
         return f"alias {alias!r} is reserved by MLflow ('latest' in any case and v<number> name versions)"
-    return None
+    return problem
 
 
 def check_aliases(aliases: Iterable[str] | None) -> list[str]:
@@ -141,22 +148,16 @@ def model_name_problem(name: object) -> str | None:
     Examples: ``traffic-deploy``, ``Traffic Deploy (v2)``, ``.x`` are accepted; ``""``, ``a/b``, ``a:b``, ``a@b``,
     ``.``, ``..``, ``..x``, `` a`` and names over 256 characters are refused.
     """
-    if isinstance(name, str) and len(name) > MODEL_NAME_MAX:
-        return f"registered-model name is {len(name)} characters long; at most {MODEL_NAME_MAX}"
-    if not _full(MODEL_NAME_PATTERN, name):
-        return (f"{name!r} is not a registered-model name: use printable ASCII without '/', ':' or '@', "
-                "no leading or trailing space, not '.' and not starting with '..'")
-    return None
+    return _problem("registered-model name", name, MODEL_NAME_PATTERN, MODEL_NAME_MAX,
+                    "use printable ASCII without '/', ':' or '@', no leading or trailing space, not '.' and not "
+                    "starting with '..'")
 
 
 def tag_key_problem(key: object) -> str | None:
     """Why ``key`` is not a usable MLflow model-version tag key, or None (rules: module docstring)."""
-    if isinstance(key, str) and len(key) > TAG_KEY_MAX:
-        return f"tag key is {len(key)} characters long; at most {TAG_KEY_MAX}"
-    if not _full(TAG_KEY_PATTERN, key):
-        return (f"tag key {key!r} is not one MLflow accepts: use ASCII letters, digits, '_', '-', '.', ' ', ':' "
-                "and '/' (no empty or '.' segment, none starting with '..')")
-    return None
+    return _problem("tag key", key, TAG_KEY_PATTERN, TAG_KEY_MAX,
+                    "use ASCII letters, digits, '_', '-', '.', ' ', ':' and '/' (no empty or '.' segment, none "
+                    "starting with '..')")
 
 
 def sha256_problem(value: object) -> str | None:
