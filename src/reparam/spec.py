@@ -186,9 +186,9 @@ def _group(name: str, fragment: str, named: bool) -> str:
 
 
 def _models(named: bool) -> str:
-    g = lambda n, f: _group(n, f, named)  # noqa: E731 - a local shorthand
-    return (f"models:/{g('name', _MODEL_NAME)}(?:/{g('version', _VERSION)}|@{g('alias', _ALIAS)})"
-            f"(?:/{g('path', _PATH)})?")
+    name, version, alias, path = (_group(n, f, named) for n, f in (
+        ("name", _MODEL_NAME), ("version", _VERSION), ("alias", _ALIAS), ("path", _PATH)))
+    return f"models:/{name}(?:/{version}|@{alias})(?:/{path})?"
 
 
 def _runs(named: bool) -> str:
