@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "src"))
 from reparam.converter.checkpoint import read_checkpoint  # noqa: E402
 from reparam.converter.convert import build_model  # noqa: E402
 from reparam.converter.export import Predictions, export_onnx  # noqa: E402
-from reparam.converter.fusion import fuse_model  # noqa: E402
+from reparam.models import fuse_model  # noqa: E402
 from reparam.converter.pruning import derive_deploy_plan  # noqa: E402
 from reparam.converter.transfer import transfer_weights  # noqa: E402
 from reparam.models import DetectionModel  # noqa: E402

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from reparam.converter.export import compare_detections, export_onnx, run_onnx  # noqa: E402
-from reparam.converter.nms import NMSHead, nms_inputs, reference_detections  # noqa: E402
+from reparam.converter.export.nms import NMSHead, nms_inputs, reference_detections  # noqa: E402
 
 
 def median_ms(fn, n: int) -> float:

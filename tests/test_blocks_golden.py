@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import reparam.models as rm
-from reparam.converter.fusion import fuse_model
+from reparam.models import fuse_model
 
 
 def _fixtures() -> Path:
@@ -138,3 +138,24 @@ def test_fused_model_output_is_stable_under_repeat_fuse() -> None:
     with torch.no_grad():
         diff = (module(inp) - tensors["output"]).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_fold_batchnorm_with_a_conv_bias() -> None:
+    """The one BatchNorm fold also keeps a conv bias (YOLOv9's fuse_conv_and_bn does): ``bn(conv(x))`` equals the
+    folded conv, and a mismatched BatchNorm is refused."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    kernel, bias = rm.fold_batchnorm(conv.weight, conv.bias, bn)
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        ref = bn(conv(x))
+        got = torch.nn.functional.conv2d(x, kernel, bias, padding=1)
+    assert (got - ref).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="BatchNorm2d\\(5\\)"):
+        rm.fold_batchnorm(conv.weight, None, nn.BatchNorm2d(5))

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 
 from reparam.converter.checkpoint import read_checkpoint
 from reparam.converter.convert import ConvertOptions, build_model
-from reparam.store.sources import hash_file
+from reparam.hashing import hash_file
 from reparam.converter.export import (EXPORT_DEFAULTS, EndToEnd, ExportOptions, Predictions, compare_detections,
                                       export_all, export_onnx, export_torchscript, run_onnx)
 from reparam.converter.export.checks import run_checks
-from reparam.converter.fusion import fuse_model
-from reparam.converter.nms import NMS_OUTPUTS, NMSHead, nms_indices, reference_detections, xywh2xyxy
+from reparam.models import fuse_model
+from reparam.converter.export.nms import NMS_OUTPUTS, NMSHead, nms_indices, reference_detections, xywh2xyxy
 from reparam.converter.pruning import derive_deploy_plan
 from reparam.converter.transfer import transfer_weights
 from reparam.errors import InvalidInputError, ValidationFailedError

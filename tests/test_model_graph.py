@@ -22,7 +22,7 @@ from torch import nn
 from collections import OrderedDict
 
 from reparam.converter.safe_load import ObjectRecord, load_pickle
-from reparam.converter.fusion import fuse_model
+from reparam.models import fuse_model
 from reparam.errors import InvalidInputError
 from reparam.models import DDetect, DetectionModel, DualDDetect, RepConvN
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from . import __version__, exitcodes
+from . import __version__, exitcodes, spec
 from . import summary as summary_mod
 from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
 
@@ -69,8 +69,22 @@ def _parse_tags(items: Sequence[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--tag expects KEY=VALUE, got {brief(item)}")
+        problem = spec.tag_key_problem(key)
+        if problem:
+            raise InvalidInputError(f"--tag: {problem}")
         tags[key] = value
     return tags
+
+
+def _check_registration(model_name: str | None, aliases: Sequence[str]) -> None:
+    """Refuse a bad ``--register`` name or ``--alias`` before anything is fetched (rules: :mod:`reparam.spec`)."""
+    problem = spec.model_name_problem(model_name) if model_name is not None else None
+    if problem:
+        raise InvalidInputError(f"--register: {problem}")
+    try:
+        spec.check_aliases(aliases)
+    except spec.SpecError as err:
+        raise InvalidInputError(f"--alias: {err}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,15 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "runs:/run_id/path or http(s):// URL")
     c.add_argument("-o", "--output", default=None, help="output folder (default: ./<checkpoint stem>-deploy)")
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    c.add_argument("--atol", type=float, default=1e-4, help="max |diff| allowed between deploy and dual main output "
-                                                           "(fp32, output units; default 1e-4)")
+    c.add_argument("--atol", type=float, default=spec.DEFAULT_ATOL,
+                   help=f"max |diff| allowed between deploy and dual main output (fp32, output units; "
+                        f"default {spec.DEFAULT_ATOL:g})")
     prec = c.add_mutually_exclusive_group()
     prec.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16 like official deploy files)")
     prec.add_argument("--half", action="store_true", help="fp16 weights in every artifact, ONNX/TorchScript included")
     c.add_argument("--fuse", action="store_true", help="fold BatchNorm and re-parameterize RepConvN before export")
     c.add_argument("--format", action="append", dest="formats", default=None,
-                   choices=["pt", "safetensors", "onnx", "torchscript"],
-                   help="artifact to write (repeatable; default: pt and safetensors)")
+                   choices=spec.FORMATS,
+                   help=f"artifact to write (repeatable; default: {' and '.join(spec.DEFAULT_FORMATS)})")
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
@@ -207,7 +222,7 @@ def _weights_note(report: dict[str, Any]) -> list[str]:
         return []
     epoch = (report.get("removed") or {}).get("checkpoint_entries", {}).get("epoch")
     diff = report.get("ema_vs_raw_max_abs_diff")
-    return [f"  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
+    return ["  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
             + (f", epoch {epoch}" if isinstance(epoch, int) else "") + ")"
             + (f"; the raw 'model' differs by up to {diff:.3g}" if isinstance(diff, float) else "")
             + "; --no-ema converts the raw weights"]
@@ -299,13 +314,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
+        _check_registration(args.register, args.alias)
         if tags:
             from .store.registry import check_user_tags
 
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         options = ConvertOptions(
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
-            formats=tuple(dict.fromkeys(args.formats or ["pt", "safetensors"])), imgsz=args.imgsz, seed=args.seed,
+            formats=tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS)), imgsz=args.imgsz, seed=args.seed,
             prefer_ema=not args.no_ema,
             onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
                   "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, brief
+from ..hashing import hash_file
 
 if TYPE_CHECKING:
     from ..models import DetectionModel
@@ -36,8 +37,6 @@ SAFETENSORS_FORMAT = "reparam-deploy/1"
 
 
 def _sha256(path: Path) -> str:
-    from ..store.sources import hash_file
-
     return hash_file(path)[0]
 
 

@@ -435,3 +435,11 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True, cfg: str | Pat
         ema_differs_by=ema_diff if ema_diff is None or math.isfinite(ema_diff) else None,
         package_prefix=raw.package_prefix or "",
     )
+
+
+def variant_of(ckpt: Checkpoint) -> str:
+    """A short name of the architecture: the ``yaml_file`` stem when the model carries one, else a description."""
+    yf = ckpt.model_attrs.get("yaml_file")
+    if isinstance(yf, str) and yf:
+        return Path(yf).stem
+    return f"custom-{len(ckpt.cfg['backbone']) + len(ckpt.cfg['head'])}-layers"

@@ -18,18 +18,16 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
+from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
-from ..store.sources import hash_file
-from ..models import DetectionModel
+from ..hashing import hash_file
+from ..models import DetectionModel, fuse_model
 from . import artifacts
-from .checkpoint import TRAINING_KEYS, Checkpoint, compact, read_checkpoint
+from .checkpoint import TRAINING_KEYS, compact, read_checkpoint, variant_of
 from .export.options import EXPORT_DEFAULTS, check_export_options
-from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
 from .validation import check_equivalence, count_params, gflops, sample_inputs
-
-FORMATS = ("pt", "safetensors", "onnx", "torchscript")
 
 
 @dataclass
@@ -41,7 +39,7 @@ class ConvertOptions:
         fp32: keep fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints).
         half: fp16 weights in every artifact, ONNX/TorchScript included.
         fuse: fold BatchNorm into convs and re-parameterize RepConvN before export.
-        formats: artifacts to write, from :data:`FORMATS`.
+        formats: artifacts to write, from :data:`reparam.spec.FORMATS`.
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
@@ -55,11 +53,11 @@ class ConvertOptions:
         names: with ``cfg``: class names, one per class (default ``class0`` ...).
     """
 
-    atol: float = 1e-4
+    atol: float = DEFAULT_ATOL
     fp32: bool = False
     half: bool = False
     fuse: bool = False
-    formats: tuple[str, ...] = ("pt", "safetensors")
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     imgsz: int = 640
     seed: int = 0
     prefer_ema: bool = True
@@ -99,14 +97,6 @@ def _config_digest(spec: str) -> str:
     """``spec`` plus the sha256 of the file it names (a config file's content changes the outputs)."""
     path = Path(spec).expanduser()
     return f"{spec}:{hash_file(path)[0]}" if path.is_file() else spec
-
-
-def variant_of(ckpt: Checkpoint) -> str:
-    """A short name of the architecture: the ``yaml_file`` stem when the model carries one, else a description."""
-    yf = ckpt.model_attrs.get("yaml_file")
-    if isinstance(yf, str) and yf:
-        return Path(yf).stem
-    return f"custom-{len(ckpt.cfg['backbone']) + len(ckpt.cfg['head'])}-layers"
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint, short
+from .checkpoint import read_checkpoint, short, variant_of
 from .pruning import derive_deploy_plan
-from .convert import variant_of
 
 
 def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..spec import DEFAULT_ATOL
+
 
 @dataclass
 class Comparison:
@@ -75,7 +77,7 @@ def sample_inputs(imgsz: int, stride: int, seed: int = 0) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def check_equivalence(
-    dual: nn.Module, deploy: nn.Module, inputs: list[torch.Tensor], atol: float = 1e-4
+    dual: nn.Module, deploy: nn.Module, inputs: list[torch.Tensor], atol: float = DEFAULT_ATOL
 ) -> ValidationResult:
     """Run both models (fp32, eval) on each input and compare main outputs.
 

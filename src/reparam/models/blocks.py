@@ -20,6 +20,8 @@ from torch import nn
 
 __all__ = [
     "autopad",
+    "fold_batchnorm",
+    "fuse_model",
     "Conv",
     "RepConvN",
     "RepNBottleneck",
@@ -62,6 +64,67 @@ def _activation(act: bool | nn.Module) -> nn.Module:
     return nn.Identity()
 
 
+@torch.no_grad()
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of one conv equal to ``bn(conv(x))`` in eval mode (BatchNorm running statistics).
+
+    ``W' = W * t`` per output channel and ``b' = b * t + beta - gamma * mean / sqrt(var + eps)`` with
+    ``t = gamma / sqrt(var + eps)`` (``b`` left out when the conv has no bias). Source: YOLOv9
+    ``utils.torch_utils.fuse_conv_and_bn`` and ``RepConvN._fuse_bn_tensor`` (the same fold).
+
+    Args:
+        weight: conv weight ``[C_out, C_in / groups, kH, kW]``.
+        bias: conv bias ``[C_out]`` or None.
+        bn: the BatchNorm over ``C_out`` channels.
+
+    Returns:
+        ``(kernel [C_out, C_in / groups, kH, kW], bias [C_out])`` on ``weight``'s device and dtype.
+
+    Raises:
+        ValueError: ``bn.num_features`` differs from ``C_out``.
+    """
+    if bn.num_features != weight.shape[0]:
+        raise ValueError(f"cannot fuse BatchNorm2d({bn.num_features}) into a conv with {weight.shape[0]} outputs")
+    std = torch.sqrt(bn.running_var + bn.eps)
+    scale = bn.weight.div(std)
+    folded = bn.bias - bn.weight.mul(bn.running_mean).div(std)
+    if bias is not None:
+        folded = bias * scale + folded
+    return weight * scale.view(-1, 1, 1, 1), folded
+
+
+def _biased_conv(ref: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A biased ``nn.Conv2d`` with ``ref``'s geometry holding ``kernel`` and ``bias`` (``requires_grad`` off)."""
+    fused = nn.Conv2d(ref.in_channels, ref.out_channels, kernel_size=ref.kernel_size, stride=ref.stride,
+                      padding=ref.padding, dilation=ref.dilation, groups=ref.groups, bias=True,
+                      padding_mode=ref.padding_mode).requires_grad_(False)
+    fused.to(device=ref.weight.device, dtype=ref.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
+    return fused
+
+
+def fuse_model(model: nn.Module) -> nn.Module:
+    """Fuse every block of ``model`` for inference, in place: each :class:`RepConvN` and :class:`Conv` runs its
+    own :meth:`fuse` (the walker visits a block before its children, so a RepConvN folds its inner Convs'
+    BatchNorms itself). Idempotent; eval-mode outputs stay equal up to float rounding (YOLOv9 reports <= 6.1e-5
+    px on the boxes). Source: YOLOv9 ``BaseModel.fuse``.
+
+    Args:
+        model: any module tree (a ``DetectionModel`` or a single block).
+
+    Returns:
+        ``model`` itself (fewer modules: every ``bn``, ``conv1`` and ``conv2`` folded away).
+    """
+    if isinstance(model, (RepConvN, Conv)):
+        model.fuse()
+    for child in list(model.children()):
+        fuse_model(child)
+    return model
+
+
 class Conv(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d -> activation.
 
@@ -77,8 +140,8 @@ class Conv(nn.Module):
 
     Shapes: ``[B, c1, H, W] -> [B, c2, ceil(H/s), ceil(W/s)]`` (with "same" padding).
 
-    After :func:`reparam.converter.fusion.fuse_model` the ``bn`` submodule is
-    gone, ``conv`` carries the folded bias and the forward is conv -> act.
+    After :meth:`fuse` the ``bn`` submodule is gone, ``conv`` carries the folded
+    bias and the forward is conv -> act.
     """
 
     def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g: int = 1, d: int = 1, act=True):
@@ -92,13 +155,20 @@ class Conv(nn.Module):
             return self.act(self.bn(self.conv(x)))
         return self.act(self.conv(x))
 
+    def fuse(self) -> None:
+        """Fold ``bn`` into ``conv`` (:func:`fold_batchnorm`) and remove it; idempotent."""
+        if "bn" not in self._modules:
+            return
+        self.conv = _biased_conv(self.conv, *fold_batchnorm(self.conv.weight, self.conv.bias, self.bn))
+        del self.bn
+
 
 class RepConvN(nn.Module):
     """Re-parameterizable 3x3 conv: ``act(Conv3x3_bn(x) + Conv1x1_bn(x))``.
 
     The training graph has two branches, ``conv1`` (k x k) and ``conv2`` (1x1),
     each a :class:`Conv` without activation; YOLOv9 disables the identity branch
-    (``bn`` is ``None``). :meth:`fuse_convs` folds both into one biased 3x3
+    (``bn`` is ``None``). :meth:`fuse` folds both into one biased 3x3
     ``conv`` (RepVGG-style reparameterization).
 
     Args:
@@ -137,34 +207,17 @@ class RepConvN(nn.Module):
             out = out + self.bn(x)
         return self.act(out)
 
-    @staticmethod
-    def _branch_kernel_bias(branch: Conv) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel and bias of ``bn(conv(x))`` folded into one conv."""
-        bn = branch.bn
-        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-        kernel = branch.conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * bn.weight / (bn.running_var + bn.eps).sqrt()
-        return kernel, bias
-
-    def fuse_convs(self) -> None:
+    def fuse(self) -> None:
         """Replace ``conv1``/``conv2`` by one biased 3x3 ``conv``; idempotent.
 
-        Source: RepVGG reparameterization as in YOLOv9 ``RepConvN.fuse_convs``:
-        ``W = W3*t3 + pad(W1*t1)``, ``b = b3 + b1`` with ``t = gamma/sqrt(var+eps)``
-        and ``b = beta - mean*t``.
+        Source: RepVGG reparameterization as in YOLOv9 ``RepConvN.fuse_convs``: each branch's BatchNorm folded
+        (:func:`fold_batchnorm`), then ``W = W3 + pad(W1)``, ``b = b3 + b1``.
         """
         if "conv" in self._modules:
             return
-        k3, b3 = self._branch_kernel_bias(self.conv1)
-        k1, b1 = self._branch_kernel_bias(self.conv2)
-        ref = self.conv1.conv
-        fused = nn.Conv2d(ref.in_channels, ref.out_channels, ref.kernel_size, ref.stride,
-                          ref.padding, ref.dilation, ref.groups, bias=True).requires_grad_(False)
-        fused.to(device=ref.weight.device, dtype=ref.weight.dtype)
-        with torch.no_grad():
-            fused.weight.data = (k3 + F.pad(k1, [1, 1, 1, 1])).detach()
-            fused.bias.data = (b3 + b1).detach()
-        self.conv = fused
+        k3, b3 = fold_batchnorm(self.conv1.conv.weight, self.conv1.conv.bias, self.conv1.bn)
+        k1, b1 = fold_batchnorm(self.conv2.conv.weight, self.conv2.conv.bias, self.conv2.bn)
+        self.conv = _biased_conv(self.conv1.conv, k3 + F.pad(k1, [1, 1, 1, 1]), b3 + b1)
         del self.conv1
         del self.conv2
         if hasattr(self, "bn"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, brief
 from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, RepConvN, RepNBottleneck, RepNCSP,
-                     RepNCSPELAN4, Silence, SP, SPPELAN)
+                     RepNCSPELAN4, Silence, SP, SPPELAN, fuse_model)
 from .heads import DDetect, DSegment, DualDDetect, DualDSegment, TripleDDetect, _AnchorFreeHead, make_divisible
 
 __all__ = ["BlockSpec", "BLOCKS", "DetectionModel", "parse_model", "resolve_arg", "STRIDE_PROBE_SIZE"]
@@ -303,7 +303,6 @@ class DetectionModel(nn.Module):
         return self
 
     def fuse(self) -> "DetectionModel":
-        """Fold BatchNorm into convs and re-parameterize RepConvN, in place (see ``converter.fusion``)."""
-        from ..converter.fusion import fuse_model
-
-        return fuse_model(self)
+        """Fold BatchNorm into convs and re-parameterize RepConvN, in place (:func:`.blocks.fuse_model`)."""
+        fuse_model(self)
+        return self

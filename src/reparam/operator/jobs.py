@@ -29,6 +29,7 @@ import re
 from typing import Any
 
 from .. import exitcodes
+from .. import spec as grammar
 
 GROUP = "reparam.dev"
 VERSION = "v1alpha1"
@@ -57,16 +58,6 @@ MANAGER = "reparam-operator"
 #: Non-root user of the converter image.
 RUN_AS_USER = 65532
 
-PRECISIONS = ("fp16", "fp32")
-FORMATS = ("pt", "safetensors", "onnx", "torchscript")
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-#: Source kinds a Job can fetch (a local path or file:// is meaningless inside a pod). The URI grammar itself is
-#: the converter's own (:func:`reparam.store.uris.parse_source`), so the operator accepts exactly what it runs.
-CLUSTER_SOURCE_KINDS = ("models", "runs", "s3")
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-/ ]{1,250}$")
 
 
 class InvalidSpec(ValueError):
@@ -76,44 +67,48 @@ class InvalidSpec(ValueError):
 def validate_spec(spec: dict[str, Any]) -> None:
     """Check what the admission schema cannot (or what a schema-less apply let through).
 
-    Raises :class:`InvalidSpec` with one message per problem, joined by ``"; "``.
+    Every grammar is :mod:`reparam.spec`'s, the one the converter's CLI uses, so a resource accepted here is a
+    command the converter accepts. Raises :class:`InvalidSpec` with one message per problem, joined by ``"; "``.
     """
     problems: list[str] = []
     source = spec.get("source") or {}
     uri = source.get("uri") or ""
-    if not _cluster_source(uri):
-        problems.append(
-            f"spec.source.uri {uri!r} is not a models:/NAME/VERSION, models:/NAME@ALIAS, "
-            "runs:/RUN_ID/PATH or s3://BUCKET/KEY URI"
-        )
+    try:
+        kind = grammar.parse_source_uri(uri).kind
+    except grammar.SpecError as err:
+        problems.append(f"spec.source.uri: {err}")
+    else:
+        if kind not in grammar.CLUSTER_SOURCE_KINDS:
+            problems.append(f"spec.source.uri {uri!r} is not a models:/NAME/VERSION, models:/NAME@ALIAS, "
+                            "runs:/RUN_ID/PATH or s3://BUCKET/KEY URI (a Job cannot read a local path or URL)")
     sha = source.get("sha256") or ""
-    if sha and not _SHA256.match(sha):
-        problems.append("spec.source.sha256 must be 64 lowercase hex digits (or empty to skip the check)")
+    if sha and grammar.sha256_problem(sha):
+        problems.append("spec.source.sha256 must be 64 hex digits (or empty to skip the check)")
     conv = spec.get("conversion") or {}
-    if conv.get("precision", "fp16") not in PRECISIONS:
-        problems.append(f"spec.conversion.precision must be one of {', '.join(PRECISIONS)}")
-    formats = conv.get("formats") or ["pt"]
-    bad = [f for f in formats if f not in FORMATS]
+    if conv.get("precision", grammar.DEFAULT_PRECISION) not in grammar.PRECISIONS:
+        problems.append(f"spec.conversion.precision must be one of {', '.join(grammar.PRECISIONS)}")
+    formats = conv.get("formats") or list(grammar.OPERATOR_DEFAULT_FORMATS)
+    bad = [f for f in formats if f not in grammar.FORMATS]
     if bad:
-        problems.append(f"spec.conversion.formats has unknown {bad}; use {', '.join(FORMATS)}")
+        problems.append(f"spec.conversion.formats has unknown {bad}; use {', '.join(grammar.FORMATS)}")
     atol = conv.get("atol")
     if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool) or atol <= 0):
         problems.append(f"spec.conversion.atol must be a positive number, got {atol!r}")
     reg = spec.get("registry")
     if reg is not None:
-        if not re.match(r"^https?://\S+$", reg.get("trackingUri") or ""):
+        if not re.fullmatch(grammar.TRACKING_URI_PATTERN, reg.get("trackingUri") or ""):
             problems.append("spec.registry.trackingUri must be an http(s):// MLflow tracking URI")
-        if not _MODEL_NAME.match(reg.get("modelName") or ""):
-            problems.append("spec.registry.modelName must be a registered-model name (letters, digits, . _ -)")
+        problem = grammar.model_name_problem(reg.get("modelName") or "")
+        if problem:
+            problems.append(f"spec.registry.modelName: {problem}")
         for alias in reg.get("aliases") or []:
-            if not _ALIAS.match(alias) or alias == "latest" or re.match(r"^[vV]\d+$", alias):
-                problems.append(
-                    f"spec.registry.aliases: {alias!r} is not a valid MLflow alias "
-                    "(letters, digits, _ -; not 'latest', not v<digits>)"
-                )
+            problem = grammar.alias_problem(alias)
+            if problem:
+                problems.append(f"spec.registry.aliases: {problem}")
         for key in (reg.get("tags") or {}):
-            if not _TAG_KEY.match(key):
-                problems.append(f"spec.registry.tags: key {key!r} has characters MLflow does not accept")
+            problem = grammar.tag_key_problem(key)
+            if problem:
+                problems.append(f"spec.registry.tags: {problem}")
     job = spec.get("job") or {}
     for field in ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished"):
         value = job.get(field)
@@ -127,16 +122,6 @@ def validate_spec(spec: dict[str, Any]) -> None:
             )
     if problems:
         raise InvalidSpec("; ".join(problems))
-
-
-def _cluster_source(uri: str) -> bool:
-    from ..errors import InvalidInputError
-    from ..store.uris import parse_source
-
-    try:
-        return parse_source(uri).kind in CLUSTER_SOURCE_KINDS
-    except InvalidInputError:
-        return False
 
 
 def _looks_secret(name: str) -> bool:
@@ -208,8 +193,8 @@ def command(spec: dict[str, Any]) -> list[str]:
         cmd += ["--sha256", source["sha256"]]
     if conv.get("fuse", True):
         cmd.append("--fuse")
-    cmd.append("--half" if conv.get("precision", "fp16") == "fp16" else "--fp32")
-    for fmt in conv.get("formats") or ["pt"]:
+    cmd.append("--half" if conv.get("precision", grammar.DEFAULT_PRECISION) == "fp16" else "--fp32")
+    for fmt in conv.get("formats") or grammar.OPERATOR_DEFAULT_FORMATS:
         cmd += ["--format", fmt]
     if conv.get("atol") is not None:
         cmd += ["--atol", repr(float(conv["atol"]))]

@@ -22,9 +22,9 @@ further gates are further entries of :data:`RULES` (each a pure function of a :c
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
+from .. import spec
 from ..errors import InvalidInputError, RegistryError
 from . import tracking
 from .uris import redact
@@ -35,9 +35,6 @@ STATUS_READY = "ready"
 #: MLflow's ``ModelVersionStatus`` of a complete model version (as the client returns it, a string)
 MLFLOW_READY = "READY"
 
-# MLflow's alias rules: letters, digits, '_' and '-'; 'latest' and v<digits> are reserved.
-_ALIAS = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
-_RESERVED = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
 
 def version_problem(status: str | None, tags: Mapping[str, str] | None) -> str | None:
@@ -131,17 +128,16 @@ class Promotion:
     skipped_reason: str | None = None
 
 
-def check_aliases(aliases) -> list[str]:
-    """Validate alias names (deduplicated, order kept). Raises InvalidInputError naming a bad one."""
-    out: list[str] = []
-    for a in aliases or []:
-        if not _ALIAS.match(a or "") or _RESERVED.match(a):
-            raise InvalidInputError(
-                f"invalid alias {a!r}: use letters, digits, '_' or '-' ('latest' and v<number> are reserved)"
-            )
-        if a not in out:
-            out.append(a)
-    return out
+def check_aliases(aliases: Iterable[str] | None) -> list[str]:
+    """Validate alias names (deduplicated, order kept) by MLflow's rules (:func:`reparam.spec.alias_problem`).
+
+    Raises:
+        InvalidInputError: names the first bad alias and why.
+    """
+    try:
+        return spec.check_aliases(aliases)
+    except spec.SpecError as err:
+        raise InvalidInputError(str(err)) from None
 
 
 def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None,

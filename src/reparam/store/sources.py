@@ -33,13 +33,14 @@ from typing import Callable, Iterable
 from urllib.parse import quote, urlsplit
 
 from ..errors import InvalidInputError, ReparamError, SourceError, count_of
+from ..hashing import CHUNK, hash_file
+from ..spec import SHA256_PATTERN
 from . import tracking
 from .uris import SourceRef, parse_source, redact
 
-CHUNK = 1 << 20
 #: file suffixes taken as a checkpoint when a model version or directory holds several files
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_SHA256 = re.compile(SHA256_PATTERN)
 
 
 @dataclasses.dataclass
@@ -140,17 +141,6 @@ def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
     except OSError as err:
         raise SourceError(f"fetch {shown}: read local file failed: {err.strerror or err}") from None
     return FetchedSource(path.resolve(), shown, digest, size, {}, "local")
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    """(hex sha256, size in bytes) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
 
 
 def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):

@@ -1,6 +1,6 @@
 """Source URIs: parse and classify them, and redact credentials from any text (pure functions).
 
-Accepted forms (the MLflow ones as MLflow spells them):
+Accepted forms (the MLflow ones as MLflow spells them; the grammar lives in :mod:`reparam.spec`):
 
 ======================  =========================================================
 ``./best.pt``           local path (also ``file:///abs/best.pt``)
@@ -14,93 +14,26 @@ Accepted forms (the MLflow ones as MLflow spells them):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from urllib.parse import unquote, urlsplit
 
 from ..errors import InvalidInputError
+from ..spec import SourceRef, SpecError, parse_source_uri
 
-KINDS = ("local", "s3", "models", "runs", "http")
-
-# MLflow's own rules: registered model names may hold most characters but not '/', and aliases are
-# letters, digits, '_' and '-' (not 'latest', not v<digits>).
-_MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)(?:/(?P<path>.+))?$")
-_MODEL_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[A-Za-z0-9_\-]+)(?:/(?P<path>.+))?$")
-_RUN = re.compile(r"^runs:/(?P<run_id>[0-9A-Za-z_\-]+)/(?P<path>.+)$")
-_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceRef:
-    """A parsed source URI.
-
-    ``kind`` is one of :data:`KINDS`. Fields that do not apply to a kind are None:
-    local: ``path``; s3: ``bucket``, ``key``; models: ``model_name`` and ``version`` or ``alias``,
-    optional ``path`` (an artifact inside the version); runs: ``run_id``, ``path``; http: ``url``.
-    """
-
-    kind: str
-    uri: str
-    path: str | None = None
-    bucket: str | None = None
-    key: str | None = None
-    model_name: str | None = None
-    version: str | None = None
-    alias: str | None = None
-    run_id: str | None = None
-    url: str | None = None
+__all__ = ["SECRET_ENV_VARS", "SourceRef", "parse_source", "redact"]
 
 
 def parse_source(uri: str) -> SourceRef:
-    """Classify ``uri`` as one of the source kinds.
+    """Classify ``uri`` as one of the source kinds (the grammar: :func:`reparam.spec.parse_source_uri`).
 
     Raises:
         InvalidInputError: empty URI, an unknown scheme, or a malformed ``s3://``, ``models:/``
-            or ``runs:/`` URI (the message shows the accepted forms).
+            or ``runs:/`` URI (the message shows the accepted forms, credentials redacted).
     """
-    if not isinstance(uri, str) or not uri.strip():
-        raise InvalidInputError("source URI is empty; give a path, s3://, models:/, runs:/ or http(s):// URI")
-    uri = uri.strip()
-    shown = redact(uri)
-    if uri.startswith("models:"):
-        m = _MODEL_VERSION.match(uri) or _MODEL_ALIAS.match(uri)
-        if not m:
-            raise InvalidInputError(
-                f"malformed model URI {shown!r}: use models:/<name>/<version> or models:/<name>@<alias>"
-            )
-        g = m.groupdict()
-        return SourceRef(
-            "models", uri, path=g.get("path"), model_name=g["name"], version=g.get("version"), alias=g.get("alias")
-        )
-    if uri.startswith("runs:"):
-        m = _RUN.match(uri)
-        if not m or m["path"].strip("/") == "":
-            raise InvalidInputError(f"malformed run URI {shown!r}: use runs:/<run_id>/<artifact path>")
-        return SourceRef("runs", uri, run_id=m["run_id"], path=m["path"].strip("/"))
-    m = _SCHEME.match(uri)
-    scheme = m["scheme"].lower() if m else None
-    if scheme == "s3":
-        parts = urlsplit(uri)
-        key = parts.path.lstrip("/")
-        if not parts.netloc or not key or key.endswith("/"):
-            raise InvalidInputError(f"malformed S3 URI {shown!r}: use s3://<bucket>/<key of the checkpoint>")
-        return SourceRef("s3", uri, bucket=parts.netloc, key=key)
-    if scheme in ("http", "https"):
-        if not urlsplit(uri).netloc:
-            raise InvalidInputError(f"malformed URL {shown!r}: it has no host")
-        return SourceRef("http", uri, url=uri)
-    if scheme == "file":
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise InvalidInputError(f"file URI {shown!r} names a remote host; use a local path")
-        return SourceRef("local", uri, path=unquote(parts.path))
-    if scheme is not None:
-        raise InvalidInputError(
-            f"unsupported source scheme {scheme!r} in {shown!r}: use a local path, s3://, models:/, runs:/ "
-            "or http(s)://"
-        )
-    return SourceRef("local", uri, path=uri)
+    try:
+        return parse_source_uri(uri, show=redact)
+    except SpecError as err:
+        raise InvalidInputError(str(err)) from None
 
 
 # --- redaction ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ run ran, else ``true``.
   ``max(export_atol, HALF_RTOL x max|reference|)``. The weights' own rounding error is reported
   (``fp16_weights_max_abs_diff``), not judged;
 * end-to-end graphs: the NMS boxes and raw scores the graph computed are compared with torch's as above, and its
-  detections with :func:`~reparam.converter.nms.reference_detections` (independent of the graph, same semantics)
+  detections with :func:`~reparam.converter.export.nms.reference_detections` (independent of the graph, same semantics)
   run on exactly those values: counts must agree and every detection must match a reference one of the same label
   within the tolerance. torch's own end-to-end count is information (``torch_num_dets``), not judged: NMS is
   discontinuous at its thresholds.
@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..nms import nms_inputs, reference_detections
+from .nms import nms_inputs, reference_detections
 from .options import HALF_RTOL, ExportOptions
 
 __all__ = ["compare_detections", "max_diff", "no_fp16_kernel", "run_checks"]

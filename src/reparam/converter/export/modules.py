@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import InvalidInputError
 from ...models.heads import DDetect
-from ..nms import NMSHead
+from .nms import NMSHead
 from ..validation import main_output
 from .options import ExportOptions
 
@@ -51,11 +51,11 @@ class Predictions(nn.Module):
 
 
 class EndToEnd(nn.Module):
-    """:class:`Predictions` followed by :class:`~reparam.converter.nms.NMSHead`.
+    """:class:`Predictions` followed by :class:`~reparam.converter.export.nms.NMSHead`.
 
     Args:
         model: a deploy model or a :class:`Predictions` (used as is).
-        nms: the NMS head (its semantics: :mod:`reparam.converter.nms`); default ``NMSHead()`` (default settings).
+        nms: the NMS head (its semantics: :mod:`reparam.converter.export.nms`); default ``NMSHead()`` (default settings).
 
     Shapes: ``images [B, 3, H, W] -> (num_dets [B, 1], boxes [B, max_det, 4], scores [B, max_det],
     labels [B, max_det])``.

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nms import NMS_OUTPUTS, NMSHead
+from .nms import NMS_OUTPUTS, NMSHead
 from .modules import EndToEnd
 from .options import EXPORT_DEFAULTS
 
@@ -40,7 +40,7 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
 
     Args:
         module: :class:`~.modules.Predictions` (output ``output0``), :class:`~.modules.EndToEnd` or a bare
-            :class:`~reparam.converter.nms.NMSHead` (outputs :data:`~reparam.converter.nms.NMS_OUTPUTS`).
+            :class:`~reparam.converter.export.nms.NMSHead` (outputs :data:`~reparam.converter.export.nms.NMS_OUTPUTS`).
         path: the ``.onnx`` file to write (one file, weights inside).
         sample: tracing input (``images [B, 3, H, W]``, or ``y [B, 4 + nc, A]`` for a bare NMSHead), fp32; its
             shape is the static shape.
@@ -183,7 +183,7 @@ def with_nms_inputs(proto: Any, multi_label: bool) -> Any:
     The boxes are the first input of the ``NonMaxSuppression`` node (``[B, A, 4]`` xyxy). The raw scores
     ``[B, nc, A]`` are its second input with ``multi_label``, else the input of the best-class ``ArgMax`` (the NMS
     node sees them with all but the best class zeroed). The check compares these with torch, then runs the
-    independent reference (:func:`reference_detections <reparam.converter.nms.reference_detections>`) on exactly
+    independent reference (:func:`reference_detections <reparam.converter.export.nms.reference_detections>`) on exactly
     these values: NMS is discontinuous (a score or IoU at a threshold flips with rounding), so the reference must
     see what the graph saw. Raises ValueError when the graph lacks those nodes.
     """

@@ -40,7 +40,7 @@ class ExportOptions:
         opset: ONNX opset (:data:`MIN_OPSET` .. :func:`max_opset`).
         dynamic: ONNX with symbolic ``batch``, ``height``, ``width`` (input) and ``anchors`` (``output0``); the
             class dimension ``4 + nc`` stays static.
-        nms: append ``NonMaxSuppression`` (end-to-end graph, :mod:`reparam.converter.nms`).
+        nms: append ``NonMaxSuppression`` (end-to-end graph, :mod:`reparam.converter.export.nms`).
         multi_label: NMS keeps every (box, class) pair above ``score_thres`` (as the official ``val.py``); default
             one detection per box with its best class (as the official ``detect.py``).
         iou_thres: NMS IoU threshold (a lower-scored box of the same class is dropped when IoU > this).

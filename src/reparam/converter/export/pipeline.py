@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidInputError, ValidationFailedError
-from ..nms import NMSHead
+from .nms import NMSHead
 from ..validation import main_output, sample_inputs
 from .checks import max_diff, run_checks
 from .modules import EndToEnd, Predictions, deploy_head, export_metadata

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export.options import EXPORT_DEFAULTS
+from .options import EXPORT_DEFAULTS
 
 __all__ = ["xywh2xyxy", "nms_indices", "best_class_scores", "gather_detections", "NMSHead", "nms_inputs",
            "reference_detections", "NMS_OUTPUTS"]

@@ -1,0 +1,287 @@
+"""The grammar and defaults of a conversion request, in one place (pure: the standard library only).
+
+The CLI (:mod:`reparam.cli`, :mod:`reparam.store.uris`), the operator's validation
+(:func:`reparam.operator.jobs.validate_spec`), the promotion rule (:mod:`reparam.store.promotion`) and the CRD
+(``crds/modelconversion.yaml``, whose patterns, enums and CEL rules are the strings below; a test checks the
+committed CRD field by field and case by case) all take their rules from here, so that a request refused in one
+place is refused in all of them.
+
+Regular expressions are written in the common subset of Python's ``re`` and RE2 (what Kubernetes uses for a CRD
+``pattern`` and for CEL ``matches``): no lookarounds, no ``\\w``/``\\d`` (Unicode in Python, ASCII in RE2), explicit
+``^...$`` anchors. Python code matches them with ``fullmatch`` because Python's ``$`` also matches before a final
+newline, RE2's does not.
+
+Sources of the rules:
+
+* **Aliases** -- MLflow ``mlflow/utils/validation.py``: ``_validate_model_alias_name`` (``^[\\w\\-]*$``, not empty,
+  at most 255 characters) and ``_validate_model_alias_name_reserved`` (``latest`` in any case, and ``^[vV]\\d+$``).
+  We accept **ASCII only** (``[A-Za-z0-9_-]``), a subset of MLflow's Unicode ``\\w``: a Kubernetes ``pattern`` is RE2,
+  whose ``\\w`` is ASCII, so a Unicode rule could not be said the same way in the CRD; an alias also travels in
+  ``models:/NAME@ALIAS`` URIs, command lines and label-like status fields, where look-alike letters (a Cyrillic
+  ``а`` in ``chаmpion``) would name a different alias that reads the same.
+* **Registered-model names** -- MLflow ``_validate_model_name``: not blank, no ``/`` or ``:``, and not a name that
+  ``posixpath.normpath`` would change (``.``, ``..``, ``..x``); at most 256 characters (the ``name`` column of
+  MLflow's model-registry tables is ``String(256)``). We also refuse ``@`` (``models:/NAME@ALIAS`` could not name
+  it), leading/trailing spaces (a second name that looks like the first) and anything outside printable ASCII.
+* **Tag keys** -- MLflow ``_validate_model_version_tag``: ``^[/\\w.\\- :]*$`` (POSIX servers), at most 250
+  characters, and the same ``normpath`` rule; ASCII only, not empty. Values: at most 5000 characters here (MLflow
+  allows more; the CRD has always said 5000).
+* **Source URIs** -- MLflow's ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` (an artifact path may follow
+  either), ``runs:/RUN_ID/PATH``; ``s3://BUCKET/KEY``; ``http(s)://HOST/...``; ``file://`` or a plain local path.
+  A Job in a cluster can fetch only :data:`CLUSTER_SOURCE_KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
+    "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_FORMATS", "DEFAULT_PRECISION", "FORMATS", "MODEL_NAME_MAX",
+    "MODEL_NAME_PATTERN", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
+    "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem", "check_aliases",
+    "model_name_problem", "parse_source_uri", "sha256_problem", "tag_key_problem",
+]
+
+
+class SpecError(ValueError):
+    """A value outside the grammar; ``str(err)`` names the value, the rule and the accepted form."""
+
+
+# --- formats, precision, tolerance ------------------------------------------------------------------------
+
+#: Artifacts a conversion can write (CLI ``--format``, CRD ``spec.conversion.formats``).
+FORMATS = ("pt", "safetensors", "onnx", "torchscript")
+#: What ``reparam convert`` writes when no ``--format`` is given.
+DEFAULT_FORMATS = ("pt", "safetensors")
+#: What a ``ModelConversion`` writes when ``spec.conversion.formats`` is empty (the CRD's default).
+OPERATOR_DEFAULT_FORMATS = ("pt",)
+#: Weight precision of the deploy artifacts (CLI ``--half``/``--fp32``, CRD ``spec.conversion.precision``).
+PRECISIONS = ("fp16", "fp32")
+#: The CRD's default precision (the official deploy checkpoints are fp16).
+DEFAULT_PRECISION = "fp16"
+#: Default tolerance of the equivalence check: max |deploy - dual main| in output units (pixels / probability).
+DEFAULT_ATOL = 1e-4
+
+# --- names --------------------------------------------------------------------------------------------------
+
+ALIAS_MAX = 255
+_ALIAS = r"[A-Za-z0-9_-]{1,255}"
+_RESERVED = r"(?:[lL][aA][tT][eE][sS][tT]|[vV][0-9]+)"
+#: An alias name (anchored; CRD ``spec.registry.aliases[]`` pattern).
+ALIAS_PATTERN = rf"^{_ALIAS}$"
+#: The reserved alias names; refused by a CEL rule in the CRD (a CRD ``pattern`` cannot say "not").
+ALIAS_RESERVED_PATTERN = rf"^{_RESERVED}$"
+
+MODEL_NAME_MAX = 256
+# printable ASCII without '/', ':' and '@': as a whole (C), without space (L), without space and '.' (F)
+_NAME_C = r"[\x20-\x2e\x30-\x39\x3b-\x3f\x41-\x7e]"
+_NAME_L = r"[\x21-\x2e\x30-\x39\x3b-\x3f\x41-\x7e]"
+_NAME_F = r"[\x21-\x2d\x30-\x39\x3b-\x3f\x41-\x7e]"
+_MODEL_NAME = rf"\.?{_NAME_F}(?:{_NAME_C}*{_NAME_L})?"
+#: A registered-model name (anchored; CRD ``spec.registry.modelName`` pattern, with ``maxLength`` 256).
+MODEL_NAME_PATTERN = rf"^{_MODEL_NAME}$"
+
+TAG_KEY_MAX = 250
+TAG_VALUE_MAX = 5000
+# MLflow's characters (letters, digits, '_', '-', '.', ' ', ':', '/') in '/'-separated segments that
+# posixpath.normpath keeps as they are: no leading, trailing or doubled '/', no segment starting with '..' or
+# equal to '.'.
+_TAG_SEG = r"\.?[A-Za-z0-9_ :-][A-Za-z0-9_. :-]*"
+#: A tag key (anchored; CRD rule on the keys of ``spec.registry.tags``).
+TAG_KEY_PATTERN = rf"^{_TAG_SEG}(?:/{_TAG_SEG})*$"
+
+#: An MLflow tracking server a Job can reach (CRD ``spec.registry.trackingUri`` pattern).
+TRACKING_URI_PATTERN = r"^https?://[^\x00-\x20\x7f]+$"
+
+#: Expected sha256 of a source checkpoint: 64 hex digits, either case.
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+
+
+def _full(pattern: str, text: object) -> bool:
+    return isinstance(text, str) and re.fullmatch(pattern, text) is not None
+
+
+def _problem(what: str, value: object, pattern: str, max_len: int, rule: str) -> str | None:
+    """Why ``value`` is not a ``what`` (longer than ``max_len`` or outside ``pattern``), or None."""
+    if isinstance(value, str) and len(value) > max_len:
+        return f"{what} {value[:40]!r}... is {len(value)} characters long; at most {max_len}"
+    if not _full(pattern, value):
+        return f"{what} {value!r} is not valid: {rule}"
+    return None
+
+
+def alias_problem(alias: object) -> str | None:
+    """Why ``alias`` is not a usable MLflow alias name, or None when it is (rules: module docstring).
+
+    Examples: ``champion``, ``prod-2``, ``1prod``, ``_x`` are accepted; ``latest``, ``Latest``, ``v3``, ``V12``,
+    ``a b``, ``a/b``, ``""``, ``champión`` and names over 255 characters are refused.
+    """
+    problem = _problem("alias", alias, ALIAS_PATTERN, ALIAS_MAX, "use ASCII letters, digits, '_' or '-'")
+    if problem is None and _full(ALIAS_RESERVED_PATTERN, alias):
+        return f"alias {alias!r} is reserved by MLflow ('latest' in any case and v<number> name versions)"
+    return problem
+
+
+def check_aliases(aliases: Iterable[str] | None) -> list[str]:
+    """The alias names, deduplicated in order.
+
+    Raises:
+        SpecError: the first bad name, with the reason (:func:`alias_problem`).
+    """
+    out: list[str] = []
+    for alias in aliases or []:
+        problem = alias_problem(alias)
+        if problem:
+            raise SpecError(f"invalid {problem}")
+        if alias not in out:
+            out.append(alias)
+    return out
+
+
+def model_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a usable registered-model name, or None (rules: module docstring).
+
+    Examples: ``traffic-deploy``, ``Traffic Deploy (v2)``, ``.x`` are accepted; ``""``, ``a/b``, ``a:b``, ``a@b``,
+    ``.``, ``..``, ``..x``, `` a`` and names over 256 characters are refused.
+    """
+    return _problem("registered-model name", name, MODEL_NAME_PATTERN, MODEL_NAME_MAX,
+                    "use printable ASCII without '/', ':' or '@', no leading or trailing space, not '.' and not "
+                    "starting with '..'")
+
+
+def tag_key_problem(key: object) -> str | None:
+    """Why ``key`` is not a usable MLflow model-version tag key, or None (rules: module docstring)."""
+    return _problem("tag key", key, TAG_KEY_PATTERN, TAG_KEY_MAX,
+                    "use ASCII letters, digits, '_', '-', '.', ' ', ':' and '/' (no empty or '.' segment, none "
+                    "starting with '..')")
+
+
+def sha256_problem(value: object) -> str | None:
+    """Why ``value`` is not a sha256 hex digest (64 hex digits), or None."""
+    if not _full(SHA256_PATTERN, value):
+        return f"{value!r} is not a sha256: give 64 hex digits"
+    return None
+
+
+# --- source URIs --------------------------------------------------------------------------------------------
+
+SOURCE_KINDS = ("local", "s3", "models", "runs", "http")
+#: Source kinds a Job in a cluster can fetch (a local path or file:// is meaningless inside a pod; http(s) needs
+#: no operator and is not offered there).
+CLUSTER_SOURCE_KINDS = ("models", "runs", "s3")
+
+_SEGMENT = r"[^/\x00-\x1f\x7f]+"  # a path segment: no '/', no control character
+_PATH = rf"{_SEGMENT}(?:/{_SEGMENT})*"  # no leading, trailing or doubled '/'
+_VERSION = r"[0-9]+"
+_RUN_ID = r"[0-9A-Za-z_-]+"
+_BUCKET = r"[A-Za-z0-9._-]+"
+
+
+def _group(name: str, fragment: str, named: bool) -> str:
+    return f"(?P<{name}>{fragment})" if named else f"(?:{fragment})"
+
+
+def _models(named: bool) -> str:
+    name, version, alias, path = (_group(n, f, named) for n, f in (
+        ("name", _MODEL_NAME), ("version", _VERSION), ("alias", _ALIAS), ("path", _PATH)))
+    return f"models:/{name}(?:/{version}|@{alias})(?:/{path})?"
+
+
+def _runs(named: bool) -> str:
+    return f"runs:/{_group('run_id', _RUN_ID, named)}/{_group('path', _PATH, named)}"
+
+
+def _s3(named: bool) -> str:
+    return f"[sS]3://{_group('bucket', _BUCKET, named)}/{_group('key', _PATH, named)}"
+
+
+#: The URI forms a ``ModelConversion`` accepts (CRD ``spec.source.uri`` pattern).
+CLUSTER_SOURCE_URI_PATTERN = f"^(?:{_models(False)}|{_runs(False)}|{_s3(False)})$"
+#: The CRD's CEL rule on ``spec.source.uri``: no reserved alias after ``@`` (:data:`ALIAS_RESERVED_PATTERN`).
+CLUSTER_SOURCE_URI_RULE = f"!self.matches('^models:/[^/@]+@{_RESERVED}(?:/.*)?$')"
+
+_MODELS_RE = re.compile(_models(True))
+_RUNS_RE = re.compile(_runs(True))
+_S3_RE = re.compile(_s3(True))
+_SCHEME_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
+_MODELS_FORMS = "models:/<name>/<version> or models:/<name>@<alias>, optionally followed by /<artifact path>"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRef:
+    """A parsed source URI.
+
+    ``kind`` is one of :data:`SOURCE_KINDS`. Fields that do not apply to a kind are None:
+    local: ``path``; s3: ``bucket``, ``key``; models: ``model_name`` and ``version`` or ``alias``,
+    optional ``path`` (an artifact inside the version); runs: ``run_id``, ``path``; http: ``url``.
+    """
+
+    kind: str
+    uri: str
+    path: str | None = None
+    bucket: str | None = None
+    key: str | None = None
+    model_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+    url: str | None = None
+
+
+def parse_source_uri(uri: object, show: Callable[[str], str] = str) -> SourceRef:
+    """Classify ``uri`` as one of :data:`SOURCE_KINDS`.
+
+    Whitespace is not trimmed: a local path may hold spaces, and a URI with a trailing newline is refused here as
+    it is by the CRD.
+
+    Args:
+        uri: ``./best.pt``, ``file:///abs/best.pt``, ``s3://bucket/key``, ``models:/name/7[/path]``,
+            ``models:/name@alias[/path]``, ``runs:/<id>/path`` or ``http(s)://host/...``.
+        show: how a URI is written into an error message (the store passes its credential redactor).
+
+    Raises:
+        SpecError: empty URI, unknown scheme, or a ``models:/``, ``runs:/``, ``s3://``, ``http(s)://`` or
+            ``file://`` URI outside its grammar (the message shows the accepted form).
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise SpecError("source URI is empty; give a path, s3://, models:/, runs:/ or http(s):// URI")
+    shown = show(uri)
+    if uri.startswith("models:"):
+        m = _MODELS_RE.fullmatch(uri)
+        if not m:
+            raise SpecError(f"malformed model URI {shown!r}: use {_MODELS_FORMS}; names and aliases as MLflow "
+                            "allows them")
+        problem = alias_problem(m["alias"]) if m["alias"] is not None else None
+        if problem:
+            raise SpecError(f"malformed model URI {shown!r}: {problem}")
+        return SourceRef("models", uri, path=m["path"], model_name=m["name"], version=m["version"],
+                         alias=m["alias"])
+    if uri.startswith("runs:"):
+        m = _RUNS_RE.fullmatch(uri)
+        if not m:
+            raise SpecError(f"malformed run URI {shown!r}: use runs:/<run_id>/<artifact path>")
+        return SourceRef("runs", uri, run_id=m["run_id"], path=m["path"])
+    m = _SCHEME_RE.match(uri)
+    scheme = m["scheme"].lower() if m else None
+    if scheme == "s3":
+        m = _S3_RE.fullmatch(uri)
+        if not m:
+            raise SpecError(f"malformed S3 URI {shown!r}: use s3://<bucket>/<key of the checkpoint>")
+        return SourceRef("s3", uri, bucket=m["bucket"], key=m["key"])
+    if scheme in ("http", "https"):
+        if not urlsplit(uri).netloc:
+            raise SpecError(f"malformed URL {shown!r}: it has no host")
+        return SourceRef("http", uri, url=uri)
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise SpecError(f"file URI {shown!r} names a remote host; use a local path")
+        return SourceRef("local", uri, path=unquote(parts.path))
+    if scheme is not None:
+        raise SpecError(f"unsupported source scheme {scheme!r} in {shown!r}: use a local path, s3://, models:/, "
+                        "runs:/ or http(s)://")
+    return SourceRef("local", uri, path=uri)
