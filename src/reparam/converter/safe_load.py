@@ -15,7 +15,7 @@ looked up in a fixed allowlist (:data:`ALLOWED_GLOBALS`) *before* anything is ca
 
 Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, an unknown class) raises
 :class:`reparam.errors.UnsafeCheckpointError` naming it, and nothing of it is executed. The list of globals
-real checkpoints use is in ``shared/fixtures/README.md``.
+real checkpoints use is in ``tests/fixtures/README.md``.
 """
 
 from __future__ import annotations
