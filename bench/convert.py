@@ -1,6 +1,6 @@
 """Wall time and peak memory of `reparam convert` next to the I/O floor, in one run.
 
-For a checkpoint (default: the largest shared fixture) it runs, each in a fresh subprocess so peak RSS is its own:
+For a checkpoint (default: the largest fixture checkpoint in ``ckpt/``) it runs, each in a fresh subprocess so peak RSS is its own:
 
 * floor:   ``torch.load(weights_only=False)`` of the file + ``torch.save`` of it (the least any converter does),
            with empty stand-in classes for ``models.common.*``/``models.yolo.*`` so no official code is needed;
@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("REPARAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import fixtures_root  # noqa: E402  (the one fixture lookup of the tests)
 
 FLOOR = r"""
 import resource, sys, time, types, torch
@@ -63,7 +65,7 @@ def main() -> None:
     ap.add_argument("ckpt", nargs="?", default=None)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    ckpts = sorted((FIXTURES / "ckpt").glob("*.pt"), key=lambda p: p.stat().st_size)
+    ckpts = sorted((fixtures_root() / "ckpt").glob("*.pt"), key=lambda p: p.stat().st_size)
     ckpt = Path(args.ckpt) if args.ckpt else ckpts[-1]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

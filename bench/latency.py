@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import fixtures_root  # noqa: E402  (the one fixture lookup of the tests)
 
 from reparam.converter.checkpoint import read_checkpoint  # noqa: E402
 from reparam.converter.convert import build_model  # noqa: E402
@@ -30,12 +32,7 @@ from reparam.converter.pruning import derive_deploy_plan  # noqa: E402
 from reparam.converter.transfer import transfer_weights  # noqa: E402
 from reparam.models import DetectionModel  # noqa: E402
 
-DEFAULT = ["yolov9-t-dual-best", "yolov9-s-dual", "yolov9-c-quarter-dual"]
-
-
-def fixtures_root() -> Path:
-    env = os.environ.get("REPARAM_FIXTURES")
-    return Path(env) if env else REPO.parent / "shared" / "fixtures"
+DEFAULT = ["yolov9-t-dual-best", "yolov9-c-quarter-dual"]
 
 
 def median_ms(fn, x, n: int, warmup: int) -> float:

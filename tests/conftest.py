@@ -1,4 +1,11 @@
-"""Shared test fixtures: where the real YOLOv9 fixtures live; real servers come from ``servers.py``."""
+"""Shared test fixtures: where the real YOLOv9 fixtures live; real servers come from ``servers.py``.
+
+The fixtures (official YOLOv9 checkpoints, reference outputs, block goldens, the eval set) ship with the repository
+in ``tests/fixtures`` (see its README); ``$REPARAM_FIXTURES`` points the tests at another copy. This module is the
+one place that resolves them: tests use the session fixture ``fixtures`` or, at import time, ``fixture_path``, and
+the benchmarks in ``bench/`` import ``fixtures_root``. A missing fixture fails with one line naming the path; it is
+never a skip.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,36 @@ import pytest
 pytest_plugins = ["servers"]
 
 REPO = Path(__file__).resolve().parents[1]
+#: the variable that overrides the fixtures root
+FIXTURES_ENV = "REPARAM_FIXTURES"
 
 
 def fixtures_root() -> Path:
-    """``../shared/fixtures`` next to the checkout (``$REPARAM_FIXTURES`` overrides)."""
-    env = os.environ.get("REPARAM_FIXTURES")
-    return Path(env) if env else REPO.parent / "shared" / "fixtures"
+    """The fixtures root: ``tests/fixtures`` of this checkout, or ``$REPARAM_FIXTURES`` when set (not checked)."""
+    env = os.environ.get(FIXTURES_ENV)
+    return Path(env) if env else REPO / "tests" / "fixtures"
+
+
+def missing_fixture(path: Path) -> str:
+    """The one line that reports a missing fixture ``path`` (it names the path and how to override the root)."""
+    env = os.environ.get(FIXTURES_ENV)
+    where = f"{FIXTURES_ENV}={env}" if env else f"the repository's tests/fixtures; {FIXTURES_ENV} overrides it"
+    return f"fixture missing: {path} (fixtures root from {where})"
+
+
+def fixture_path(*parts: str) -> Path:
+    """``fixtures_root() / parts`` when it exists, for module-level use (collection time).
+
+    Raises ``pytest.fail.Exception`` (one line, no traceback) when the file or folder is missing: during collection
+    that is a collection error, so the run fails instead of collecting nothing.
+    """
+    path = fixtures_root().joinpath(*parts)
+    if not path.exists():
+        pytest.fail(missing_fixture(path), pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    root = fixtures_root()
-    if not (root / "README.md").is_file():
-        pytest.fail(f"shared fixtures not found at {root}; set REPARAM_FIXTURES")
-    return root
+    """The fixtures root (a Path); fails every test that asks for it when the root has no README.md."""
+    return fixture_path("README.md").parent

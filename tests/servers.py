@@ -212,6 +212,8 @@ def _start_mlflow(root: Path, s3: S3Server, prefix: str) -> MlflowServer:
         **os.environ,
         **s3.env(),
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # no job runner (its huey consumer starts ~20 worker processes per server; no test submits a job)
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
     }

@@ -8,8 +8,6 @@ the same keys and reproduce every output tensor within 1e-5.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +15,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 import reparam.models as rm
+from conftest import fixture_path, missing_fixture
 from reparam.models import fuse_model
 
-
-def _fixtures() -> Path:
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    return here if here.is_dir() else Path(os.environ.get("REPARAM_FIXTURES", here))
-
-
-GOLDEN = _fixtures() / "golden"
+GOLDEN = fixture_path("golden")
 # 1e-5 relative to the tensor's scale (max |ref|, at least 1): every block output is O(1)
 # and gets 1e-5 absolute; the heads' decoded boxes are in pixels (up to ~500 here), where
 # the last-bit softmax differences between torch builds (DFL, x stride 32) reach 3 ULP (9e-5).
 ATOL = 1e-5
 FILES = sorted(p.stem for p in GOLDEN.glob("*.json"))
+if not FILES:  # an empty parameter list would be a silent skip
+    pytest.fail(missing_fixture(GOLDEN / "*.json"), pytrace=False)
 
 
 def _meta(name: str) -> dict:

@@ -21,7 +21,7 @@ from reparam.converter.convert import ConvertOptions, convert
 from reparam.converter.pruning import normalized_layers
 from reparam.converter.safe_load import load_pickle
 
-DUAL = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-s-dual", "yolov9-c-quarter-dual"]
+DUAL = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-c-quarter-dual"]
 ALL = DUAL + ["gelan-t"]
 
 

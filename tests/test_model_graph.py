@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -27,13 +26,7 @@ from reparam.errors import InvalidInputError
 from reparam.models import DDetect, DetectionModel, DualDDetect, RepConvN
 
 
-def _fixtures() -> Path:
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    return here if here.is_dir() else Path(os.environ.get("REPARAM_FIXTURES", here))
-
-
-FIX = _fixtures()
-CKPTS = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-s-dual", "yolov9-c-quarter-dual", "gelan-t"]
+CKPTS = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-c-quarter-dual", "gelan-t"]
 # official attributes our DetectionModel does not set: yaml_file (set only when built from a
 # file path), hyp and class_weights (set by the training script)
 MODEL_ONLY_OFFICIAL = {"yaml_file", "hyp", "class_weights"}
@@ -41,15 +34,15 @@ SCALAR = (int, float, str, bool, list, tuple, type(None))
 
 
 @pytest.fixture(scope="module")
-def probes() -> dict:
-    out = {name: load_pickle(FIX / "ckpt" / f"{name}.pt").obj for name in CKPTS}
-    out["converted"] = load_pickle(FIX / "reference" / "yolov9-t-dual-best-converted.pt").obj
+def probes(fixtures: Path) -> dict:
+    out = {name: load_pickle(fixtures / "ckpt" / f"{name}.pt").obj for name in CKPTS}
+    out["converted"] = load_pickle(fixtures / "reference" / "yolov9-t-dual-best-converted.pt").obj
     return out
 
 
 @pytest.fixture(scope="module")
-def image() -> torch.Tensor:
-    return load_file(str(FIX / "reference" / "input-640.safetensors"))["input"]
+def image(fixtures: Path) -> torch.Tensor:
+    return load_file(str(fixtures / "reference" / "input-640.safetensors"))["input"]
 
 
 def _state_dict(rec: ObjectRecord) -> "OrderedDict[str, torch.Tensor]":
@@ -100,10 +93,9 @@ def test_graph_matches_checkpoint_structure(probes: dict, name: str) -> None:
     assert model.yaml == official.state["yaml"]
 
 
-@pytest.mark.parametrize("name", ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-s-dual",
-                                  "yolov9-c-quarter-dual"])
-def test_dual_model_reproduces_reference_outputs(probes: dict, image: torch.Tensor, name: str) -> None:
-    ref = load_file(str(FIX / "reference" / f"{name}-io.safetensors"))
+@pytest.mark.parametrize("name", ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-c-quarter-dual"])
+def test_dual_model_reproduces_reference_outputs(probes: dict, image: torch.Tensor, name: str, fixtures: Path) -> None:
+    ref = load_file(str(fixtures / "reference" / f"{name}-io.safetensors"))
     model = _ours(_official_model(probes, name))
     with torch.no_grad():
         y, d = model(image)
@@ -118,8 +110,8 @@ def test_dual_model_reproduces_reference_outputs(probes: dict, image: torch.Tens
             assert (d[1][i] - ref[f"dual.d_main.{i}"]).abs().max().item() <= 1e-4
 
 
-def test_gelan_model_and_fusion_reproduce_reference(probes: dict, image: torch.Tensor) -> None:
-    ref = load_file(str(FIX / "reference" / "gelan-t-io.safetensors"))
+def test_gelan_model_and_fusion_reproduce_reference(probes: dict, image: torch.Tensor, fixtures: Path) -> None:
+    ref = load_file(str(fixtures / "reference" / "gelan-t-io.safetensors"))
     model = _ours(_official_model(probes, "gelan-t"))
     with torch.no_grad():
         y, d = model(image)
@@ -146,10 +138,10 @@ def test_gelan_model_and_fusion_reproduce_reference(probes: dict, image: torch.T
         assert torch.equal(reloaded(image)[0], yf)
 
 
-def test_deploy_config_matches_official_converted_keys() -> None:
+def test_deploy_config_matches_official_converted_keys(fixtures: Path) -> None:
     """gelan-c-quarter (the deploy config of yolov9-c-quarter) vs the official conversion's keys."""
-    cfg = yaml.safe_load((FIX / "configs" / "gelan-c-quarter.yaml").read_text())
-    ref = json.loads((FIX / "reference" / "yolov9-c-quarter-dual-converted-keys.json").read_text())
+    cfg = yaml.safe_load((fixtures / "configs" / "gelan-c-quarter.yaml").read_text())
+    ref = json.loads((fixtures / "reference" / "yolov9-c-quarter-dual-converted-keys.json").read_text())
     model = DetectionModel(cfg, nc=5)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert list(ours) == list(ref["state_dict"])
@@ -159,8 +151,8 @@ def test_deploy_config_matches_official_converted_keys() -> None:
     assert model.nc == ref["model_attributes"]["nc"]
 
 
-def test_dual_config_file_builds_like_its_checkpoint(probes: dict) -> None:
-    cfg = yaml.safe_load((FIX / "configs" / "yolov9-c-quarter.yaml").read_text())
+def test_dual_config_file_builds_like_its_checkpoint(probes: dict, fixtures: Path) -> None:
+    cfg = yaml.safe_load((fixtures / "configs" / "yolov9-c-quarter.yaml").read_text())
     official = _official_model(probes, "yolov9-c-quarter-dual")
     model = DetectionModel(cfg)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {

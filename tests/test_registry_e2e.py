@@ -1,8 +1,8 @@
 """The issue's registry round trips and fault cases, through the real ``reparam`` command.
 
 Every conversion runs ``python -m reparam.cli convert ... --register`` in a subprocess against the session's real
-servers (SeaweedFS S3 gateway + ``mlflow server`` with artifacts proxied to it). The dual checkpoint from
-``../shared/fixtures`` is uploaded as an S3 object, as a run artifact and as a registered model version with an
+servers (SeaweedFS S3 gateway + ``mlflow server`` with artifacts proxied to it). The dual checkpoint of
+the test fixtures is uploaded as an S3 object, as a run artifact and as a registered model version with an
 alias; one conversion makes a new deploy version, which is downloaded back from MLflow and checked against the
 reference output; every other URI form of the same bytes is then a no-op. Fault cases: S3 unreachable, wrong S3
 secret, missing key, a failing validation, and the MLflow server going away between "create model version" and
@@ -27,19 +27,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import fixture_path
 from reparam import __version__, exitcodes
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-FIX = REPO.parent / "shared" / "fixtures"
-if not FIX.exists():
-    FIX = Path(os.environ.get("REPARAM_FIXTURES", FIX))
-CKPT = FIX / "ckpt" / "yolov9-t-dual-best.pt"
-INPUT = FIX / "reference" / "input-640.safetensors"
-REFERENCE = FIX / "reference" / "yolov9-t-dual-best-io.safetensors"
-if not (CKPT.exists() and REFERENCE.exists()):
-    pytest.skip("shared fixtures missing (set REPARAM_FIXTURES)", allow_module_level=True)
+CKPT = fixture_path("ckpt", "yolov9-t-dual-best.pt")
+INPUT = fixture_path("reference", "input-640.safetensors")
+REFERENCE = fixture_path("reference", "yolov9-t-dual-best-io.safetensors")
 
 #: sent as MLflow basic-auth credentials (the test server ignores them); must never be printed
 TRACKING_PASSWORD = "e2e-tracking-pass-7c1f93"

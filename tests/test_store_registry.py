@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import threading
 import uuid
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fixture_path
 from reparam.errors import RegistryError
 from reparam.store import registry
 from reparam.store.promotion import promote
@@ -19,14 +19,9 @@ from reparam.store.sources import fetch
 
 pytestmark = pytest.mark.servers
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-if not FIX.exists():
-    FIX = Path(os.environ.get("REPARAM_FIXTURES", FIX))
-SRC = FIX / "ckpt" / "yolov9-t-dual-best.pt"
-DEPLOY_PT = FIX / "reference" / "yolov9-t-dual-best-converted.pt"
-DEPLOY_ONNX = FIX / "reference" / "yolov9-t-dual-best-converted.onnx"
-if not (SRC.exists() and DEPLOY_PT.exists()):
-    pytest.skip("fixtures missing", allow_module_level=True)
+SRC = fixture_path("ckpt", "yolov9-t-dual-best.pt")
+DEPLOY_PT = fixture_path("reference", "yolov9-t-dual-best-converted.pt")
+DEPLOY_ONNX = fixture_path("reference", "yolov9-t-dual-best-converted.onnx")
 
 
 def sha(p: Path) -> str:

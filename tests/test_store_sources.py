@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
+from conftest import fixture_path
 from reparam.errors import InvalidInputError, SourceError
 from reparam.store.sources import fetch
 
 pytestmark = pytest.mark.servers
 
 
-def _fixtures() -> Path:
-    p = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    return p if p.exists() else Path(os.environ.get("REPARAM_FIXTURES", p))
-
-
-CKPT = _fixtures() / "ckpt" / "yolov9-t-dual-best.pt"
-if not CKPT.exists():
-    pytest.skip(f"fixture checkpoint {CKPT} missing", allow_module_level=True)
+CKPT = fixture_path("ckpt", "yolov9-t-dual-best.pt")
 CKPT_SHA = hashlib.sha256(CKPT.read_bytes()).hexdigest()
 
 

@@ -24,7 +24,7 @@ named by the official path and :attr:`RawCheckpoint.package_prefix` says which p
 
 Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, an unknown class) raises
 :class:`reparam.errors.UnsafeCheckpointError` naming it, and nothing of it is executed. The list of globals
-real checkpoints use is in ``shared/fixtures/README.md``.
+real checkpoints use is in ``tests/fixtures/README.md``.
 """
 
 from __future__ import annotations
