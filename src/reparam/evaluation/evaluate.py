@@ -101,6 +101,7 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
     late_skips: list[dict[str, str]] = []
     bar = _Bar(label or f"evaluating {model.form}", len(items), progress)
     t0 = time.perf_counter()
+    t_fwd = t_nms = 0.0
     for idx, shape in batches:
         ims, metas = [], []
         for j in idx:
@@ -117,7 +118,12 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
         if model.fixed_batch and x.shape[0] < model.fixed_batch:
             x = torch.cat([x, x.new_zeros((model.fixed_batch - x.shape[0], *x.shape[1:]))])
         shapes_run.add(tuple(x.shape[2:]))
-        num, boxes, scores, labels = _detections(model.predict(x), settings)
+        t = time.perf_counter()
+        y = model.predict(x)
+        t_fwd += time.perf_counter() - t
+        t = time.perf_counter()
+        num, boxes, scores, labels = _detections(y, settings)
+        t_nms += time.perf_counter() - t
         for r, (j, gain, pad, hw0) in enumerate(metas):
             n = int(num[r, 0])
             b = scale_boxes(boxes[r, :n], gain, pad, hw0)
@@ -139,7 +145,7 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
            "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in shapes_run])}
     return EvalResult(model.form, path, m["map50_95"], m["map50"], m["precision"], m["recall"], per_class, summary,
                       run, model.precision, model.weights_dtype, seconds, len(used) / seconds if seconds else 0.0,
-                      int(sum(len(dets[j]) for j in used)))
+                      int(sum(len(dets[j]) for j in used)), {"forward_s": t_fwd, "nms_s": t_nms})
 
 
 def open_dataset(source: str | Path, workdir: Path, *, split: str = "val",

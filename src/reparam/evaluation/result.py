@@ -30,7 +30,9 @@ class EvalResult:
         dataset: :meth:`Dataset.summary` (digest, source, images, instances, skipped, notes).
         settings: the :class:`~.settings.EvalSettings` used, as a dict, plus the input shapes actually run.
         precision_run: what the forward pass computed in; weights_dtype: the stored weights' dtype.
-        seconds: wall time of the pass over the images (load, forward, NMS); images_per_s: images / seconds.
+        seconds: wall time of the pass over the images (load, forward, NMS); images_per_s: images / seconds;
+            timing: ``forward_s`` and ``nms_s`` of that pass.
+        detections: detections kept over all images.
     """
 
     form: str
@@ -47,7 +49,7 @@ class EvalResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     detections: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         """``{map50_95, map50, precision, recall, per_class: {name: {...}}}`` (the report's model entry)."""
@@ -61,4 +63,4 @@ class EvalResult:
         return {"format": self.form, "path": self.path, **self.metrics(), "dataset": self.dataset,
                 "settings": self.settings, "precision_run": self.precision_run, "weights_dtype": self.weights_dtype,
                 "seconds": self.seconds, "images_per_s": self.images_per_s, "detections": self.detections,
-                **self.extra}
+                "timing": dict(self.timing)}
