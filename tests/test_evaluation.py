@@ -257,3 +257,28 @@ def test_names_are_checked_against_the_data(eval_dir, tmp_path):
     (ds / "data.yaml").write_text("path: .\nval: images/val\nnames: [red, green, blue, yellow]\n")
     with pytest.raises(InvalidInputError, match="dataset 'yellow' vs model None"):
         evaluate_file(eval_dir / "yolov9-t-dual-shapes-final.pt", ds, SETTINGS)
+
+
+def test_mlflow_run_artifact_folder_and_archive(eval_dir, tmp_path, s3_server, mlflow_server, monkeypatch):
+    """A dataset logged as run artifacts (a folder, and a .tar.gz) through a real MLflow server proxying to S3."""
+    import tarfile
+
+    from mlflow import MlflowClient
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    ds = _subset(eval_dir, tmp_path / "ml", 4)
+    with tarfile.open(tmp_path / "ml.tar.gz", "w:gz") as tf:
+        tf.add(ds, arcname="ml")
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.create_run(client.create_experiment("eval-datasets")).info.run_id
+    client.log_artifacts(run, str(ds), "val-data")
+    client.log_artifact(run, str(tmp_path / "ml.tar.gz"), "archives")
+    local = load_dataset(ds / "data.yaml")
+    folder = open_dataset(f"runs:/{run}/val-data", tmp_path / "w1", tracking_uri=mlflow_server.tracking_uri)
+    archive = open_dataset(f"runs:/{run}/archives/ml.tar.gz", tmp_path / "w2", tracking_uri=mlflow_server.tracking_uri)
+    assert folder.digest == archive.digest == local.digest
+    assert len(folder.items) == len(archive.items) == 4
+    assert folder.source == f"runs:/{run}/val-data"
+    with pytest.raises(SourceError):
+        open_dataset(f"runs:/{run}/no-such-folder", tmp_path / "w3", tracking_uri=mlflow_server.tracking_uri)
