@@ -136,6 +136,18 @@ def _fetch(source: str, workdir: Path, sha256: str | None, tracking_uri: str | N
                           "kind": fetched.kind, "lineage": fetched.lineage}
 
 
+def _weights_note(report: dict[str, Any]) -> list[str]:
+    """A line saying that the EMA of a mid-training checkpoint was converted (official ``attempt_load`` does too)."""
+    if report.get("weights_used") != "ema":
+        return []
+    epoch = (report.get("removed") or {}).get("checkpoint_entries", {}).get("epoch")
+    diff = report.get("ema_vs_raw_max_abs_diff")
+    return [f"  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
+            + (f", epoch {epoch}" if isinstance(epoch, int) else "") + ")"
+            + (f"; the raw 'model' differs by up to {diff:.3g}" if isinstance(diff, float) else "")
+            + "; --no-ema converts the raw weights"]
+
+
 def _human_summary(report: dict[str, Any]) -> str:
     v = report["validation"]
     reg = report.get("registry")
@@ -150,6 +162,7 @@ def _human_summary(report: dict[str, Any]) -> str:
         f"reparam {report['reparam_version']}: {report['source']['uri']}",
         f"  variant      {report['variant']} ({report['head']['dual']} -> {report['head']['deploy']}), "
         f"nc={report['nc']}, weights={report['weights_used']}",
+        *_weights_note(report),
         f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
         f"(dropped {len(report['layers']['dropped'])})",
         f"  parameters   {report['params']['before']:,} -> {report['params']['after']:,}",

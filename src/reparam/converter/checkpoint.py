@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInputError
@@ -42,7 +43,9 @@ class Checkpoint:
         state_dict: ``model.<i>.…`` -> tensor, in the saved dtype (fp16 for official checkpoints).
         weights: ``"ema"`` when the EMA model was taken (mid-training file), else ``"model"``.
         model_class: the pickled model class (``models.yolo.DetectionModel``).
-        top_level: top-level key -> short description of what it held (for the report).
+        top_level: top-level key -> typed summary of what it held (:func:`summarize`; inspect and report).
+        package_prefix: prefix of the official module layout in the pickle (``""``; ``"yolov9."`` for a
+            pip-installed fork), see :data:`reparam.converter.safe_load.OFFICIAL_PACKAGE_PREFIXES`.
         globals: pickle globals the file references.
         file_bytes: size of the file in bytes.
         model_attrs: plain (non-module) attributes of the pickled model, e.g. ``yaml_file``, ``inplace``.
@@ -56,11 +59,12 @@ class Checkpoint:
     state_dict: "OrderedDict[str, torch.Tensor]"
     weights: str
     model_class: str
-    top_level: dict[str, str]
+    top_level: dict[str, Any]
     globals: list[str]
     file_bytes: int
     model_attrs: dict[str, Any] = field(default_factory=dict)
     ema_differs_by: float | None = None
+    package_prefix: str = ""
 
     @property
     def head_name(self) -> str:
@@ -77,17 +81,73 @@ class Checkpoint:
         return "?"
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "None"
+#: Bounds of :func:`summarize`: nesting depth, list items and dict entries shown before a count replaces them.
+SUMMARY_DEPTH, SUMMARY_ITEMS, SUMMARY_ENTRIES, SUMMARY_TEXT = 3, 16, 64, 200
+
+
+def summarize(value: Any, depth: int = 0) -> Any:
+    """A typed, JSON-able, bounded summary of one checkpoint entry (for ``inspect`` and the report).
+
+    Plain values keep their type (``epoch`` -> ``11``, ``best_fitness`` ndarray ``[0.5886]`` -> ``[0.5886]``, numpy
+    scalars -> Python numbers, ``None`` -> ``null``); models become ``{"type": <pickled class>, "tensors": n,
+    "elements": n}``, tensors ``{"type": "tensor", "shape": [...], "dtype": "float16"}``. Containers are shown up to
+    :data:`SUMMARY_DEPTH` levels, :data:`SUMMARY_ITEMS` list items and :data:`SUMMARY_ENTRIES` dict entries; past
+    that a count replaces them (``{"type": "dict", "entries": 1772}``). Strings are cut at :data:`SUMMARY_TEXT`.
+    """
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.generic):
+        return summarize(value.item(), depth)
+    if isinstance(value, str):
+        return value if len(value) <= SUMMARY_TEXT else value[: SUMMARY_TEXT - 3] + "..."
+    if isinstance(value, np.ndarray):
+        if value.size <= SUMMARY_ITEMS and value.ndim <= 1:
+            return [summarize(x, depth + 1) for x in np.asarray(value).reshape(-1)]
+        return {"type": "ndarray", "shape": list(value.shape), "dtype": str(value.dtype)}
+    if isinstance(value, torch.Tensor):
+        return {"type": "tensor", "shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
     if isinstance(value, ObjectRecord):
-        return value.cls
+        tensors = list(value.named_tensors())
+        return {"type": value.cls, "tensors": len(tensors), "elements": sum(t.numel() for _, t in tensors)}
     if isinstance(value, dict):
+        if depth >= SUMMARY_DEPTH or len(value) > SUMMARY_ENTRIES:
+            return {"type": "dict", "entries": len(value)}
+        return {str(k): summarize(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        if depth >= SUMMARY_DEPTH or len(value) > SUMMARY_ITEMS:
+            return {"type": type(value).__name__, "items": len(value)}
+        return [summarize(x, depth + 1) for x in value]
+    return {"type": type(value).__name__}
+
+
+def compact(summary: Any) -> Any:
+    """A :func:`summarize` result one level shallower: nested containers become counts (the report's ``removed``).
+
+    ``{"opt": {...43 entries}}`` -> ``{"type": "dict", "entries": 43}``; scalars and typed leaves stay as they are.
+    """
+    if isinstance(summary, dict) and "type" not in summary:
+        return {"type": "dict", "entries": len(summary)}
+    if isinstance(summary, list) and len(summary) > 4:
+        return {"type": "list", "items": len(summary)}
+    return summary
+
+
+def short(value: Any) -> str:
+    """One short human-readable word or number for a :func:`summarize` result (``inspect``'s text form)."""
+    if isinstance(value, dict):
+        if "type" in value and ("entries" in value or "items" in value):
+            return f"{value['type']} ({value.get('entries', value.get('items'))} entries)"
+        if "type" in value:
+            return str(value["type"])
         return f"dict ({len(value)} entries)"
-    if isinstance(value, (int, float, str)):
-        text = repr(value)
-        return text if len(text) < 60 else text[:57] + "..."
-    return type(value).__name__
+    if isinstance(value, list):
+        return "[" + ", ".join(short(x) for x in value[:4]) + (", ..." if len(value) > 4 else "") + "]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _names(model: ObjectRecord, nc: int) -> dict[int, str]:
@@ -178,9 +238,10 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True) -> Checkpoint:
         state_dict=state,
         weights="ema" if use_ema else "model",
         model_class=chosen.cls,
-        top_level={k: _describe(v) for k, v in obj.items()},
+        top_level={str(k): summarize(v) for k, v in obj.items()},
         globals=raw.globals,
         file_bytes=Path(path).stat().st_size,
         model_attrs=attrs,
         ema_differs_by=ema_diff if ema_diff is None or math.isfinite(ema_diff) else None,
+        package_prefix=raw.package_prefix or "",
     )

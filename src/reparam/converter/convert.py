@@ -22,7 +22,7 @@ from ..errors import InvalidInputError, ValidationFailedError
 from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
-from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
+from .checkpoint import TRAINING_KEYS, Checkpoint, compact, read_checkpoint
 from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
@@ -220,7 +220,7 @@ def convert(
     }
     timings["stats_s"] = time.perf_counter() - t
 
-    removed = {k: ckpt.top_level[k] for k in TRAINING_KEYS if k in ckpt.top_level and ckpt.top_level[k] not in ("None", "-1")}
+    removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
     info = dict(source_info or {})
     info.setdefault("uri", str(path))
@@ -234,6 +234,7 @@ def convert(
         "source": info,
         "variant": variant_of(ckpt),
         "model_class": ckpt.model_class,
+        "package_prefix": ckpt.package_prefix,
         "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head},
         "pruned": plan.pruned,
         "nc": ckpt.nc,

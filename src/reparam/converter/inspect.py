@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, short
 from .pruning import derive_deploy_plan
 from .convert import variant_of
 
@@ -13,8 +13,11 @@ from .convert import variant_of
 def describe(path: str | Path) -> dict[str, Any]:
     """A JSON-able description of the checkpoint at ``path``.
 
-    Keys: file, bytes, top_level (entry -> what it holds), model_class, variant, head, nc, names, stride,
-    weights (``ema``/``model``), dtype, tensors, elements, layers (dual/deploy/dropped), globals.
+    Keys: file, bytes, top_level (every top-level entry -> a typed summary of what it holds:
+    :func:`reparam.converter.checkpoint.summarize`; ``epoch`` stays an int, ``best_fitness`` a list of floats, the
+    training args (``opt``) a dict), model_class, package_prefix (``""`` official layout, ``"yolov9."`` a pip fork),
+    variant, head, nc, names, stride, weights (``ema``/``model``), dtype, tensors, elements, layers
+    (dual/deploy/dropped), globals.
     Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
     """
     ckpt = read_checkpoint(path)
@@ -25,6 +28,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "bytes": ckpt.file_bytes,
         "top_level": ckpt.top_level,
         "model_class": ckpt.model_class,
+        "package_prefix": ckpt.package_prefix,
         "variant": variant_of(ckpt),
         "head": ckpt.head_name,
         "nc": ckpt.nc,
@@ -57,6 +61,8 @@ def format_description(desc: dict[str, Any]) -> str:
         f"  layers       {desc['layers']['dual']}; a conversion keeps {desc['layers']['deploy']}"
         + (f" and drops {len(desc['layers']['dropped'])} (auxiliary branch)" if desc["layers"]["pruned"]
            else " (no auxiliary branch: nothing to prune)"),
-        "  entries      " + ", ".join(f"{k}={v}" for k, v in desc["top_level"].items()),
+        "  entries      " + ", ".join(f"{k}={short(v)}" for k, v in desc["top_level"].items()),
     ]
+    if desc.get("package_prefix"):
+        lines.insert(2, f"  package      official YOLOv9 classes under the prefix '{desc['package_prefix']}'")
     return "\n".join(lines)
