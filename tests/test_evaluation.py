@@ -95,6 +95,8 @@ def converted(eval_dir, dataset, tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_final_dual_matches_official_and_artifacts_match_dual(converted):
     out, report = converted
     ev = report["evaluation"]
@@ -114,6 +116,8 @@ def test_final_dual_matches_official_and_artifacts_match_dual(converted):
     assert on_disk["status"] == "succeeded"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_cli_evaluate_converted_pt_json(converted, eval_dir):
     out, report = converted
     pt = out / "yolov9-t-dual-shapes-final-converted.pt"
@@ -127,6 +131,8 @@ def test_cli_evaluate_converted_pt_json(converted, eval_dir):
     assert abs(art["map50_95"] - report["evaluation"]["dual"]["map50_95"]) <= 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_early_dual_matches_official(eval_dir, dataset):
     result = evaluate_model(load_model(eval_dir / "yolov9-t-dual-shapes-early.pt"), dataset, SETTINGS)
     assert result.form == "dual"
@@ -282,3 +288,26 @@ def test_mlflow_run_artifact_folder_and_archive(eval_dir, tmp_path, s3_server, m
     assert folder.source == f"runs:/{run}/val-data"
     with pytest.raises(SourceError):
         open_dataset(f"runs:/{run}/no-such-folder", tmp_path / "w3", tracking_uri=mlflow_server.tracking_uri)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_cli_convert_eval_data(eval_dir, tmp_path):
+    """``convert --eval-data``: the report section on success; a names mismatch is exit 2 with nothing written."""
+    ds = _subset(eval_dir, tmp_path / "eight", 8)
+    out = tmp_path / "out"
+    ckpt = str(eval_dir / "yolov9-t-dual-shapes-final.pt")
+    proc = run_cli("convert", ckpt, "-o", str(out), "--imgsz", "160", "--eval-data", str(ds), "--eval-imgsz", "160",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads(proc.stdout)["evaluation"]
+    assert ev["dataset"]["images"] == 8 and ev["dataset"]["source"] == str(ds)
+    assert sorted(a["format"] for a in ev["artifacts"]) == ["pt", "safetensors"]
+    assert all(a["passed"] and a["delta_map50_95"] == 0 for a in ev["artifacts"])
+    assert json.loads((out / "report.json").read_text())["options"]["eval_data"] == str(ds)
+
+    (ds / "data.yaml").write_text("path: .\nval: images/val\nnames: [r, g, b]\n")
+    out2 = tmp_path / "out2"
+    proc = run_cli("convert", ckpt, "-o", str(out2), "--imgsz", "160", "--eval-data", str(ds), "--eval-imgsz", "160")
+    assert proc.returncode == 2 and "0: dataset 'r' vs model 'red'" in one_error_line(proc)
+    assert not out2.exists() or not any(p.suffix in (".pt", ".safetensors") for p in out2.iterdir())

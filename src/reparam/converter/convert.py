@@ -190,6 +190,10 @@ def convert(
 
     ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
     timings["load_s"] = time.perf_counter() - t0
+    if eval_dataset is not None:  # a dataset of other classes is reported before any conversion work
+        from ..evaluation import check_names
+
+        check_names(ckpt.names, eval_dataset.names)
     say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
     t = time.perf_counter()
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)

@@ -366,13 +366,15 @@ def load_dataset(data_yaml: Path, source: str | None = None, split: str = "val")
     if not cfg.get(split):
         raise InvalidInputError(f"dataset {shown}: data.yaml has no '{split}' split (add e.g. '{split}: images/{split}')")
     base = data_yaml.parent
-    root = Path(str(cfg.get("path") or "."))
-    root = root if root.is_absolute() and root.is_dir() else base / (root if not root.is_absolute() else ".")
-    root = root.resolve()
+    given = Path(str(cfg.get("path") or "."))
+    moved = given.is_absolute() and not given.is_dir()
+    root = (base if moved else given if given.is_absolute() else base / given).resolve()
     images = _split_images(root, cfg[split], shown)
     if not images:
         raise InvalidInputError(f"dataset {shown}: the '{split}' split has no images ({', '.join(IMG_SUFFIXES)})")
     ds = Dataset(root=root, source=shown, names=names, items=[])
+    if moved:
+        ds.notes.append(f"data.yaml path {given} does not exist here; the folder of data.yaml was used")
     hashed = [data_yaml]
     for img in images:
         rel = _rel(img, root)
