@@ -55,11 +55,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=fixtures_root() / "eval")
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads, also OMP_NUM_THREADS of the reparam process (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
+           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "reparam.cli", "evaluate", str(args.model), "--data", str(args.data),
                            "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--json", "-q"],
