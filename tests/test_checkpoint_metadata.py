@@ -125,7 +125,9 @@ def test_vendored_package_prefix_is_accepted_and_reported(early: Path, tmp_path:
                           (b"cmodels.yolo\n", b"c" + prefix + b"models.yolo\n"))
     ckpt = read_checkpoint(path)
     assert ckpt.package_prefix == prefix.decode() and ckpt.model_class == "models.yolo.DetectionModel"
-    assert all(torch.equal(v, read_checkpoint(early).state_dict[k]) for k, v in ckpt.state_dict.items())
+    original = read_checkpoint(early).state_dict
+    assert list(ckpt.state_dict) == list(original)
+    assert all(torch.equal(v, original[k]) for k, v in ckpt.state_dict.items())
     report = convert(path, tmp_path / "out", ConvertOptions(imgsz=128))
     assert report["package_prefix"] == "yolov9." and report["validation"]["max_abs_diff"] == 0.0
     proc = run_cli("inspect", str(path))

@@ -18,11 +18,12 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..errors import InvalidInputError, ValidationFailedError
+from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, Checkpoint, compact, read_checkpoint
+from .export.options import EXPORT_DEFAULTS, check_export_options
 from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
@@ -44,12 +45,17 @@ class ConvertOptions:
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
-        onnx: extra ONNX options (opset, dynamic, nms ...), used by the export step.
+        onnx: ONNX options (fields of :class:`~.export.options.ExportOptions`: opset, dynamic, nms, multi_label,
+            iou_thres, score_thres, max_det); missing ones take its defaults.
         export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
             :mod:`.export`).
         eval_data: the dataset source evaluated (``--eval-data``; the dataset itself is passed to :func:`convert`).
         eval_imgsz: evaluation image size in pixels; eval_atol: largest |mAP@0.5:0.95 artifact - dual|
             (:mod:`reparam.evaluation.conversion`).
+        cfg: the source is a bare state_dict of this architecture: a published name (``yolov9-c``) or a config
+            file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
+        nc: with ``cfg``: the class count, checked against the weights (which decide it).
+        names: with ``cfg``: class names, one per class (default ``class0`` ...).
     """
 
     atol: float = 1e-4
@@ -61,17 +67,21 @@ class ConvertOptions:
     seed: int = 0
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
-    export_atol: float = 1e-3
+    export_atol: float = EXPORT_DEFAULTS.export_atol
     eval_data: str | None = None
     eval_imgsz: int = 640
     eval_atol: float = 1e-3
+    cfg: str | None = None
+    nc: int | None = None
+    names: tuple[str, ...] | None = None
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
                      self.prefer_ema, sorted(self.onnx.items()))
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
-                    + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ()))
+                    + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
+                    + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -83,6 +93,10 @@ class ConvertOptions:
             raise InvalidInputError("--fp32 and --half contradict each other; pick one")
         if not (self.atol > 0):
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
+        if self.cfg is None and (self.nc is not None or self.names is not None):
+            raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
+        if self.nc is not None and self.nc < 1:
+            raise InvalidInputError(f"--nc must be >= 1, got {self.nc}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
         if self.eval_data is not None:
@@ -90,9 +104,13 @@ class ConvertOptions:
                 raise InvalidInputError(f"--eval-atol must be > 0, got {self.eval_atol}")
             if not 32 <= self.eval_imgsz <= 4096:
                 raise InvalidInputError(f"--eval-imgsz must be between 32 and 4096 pixels, got {self.eval_imgsz}")
-        from .export import check_export_options
-
         check_export_options(self)
+
+
+def _config_digest(spec: str) -> str:
+    """``spec`` plus the sha256 of the file it names (a config file's content changes the outputs)."""
+    path = Path(spec).expanduser()
+    return f"{spec}:{hash_file(path)[0]}" if path.is_file() else spec
 
 
 def variant_of(ckpt: Checkpoint) -> str:
@@ -104,10 +122,11 @@ def variant_of(ckpt: Checkpoint) -> str:
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
-                *, what: str = "model") -> DetectionModel:
+                *, what: str = "model", fits: str = "its config") -> DetectionModel:
     """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly, in fp32.
 
-    Raises InvalidInputError when the weights do not fit the config (lists the first mismatches).
+    Raises InvalidInputError when the weights do not fit the config: missing, unexpected and other-shape keys by
+    count and first example (``fits`` names the config in the message, e.g. ``"--cfg yolov9-c"``).
     """
     model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
     model.names = dict(names)
@@ -119,13 +138,14 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
         if missing or unexpected or shapes:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+                parts.append(count_of(missing, "missing"))
             if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+                parts.append(count_of(unexpected, "unexpected"))
             if shapes:
                 k = shapes[0]
-                parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)})")
-            raise InvalidInputError(f"the {what}'s weights do not fit its config: " + "; ".join(parts))
+                parts.append(f"{len(shapes):,} of another shape (e.g. {brief(k)}: {list(state[k].shape)} vs "
+                             f"{list(own[k].shape)})")
+            raise InvalidInputError(f"the {what}'s weights do not fit {fits}: " + "; ".join(parts))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.float().eval()
 
@@ -141,14 +161,15 @@ class Pruned:
     account: Any
 
 
-def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor]) -> Pruned:
+def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
+          what: str = "checkpoint", fits: str = "its config") -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). Raises InvalidInputError when the
-    weights do not fit the config or the transfer is not exact.
+    weights do not fit the config (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
     plan = derive_deploy_plan(cfg)
-    dual = build_model(cfg, nc, names, state, what="checkpoint")
+    dual = build_model(cfg, nc, names, state, what=what, fits=fits)
     skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc)
     deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan)
     if not account.exact:
@@ -188,16 +209,23 @@ def convert(
     path = Path(source)
     timings: dict[str, float] = {}
 
-    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
+    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
+                           names=options.names)
     timings["load_s"] = time.perf_counter() - t0
     if eval_dataset is not None:  # a dataset of other classes is reported before any conversion work
         from ..evaluation import check_names
 
         check_names(ckpt.names, eval_dataset.names)
-    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
+    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights"
+        + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
+    for note in (ckpt.origin or {}).get("notes", []):
+        say(note)
     t = time.perf_counter()
-    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict,
+                   what="state_dict" if ckpt.origin else "checkpoint", fits=ckpt.fits)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
+        ckpt.stride = [float(s) for s in dual.stride.tolist()]
     timings["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -245,6 +273,7 @@ def convert(
         "names": {str(k): v for k, v in ckpt.names.items()},
         "stride": ckpt.stride,
         "weights_used": ckpt.weights,
+        "state_dict": ckpt.origin,
         "ema_vs_raw_max_abs_diff": ckpt.ema_differs_by,
         "layers": {
             "dual": len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"]),
@@ -266,7 +295,10 @@ def convert(
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
                     "onnx": dict(options.onnx), "export_atol": options.export_atol,
                     **({"eval_data": options.eval_data, "eval_imgsz": options.eval_imgsz,
-                        "eval_atol": options.eval_atol} if options.eval_data else {})},
+                        "eval_atol": options.eval_atol} if options.eval_data else {}),
+                    **({"cfg": options.cfg, "nc": options.nc,
+                        "names": list(options.names) if options.names is not None else None}
+                       if options.cfg is not None else {})},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
         "timing": timings,

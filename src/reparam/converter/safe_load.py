@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError, UnsafeCheckpointError
+from ..errors import InvalidInputError, UnsafeCheckpointError, brief
 
 # Classes of the official repository (WongKinYiu/yolov9 models/common.py, models/yolo.py) that appear in
 # checkpoints, including the segmentation ones. They are never imported: each becomes an ObjectRecord.
@@ -174,7 +174,7 @@ def _safe_getattr(obj: Any, name: str) -> MethodRef:
     if isinstance(obj, type) and issubclass(obj, ObjectRecord) and isinstance(name, str):
         return MethodRef(obj.cls, name)
     raise UnsafeCheckpointError(
-        f"checkpoint calls getattr({obj!r}, {name!r}); only getattr on a YOLOv9 class is allowed"
+        f"checkpoint calls getattr({brief(obj)}, {brief(name)}); only getattr on a YOLOv9 class is allowed"
     )
 
 
@@ -193,7 +193,10 @@ def _numpy_scalar(dtype: Any, data: bytes | None = None) -> Any:
 
 def _numpy_dtype(*args: Any) -> Any:
     if not args or not isinstance(args[0], str) or args[0].startswith("O"):
-        raise UnsafeCheckpointError(f"checkpoint builds numpy.dtype{args!r}; only plain numeric dtypes are allowed")
+        what = " (an object dtype: arbitrary Python objects)" if args and str(args[0]).startswith("O") else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint builds numpy.dtype{args!r:.60}{what}; only plain numeric dtypes are allowed"
+        )
     return np.dtype(args[0])
 
 
@@ -342,7 +345,7 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         # torch.save writes ('storage', <storage class>, key, location, numel) for each storage
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InvalidInputError(f"checkpoint has an unknown persistent id {pid!r}; is it a torch.save archive?")
+            raise InvalidInputError(f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
         _, marker, key, _location, numel = pid
         dtype = marker.dtype if isinstance(marker, _StorageMarker) else torch.uint8
         return self._storages.typed(str(key), dtype, int(numel))
@@ -404,7 +407,7 @@ def scan_globals(data: bytes) -> list[str]:
             elif op.name == "STACK_GLOBAL" and len(last_strings) == 2:
                 seen.setdefault(".".join(last_strings), None)
     except Exception as exc:  # pickletools raises ValueError and friends on garbage
-        raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({exc})") from None
+        raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({brief(exc, 100)})") from None
     return list(seen)
 
 
@@ -447,7 +450,7 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         try:
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise InvalidInputError(f"'{path}' is damaged or truncated ({exc})") from None
+            raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         found = scan_globals(data)
         for qual in found:
             module, _, name = qual.rpartition(".")
@@ -457,7 +460,7 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         except (UnsafeCheckpointError, InvalidInputError):
             raise
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise InvalidInputError(f"'{path}' is damaged or truncated ({exc})") from None
+            raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         except Exception as exc:
-            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {exc}") from None
+            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
     return RawCheckpoint(path=path, obj=obj, globals=found)

@@ -106,7 +106,7 @@ def _meta_names(meta: dict[str, str], path: Path) -> tuple[dict[int, str], int]:
 def _load_onnx(path: Path) -> LoadedModel:
     import onnx
 
-    from ..converter.export import upcast_onnx
+    from ..converter.export.onnx_graph import _session, upcast_onnx
 
     try:
         proto = onnx.load(str(path))
@@ -120,8 +120,6 @@ def _load_onnx(path: Path) -> LoadedModel:
     fp16 = proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     sess = None
     precision = "float16" if fp16 else "float32"
-    from ..converter.export import _session
-
     if fp16:
         try:
             sess = _session(proto)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import RegistryError
+from ..errors import RegistryError, count_of
 from . import tracking
 from .promotion import STATUS_READY, TAG_STATUS, TAG_VALIDATION
 from .uris import redact
@@ -210,7 +210,7 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
     files = sorted(p for p in artifacts_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     onnx_files = [p for p in files if p.suffix == ".onnx"]
     if len(onnx_files) > 1:
-        raise RegistryError(f"several .onnx files in {artifacts_dir}: {', '.join(p.name for p in onnx_files)}")
+        raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
     if onnx_files:
         import mlflow.onnx

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 from urllib.parse import quote, urlsplit
 
-from ..errors import InvalidInputError, SourceError
+from ..errors import InvalidInputError, SourceError, count_of
 from . import tracking
 from .uris import SourceRef, parse_source, redact
 
@@ -149,11 +149,10 @@ def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
     if not cands:
         if not names:
             raise InvalidInputError(f"{shown} holds no files; expected one *.pt checkpoint")
-        listing = ", ".join(sorted(names)[:20])
-        raise InvalidInputError(f"{shown} holds no *.pt checkpoint (it has: {listing})")
+        raise InvalidInputError(f"{shown} holds no *.pt checkpoint; it has {count_of(sorted(names), 'files', examples=3)}")
     raise InvalidInputError(
-        f"fetch {shown}: pick checkpoint failed: {len(cands)} candidates ({', '.join(cands)}); "
-        "name one, e.g. <uri>/" + cands[0]
+        f"fetch {shown}: pick checkpoint failed: {count_of(cands, 'candidates', examples=3)}; "
+        f"name one, e.g. <uri>/{cands[0]}"
     )
 
 
@@ -479,7 +478,7 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progre
         if ref.path not in listing:
             raise SourceError(
                 f"fetch {shown}: find artifact failed: version {mv.version} has no {ref.path!r} "
-                f"(it has: {', '.join(sorted(listing)[:20])})"
+                f"(it has {count_of(sorted(listing), 'files', examples=3)})"
             )
         path = ref.path
     else:
