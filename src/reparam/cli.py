@@ -6,7 +6,9 @@
                            [--cfg NAME|FILE [--nc N] [--names A,B,...]]
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
                            [--registry-wait SECONDS] [--termination-log PATH] [-v]
+                           [--eval-data DATA [--eval-imgsz N] [--eval-atol X]]
     reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
+    reparam evaluate MODEL --data DATA [--imgsz N] [--batch N] [--conf X] [--iou X] [--max-det N] [--json]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
 Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
@@ -163,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--termination-log", default=os.environ.get("REPARAM_TERMINATION_LOG"),
                    help="also write the JSON summary here (Kubernetes: /dev/termination-log)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    c.add_argument("--eval-data", default=None, metavar="DATA",
+                   help="evaluate the dual model and every artifact on this YOLO dataset (as for 'reparam evaluate "
+                        "--data'); an artifact whose mAP@0.5:0.95 differs from the dual's by more than --eval-atol "
+                        "fails the conversion (exit 3)")
+    c.add_argument("--eval-imgsz", type=int, default=640, help="evaluation image size in pixels (default 640)")
+    c.add_argument("--eval-atol", type=float, default=1e-3,
+                   help="largest |mAP@0.5:0.95 artifact - dual| allowed (default 0.001)")
     _state_dict_args(c)
 
     i = sub.add_parser("inspect", help="show what a checkpoint holds, without converting")
@@ -172,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
     _state_dict_args(i)
     _add_registry_wait(i)
+
+    e = sub.add_parser("evaluate", help="mAP of a model on a YOLO dataset, the way the official val.py computes it")
+    e.add_argument("model", help="dual checkpoint, converted .pt, .safetensors, .onnx or TorchScript: local path, "
+                                 "s3://, models:/, runs:/ or http(s)://")
+    e.add_argument("--data", required=True, help="YOLO dataset: folder with data.yaml, .zip/.tar.gz of one, "
+                                                 "s3://bucket/prefix, runs:/<id>/<path> or models:/<name>/<version>")
+    e.add_argument("--imgsz", type=int, default=640, help="image size in pixels (default 640)")
+    e.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    e.add_argument("--conf", type=float, default=0.001, help="score threshold (default 0.001, as official val)")
+    e.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7, as official val)")
+    e.add_argument("--max-det", type=int, default=300, help="detections per image (default 300)")
+    e.add_argument("--split", default="val", help="data.yaml split to evaluate (default val)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
+    e.add_argument("--sha256", default=None, help="expected sha256 of the model file")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
+    _add_registry_wait(e)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (needs reparam[operator])", add_help=False)
     o.add_argument("args", nargs=argparse.REMAINDER)
@@ -260,6 +287,16 @@ def _human_summary(report: dict[str, Any]) -> str:
         check = a.get("check")
         extra = f", check max |diff| {check['max_abs_diff']:.3g}" if isinstance(check, dict) and "max_abs_diff" in check else ""
         lines.append(f"  wrote        {a['path']} ({a['bytes']:,} bytes{extra})")
+    ev = report.get("evaluation")
+    if ev:
+        d = ev["dataset"]
+        lines.append(f"  evaluation   {d['source']} ({d['images']} images, {len(d['skipped'])} skipped, digest "
+                     f"{d['digest'][:12]}): dual mAP@0.5:0.95 {ev['dual']['map50_95']:.4f}, mAP@0.5 "
+                     f"{ev['dual']['map50']:.4f}")
+        for a in ev["artifacts"]:
+            lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
+                         f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
+                         f"{'passed' if a['passed'] else 'FAILED'}"))
     if reg:
         lines.append(f"  registered   {reg.get('model_uri')} (aliases: {', '.join(reg.get('aliases') or []) or 'none'})"
                      + (" [existing version, nothing new]" if reg.get("existing") else "")
@@ -326,10 +363,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
             onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
                   "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
             export_atol=args.export_atol,
+            eval_data=args.eval_data, eval_imgsz=args.eval_imgsz, eval_atol=args.eval_atol,
             cfg=args.cfg, nc=args.nc, names=args.names,
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
+            eval_dataset = None
+            if args.eval_data:  # a bad dataset is reported before any conversion work
+                from .evaluation import open_dataset
+
+                eval_dataset = open_dataset(args.eval_data, Path(work) / "eval-data", tracking_uri=args.tracking_uri)
             path, info = _fetch(args.source, Path(work), args, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
@@ -348,7 +391,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                           "registry": publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say)}
             else:
                 try:
-                    report = convert(path, out, options, source_info=info, log=say)
+                    report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset)
                 except ReparamError as err:
                     report = getattr(err, "report", None)
                     raise
@@ -396,6 +439,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return err.exit_code
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``reparam evaluate``: evaluate one model file on a dataset; returns the exit code."""
+    try:
+        from .evaluation import EvalSettings, comparison, describe, evaluate_model, load_model, open_dataset
+    except ImportError as exc:
+        _print_error(f"evaluation needs the [converter] extra ({exc}): pip install -e '.[converter]'")
+        return exitcodes.INVALID_INPUT
+    try:
+        settings = EvalSettings(imgsz=args.imgsz, batch=args.batch, conf=args.conf, iou=args.iou,
+                                max_det=args.max_det, split=args.split)
+        settings.check()
+        with tempfile.TemporaryDirectory(prefix="reparam-") as work:
+            dataset = open_dataset(args.data, Path(work) / "data", split=args.split, tracking_uri=args.tracking_uri)
+            path, info = _fetch(args.model, Path(work) / "model", args)
+            model = load_model(path)
+            result = evaluate_model(model, dataset, settings, path=info["uri"], progress=None if not args.quiet else False)
+        section = comparison(dataset, result, []) if result.form == "dual" else {
+            "dataset": result.dataset, "settings": result.settings, "dual": None,
+            "artifacts": [{"format": result.form, "path": result.path, **result.metrics(), "delta_map50_95": None,
+                           "passed": None, "precision_run": result.precision_run,
+                           "weights_dtype": result.weights_dtype, "images_per_s": result.images_per_s}]}
+        section.pop("atol", None), section.pop("passed", None)
+        if args.json:
+            print(json.dumps({"reparam_version": __version__, "model": info, "evaluation": section}, indent=2,
+                             default=str))
+        else:
+            print(f"reparam {__version__}: {info['uri']} ({result.form}, weights {result.weights_dtype})")
+            print(describe(result))
+        return exitcodes.OK
+    except ReparamError as err:
+        _print_error(str(err), args.verbose)
+        return err.exit_code
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     """``reparam operator``: hand over to :func:`reparam.operator.main.run`."""
     try:
@@ -416,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_operator(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "operator": cmd_operator}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "operator": cmd_operator}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

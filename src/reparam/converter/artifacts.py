@@ -150,8 +150,12 @@ def write_all(
     options: "ConvertOptions",
     report: dict[str, Any],
     say: Callable[[str], None],
+    evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None,
 ) -> None:
     """Write every requested artifact plus ``report.json`` atomically into ``out``; fills ``report['artifacts']``.
+
+    ``evaluate(stage, artifacts)``, when given, runs on the written files before anything is published; what it
+    raises (:class:`~reparam.errors.ValidationFailedError` for a failed evaluation) publishes nothing.
 
     The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 unless ``options.fp32``) in the
     unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export. Raises whatever an export step raises, after removing the staging folder.
@@ -187,6 +191,8 @@ def write_all(
             a["bytes"] = p.stat().st_size
             a["path"] = str(out / a["name"])
         report["artifacts"] = arts
+        if evaluate is not None:
+            evaluate(stage, arts)
         main = next((a for a in arts if a["format"] == "pt"), arts[0] if arts else None)
         report["deploy_sha256"] = main["sha256"] if main else None
         before = int(report["source"].get("bytes") or 0)

@@ -47,6 +47,9 @@ class ConvertOptions:
             iou_thres, score_thres, max_det); missing ones take its defaults.
         export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
             :mod:`.export`).
+        eval_data: the dataset source evaluated (``--eval-data``; the dataset itself is passed to :func:`convert`).
+        eval_imgsz: evaluation image size in pixels; eval_atol: largest |mAP@0.5:0.95 artifact - dual|
+            (:mod:`reparam.evaluation.conversion`).
         cfg: the source is a bare state_dict of this architecture: a published name (``yolov9-c``) or a config
             file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
         nc: with ``cfg``: the class count, checked against the weights (which decide it).
@@ -63,6 +66,9 @@ class ConvertOptions:
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
     export_atol: float = EXPORT_DEFAULTS.export_atol
+    eval_data: str | None = None
+    eval_imgsz: int = 640
+    eval_atol: float = 1e-3
     cfg: str | None = None
     nc: int | None = None
     names: tuple[str, ...] | None = None
@@ -72,6 +78,7 @@ class ConvertOptions:
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
                      self.prefer_ema, sorted(self.onnx.items()))
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
+                    + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
                     + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -90,6 +97,11 @@ class ConvertOptions:
             raise InvalidInputError(f"--nc must be >= 1, got {self.nc}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
+        if self.eval_data is not None:
+            if not (self.eval_atol > 0):
+                raise InvalidInputError(f"--eval-atol must be > 0, got {self.eval_atol}")
+            if not 32 <= self.eval_imgsz <= 4096:
+                raise InvalidInputError(f"--eval-imgsz must be between 32 and 4096 pixels, got {self.eval_imgsz}")
         check_export_options(self)
 
 
@@ -165,15 +177,20 @@ def convert(
     *,
     source_info: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    eval_dataset: Any = None,
 ) -> dict[str, Any]:
     """Convert one dual checkpoint and write its deploy artifacts into ``out_dir``.
+
+    With ``eval_dataset`` (a :class:`reparam.evaluation.Dataset`) the dual model and every artifact are evaluated on
+    it before anything is published (:mod:`reparam.evaluation.conversion`; report section ``evaluation``).
 
     Returns the report dict (also written as ``out_dir/report.json``).
 
     Raises:
         InvalidInputError / UnsafeCheckpointError: bad input (nothing written).
-        ValidationFailedError: the deploy model's output differs (only a failed ``report.json`` is written); the
-            report is attached as ``err.report``.
+        ValidationFailedError: the deploy model's output differs, or an artifact's mAP differs from the dual's by
+            more than ``options.eval_atol`` (only a failed ``report.json`` is written); the report is attached as
+            ``err.report``.
     """
     options = options or ConvertOptions()
     options.check()
@@ -185,6 +202,10 @@ def convert(
     ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
                            names=options.names)
     timings["load_s"] = time.perf_counter() - t0
+    if eval_dataset is not None:  # a dataset of other classes is reported before any conversion work
+        from ..evaluation import check_names
+
+        check_names(ckpt.names, eval_dataset.names)
     say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights"
         + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
     for note in (ckpt.origin or {}).get("notes", []):
@@ -263,6 +284,8 @@ def convert(
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
                     "onnx": dict(options.onnx), "export_atol": options.export_atol,
+                    **({"eval_data": options.eval_data, "eval_imgsz": options.eval_imgsz,
+                        "eval_atol": options.eval_atol} if options.eval_data else {}),
                     **({"cfg": options.cfg, "nc": options.nc,
                         "names": list(options.names) if options.names is not None else None}
                        if options.cfg is not None else {})},
@@ -282,10 +305,27 @@ def convert(
         err.report = report  # type: ignore[attr-defined]
         raise err
 
+    evaluate = None
+    if eval_dataset is not None:
+        def evaluate(stage: Path, arts: list[dict[str, Any]]) -> None:
+            from ..evaluation import EvalSettings
+            from ..evaluation.conversion import evaluate_conversion
+
+            t_eval = time.perf_counter()
+            try:
+                report["evaluation"] = evaluate_conversion(
+                    eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
+                    options.eval_atol, say)
+            except ValidationFailedError as err:
+                report["evaluation"] = getattr(err, "evaluation", None)
+                raise
+            finally:
+                timings["evaluate_s"] = time.perf_counter() - t_eval
+
     try:
         artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy, deploy_sd,
-                            options, report, say)
-    except ValidationFailedError as err:  # an export's check failed: same outcome as a failed validation
+                            options, report, say, evaluate=evaluate)
+    except ValidationFailedError as err:  # an export's check or the evaluation failed: as a failed validation
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
