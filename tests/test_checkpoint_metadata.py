@@ -25,7 +25,9 @@ from reparam.converter.inspect import describe
 from reparam.converter.official_format import _pickle_module
 from reparam.converter.safe_load import load_pickle
 from reparam.errors import InvalidInputError, UnsafeCheckpointError
+from reparam.evaluation import EvalSettings, evaluate_file
 from test_cli_errors import one_error_line, run_cli
+from test_evaluation import assert_official
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,12 @@ def test_early_converts_with_the_ema(early: Path, tmp_path: Path) -> None:
     dsd = dict(deploy.named_tensors())
     key = "model.0.conv.weight"
     assert torch.equal(dsd[key], ema.state_dict[key]) and not torch.equal(dsd[key], raw.state_dict[key])
+    # the deploy model's val numbers are the official val.py numbers of the converted EMA (fixtures/eval/README.md)
+    deploy_metrics = evaluate_file(tmp_path / "yolov9-t-dual-shapes-early-converted.pt", early.parent,
+                                   EvalSettings(imgsz=160)).metrics()
+    assert_official(deploy_metrics, "early")
+    dual_metrics = evaluate_file(early, early.parent, EvalSettings(imgsz=160)).metrics()
+    assert deploy_metrics["map50_95"] == dual_metrics["map50_95"] and deploy_metrics["map50"] == dual_metrics["map50"]
 
 
 def test_cli_says_the_ema_is_converted(early: Path, tmp_path: Path) -> None:
