@@ -285,12 +285,14 @@ class DetectionModel(nn.Module):
         head = self.model[-1]
         was_training = self.training
         self.eval()
+        p = next(self.parameters(), None)
         try:
             s = STRIDE_PROBE_SIZE
-            feats = self._run(torch.zeros(1, ch, s, s), upto=head.i)
+            # on a model built on the "meta" device this runs on shapes only (no arithmetic)
+            feats = self._run(torch.zeros(1, ch, s, s, device=p.device if p is not None else "cpu"), upto=head.i)
         finally:
             self.train(was_training)
-        return torch.tensor([s / t.shape[-2] for t in feats[: head.nl]])
+        return torch.tensor([s / t.shape[-2] for t in feats[: head.nl]], device="cpu")
 
     def _apply(self, fn, *args, **kwargs):
         # As YOLOv9 BaseModel._apply: head tensors that are plain attributes follow .to()/.half().
