@@ -237,3 +237,31 @@ def test_correct_conversion_passes_both_levels(checkpoints) -> None:
     assert fast.main_only_vs_full == 0.0
     assert [c.input_shape for c in fast.comparisons] == [[1, 3, 640, 640], [2, 3, 128, 192]]
     assert [c.dual for c in fast.comparisons] == ["main-only", "full"]
+
+
+@pytest.mark.parametrize("level", [None, "full"])
+def test_cli_reports_the_check_level(level: str | None, fixtures: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    flag = ["--check", level] if level else []
+    proc = subprocess.run([sys.executable, "-m", "reparam.cli", "convert", str(fixtures / "ckpt" / f"{CKPTS[0]}.pt"),
+                           "-o", str(tmp_path / "out"), "--imgsz", "64", *flag],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == exitcodes.OK, proc.stderr
+    ran = level or "fast"
+    assert f"check {ran}) passed" in proc.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["validation"]["check"] == ran and report["options"]["check"] == ran
+    assert len(report["validation"]["comparisons"]) == 2
+    assert report["threads"] >= 1 and report["timing"]["validate_cpu_s"] > 0
+
+
+def test_wrong_stored_strides_fail_the_check(checkpoints) -> None:
+    """Models built with a checkpoint's stored strides (no measuring forward) are checked against the maps."""
+    ck = checkpoints["yolov9-t-dual-best"]
+    pruned = convert_mod.prune(ck.cfg, ck.nc, ck.names, ck.state_dict, stride=[8.0, 16.0, 64.0])
+    result, _ = check_conversion(pruned.dual, pruned.deploy, imgsz=64, stride=32, level="fast")
+    assert not result.passed
+    assert "head strides [8.0, 16.0, 64.0] do not match the feature maps (strides [8.0, 16.0, 32.0])" in result.reason

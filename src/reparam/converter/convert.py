@@ -100,13 +100,15 @@ def variant_of(ckpt: Checkpoint) -> str:
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
-                *, what: str = "model", keep_dtype: bool = False) -> DetectionModel:
+                *, what: str = "model", keep_dtype: bool = False, stride: list[float] | None = None
+                ) -> DetectionModel:
     """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly (eval mode).
 
     Without ``state`` the model is freshly initialised in fp32. With ``state`` it is built on the ``meta`` device
-    (no initialisation, no stride forward: shapes only) and then takes the tensors of ``state``: fp32 copies, or
-    with ``keep_dtype`` the tensors themselves (no copy, saved dtype such as fp16; compute with
-    :func:`.validation.computing_in_fp32`).
+    (no initialisation; the stride forward runs on shapes only) and then takes the tensors of ``state``: fp32
+    copies, or with ``keep_dtype`` the tensors themselves (no copy, saved dtype such as fp16; compute with
+    :func:`.validation.computing_in_fp32`). ``stride`` (pixels per head level, e.g. the checkpoint's own) skips
+    measuring them; :func:`.validation.check_conversion` checks them against the feature maps.
 
     Raises InvalidInputError when the weights do not fit the config (lists the first mismatches).
     """
@@ -115,7 +117,7 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
         model.names = dict(names)
         return model.float().eval()
     with torch.device("meta"):
-        model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
+        model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc, stride=stride)
     model.names = dict(names)
     return load_weights(model, state, what=what, keep_dtype=keep_dtype)
 
@@ -167,20 +169,22 @@ class Pruned:
 
 
 def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor],
-          phase: Callable[[str], Any] | None = None) -> Pruned:
+          phase: Callable[[str], Any] | None = None, stride: list[float] | None = None) -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). ``phase(name)``, when given, is a
-    context manager timing the ``derive`` and ``transfer`` steps. Raises InvalidInputError when the weights do not
+    context manager timing the ``derive`` and ``transfer`` steps; ``stride``, when known (the checkpoint's), spares
+    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not
     fit the config or the transfer is not exact.
     """
     timed = phase or (lambda _name: contextlib.nullcontext())
     with timed("derive"):
         plan = derive_deploy_plan(cfg)
     with timed("transfer"):
-        dual = build_model(cfg, nc, names, state, what="checkpoint", keep_dtype=True)
+        dual = build_model(cfg, nc, names, state, what="checkpoint", keep_dtype=True, stride=stride)
         with torch.device("meta"):
-            skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc)
+            skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc,
+                                      stride=dual.model[-1].stride.tolist())
         deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg)
         if not account.exact:
             raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
@@ -236,7 +240,7 @@ def convert(
     with phase("load"):
         ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
     say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
-    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, phase=phase)
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, phase=phase, stride=ckpt.stride)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
 
     with phase("validate"):

@@ -52,7 +52,7 @@ class Comparison:
 
 @dataclass
 class ValidationResult:
-    """Outcome of :func:`check_equivalence`.
+    """Outcome of :func:`check_conversion`.
 
     ``max_abs_diff`` is the largest |deploy - dual main| over all inputs (fp32); ``passed`` is
     ``max_abs_diff <= atol`` with matching shapes and finite outputs.
@@ -207,6 +207,25 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
     return (float((a - b).abs().max()) if a.numel() else 0.0), ""
 
 
+def _stride_mismatch(x: torch.Tensor, out: Any, *models: nn.Module) -> str:
+    """A reason when the models' head strides differ from those of the feature maps ``out`` holds (else "").
+
+    ``out`` is a head's eval output ``(y, maps)``; for a dual head ``maps`` is ``[maps_aux, maps_main]``. The
+    stride of level ``i`` is ``H / H_i`` (YOLOv9 measures it the same way, on a blank 256 px image).
+    """
+    maps = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    if isinstance(maps, (list, tuple)) and maps and isinstance(maps[0], (list, tuple)):
+        maps = maps[-1]
+    if not isinstance(maps, (list, tuple)) or not maps:
+        return "cannot read the feature maps of the dual model's head"
+    measured = [x.shape[-2] / m.shape[-2] for m in maps]
+    for model in models:
+        used = [float(v) for v in model.model[-1].stride]  # type: ignore[attr-defined,index]
+        if used != measured:
+            return f"the head strides {used} do not match the feature maps (strides {measured})"
+    return ""
+
+
 def check_conversion(
     dual: nn.Module, deploy: nn.Module, *, imgsz: int, stride: int, seed: int = 0, atol: float = 1e-4,
     level: str = "fast",
@@ -223,7 +242,8 @@ def check_conversion(
     Returns:
         ``(result, gflops)``: ``gflops = {"before": dual, "after": deploy, "imgsz": s}``, GFLOPs of one
         ``[1, 3, s, s]`` forward, counted by ``torch.utils.flop_counter`` during the non-square check and scaled by
-        area (:func:`scaled_gflops`).
+        area (:func:`scaled_gflops`). The head strides both models decode with must equal those of the dual
+        model's feature maps on that check (models built with a checkpoint's stored strides are checked here).
 
     Raises ValueError for an unknown level.
     """
@@ -256,7 +276,11 @@ def check_conversion(
         else:
             record(big, main_output(dual(big)).float(), main_output(deploy(big)).float(), "full")
         with FlopCounterMode(display=False) as counter:
-            full = main_output(dual(small)).float()
+            out = dual(small)
+        full = main_output(out).float()
+        why = _stride_mismatch(small, out, dual, deploy)
+        if why:
+            reasons.append(why)
         flops["before"] = scaled_gflops(counter.get_total_flops(), small.shape, s)
         with FlopCounterMode(display=False) as counter:
             b = main_output(deploy(small)).float()
@@ -276,36 +300,6 @@ def check_conversion(
     result = ValidationResult(passed=passed, max_abs_diff=worst, atol=atol, comparisons=comps, reason=reason,
                               check=level, main_only_vs_full=main_only_vs_full)
     return result, {**flops, "imgsz": s}
-
-
-@torch.no_grad()
-def check_equivalence(
-    dual: nn.Module, deploy: nn.Module, inputs: list[torch.Tensor], atol: float = 1e-4
-) -> ValidationResult:
-    """Run both models (fp32 compute, eval) on each input and compare main outputs.
-
-    Args:
-        dual: the dual model (its head returns both halves); ``deploy``: the pruned model.
-        inputs: ``[B, 3, H, W]`` tensors, stride-aligned.
-        atol: tolerance on max |diff| (output units: pixels / probability).
-    """
-    dual.eval()
-    deploy.eval()
-    comps: list[Comparison] = []
-    worst = 0.0
-    reason = ""
-    with computing_in_fp32(dual, deploy):
-        for x in inputs:
-            a = main_output(dual(x)).float()
-            b = main_output(deploy(x)).float()
-            d, why = _compare(a, b)
-            reason = why or reason
-            worst = max(worst, d)
-            comps.append(Comparison(list(x.shape), list(b.shape), d))
-    passed = not reason and worst <= atol
-    if not passed and not reason:
-        reason = f"max |diff| {worst:.3g} exceeds atol {atol:.3g}"
-    return ValidationResult(passed=passed, max_abs_diff=worst, atol=atol, comparisons=comps, reason=reason)
 
 
 def count_params(model: nn.Module) -> int:
