@@ -93,7 +93,8 @@ class DFL(nn.Module):
     def __init__(self, c1: int = 17):
         super().__init__()
         self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
-        self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+        if not self.conv.weight.is_meta:  # a model built on "meta" (no storage) gets its weights loaded later
+            self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
         self.c1 = c1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
