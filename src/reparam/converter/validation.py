@@ -241,14 +241,12 @@ def check_conversion(
 
     Returns:
         ``(result, gflops)``: ``gflops = {"before": dual, "after": deploy, "imgsz": s}``, GFLOPs of one
-        ``[1, 3, s, s]`` forward, counted by ``torch.utils.flop_counter`` during the non-square check and scaled by
+        ``[1, 3, s, s]`` forward, counted during the non-square check (:func:`counting_conv_flops`) and scaled by
         area (:func:`scaled_gflops`). The head strides both models decode with must equal those of the dual
         model's feature maps on that check (models built with a checkpoint's stored strides are checked here).
 
     Raises ValueError for an unknown level.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if level not in CHECK_LEVELS:
         raise ValueError(f"unknown check level {level!r}; choose from {', '.join(CHECK_LEVELS)}")
     dual.eval()
@@ -275,16 +273,16 @@ def check_conversion(
             record(big, main_branch_forward(dual, big).float(), main_output(deploy(big)).float(), "main-only")
         else:
             record(big, main_output(dual(big)).float(), main_output(deploy(big)).float(), "full")
-        with FlopCounterMode(display=False) as counter:
+        with counting_conv_flops(dual) as counter:
             out = dual(small)
         full = main_output(out).float()
         why = _stride_mismatch(small, out, dual, deploy)
         if why:
             reasons.append(why)
-        flops["before"] = scaled_gflops(counter.get_total_flops(), small.shape, s)
-        with FlopCounterMode(display=False) as counter:
+        flops["before"] = scaled_gflops(counter["flops"], small.shape, s)
+        with counting_conv_flops(deploy) as counter:
             b = main_output(deploy(small)).float()
-        flops["after"] = scaled_gflops(counter.get_total_flops(), small.shape, s)
+        flops["after"] = scaled_gflops(counter["flops"], small.shape, s)
         record(small, full, b, "full")
         if level == "fast":
             lazy = main_branch_forward(dual, small).float()
@@ -307,11 +305,34 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextmanager
+def counting_conv_flops(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Count the FLOPs of every ``nn.Conv2d`` of ``model`` run inside the block into ``counter["flops"]``.
+
+    ``2 x out.numel() x (C_in / groups) x k_h x k_w`` per call: the rule of ``torch.utils.flop_counter`` for
+    convolutions (2 x multiply-accumulates, bias not counted). YOLOv9 graphs compute with convolutions only (their
+    other ops, activations, pooling, upsampling, concatenation, are not counted by that rule either), so this
+    equals ``FlopCounterMode``'s total, without its per-op Python dispatch, which is slow and, on the first
+    ``.float()`` it sees, imports torch's decompositions (seconds).
+    """
+    counter = {"flops": 0}
+
+    def count(m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        counter["flops"] += 2 * out.numel() * m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        yield counter
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def scaled_gflops(flops: int, shape: torch.Size | tuple[int, ...], imgsz: int) -> float:
     """GFLOPs of one ``[1, 3, imgsz, imgsz]`` forward, from ``flops`` counted on an input of ``shape [B, 3, h, w]``.
 
-    Counted as ``torch.utils.flop_counter`` does: 2 x multiply-accumulates for convolutions (the official YOLOv9
-    printout uses thop's MACs x 2 too, so numbers are comparable). Every layer's work is proportional to its
+    Counted as ``torch.utils.flop_counter`` does (:func:`counting_conv_flops`): 2 x multiply-accumulates for
+    convolutions (the official YOLOv9 printout uses thop's MACs x 2 too, so numbers are comparable). Every layer's work is proportional to its
     feature-map area and to the batch, so ``flops / B * imgsz**2 / (h * w)`` is exact when ``h``, ``w`` and
     ``imgsz`` are multiples of the largest stride; counting at 640 would cost a full-size forward.
     """
