@@ -1,8 +1,8 @@
 """CPU time, wall time and peak memory of `reparam convert`, phase by phase, next to the I/O floor, in one run.
 
 For each checkpoint (default: the yolov9-t and yolov9-s fixtures and a yolov9-e-sized dual checkpoint with random
-weights, built from ``tests/data/official_configs.py`` and saved in the official format), every measurement runs
-in a fresh child process, so each peak RSS (``ru_maxrss``) is its own:
+weights, built from the published config (``reparam.models.published``) and saved in the official format), every
+measurement runs in a fresh child process, so each peak RSS (``ru_maxrss``) is its own:
 
 * baseline: ``import torch`` + reparam, nothing else (the interpreter's own memory, subtracted below);
 * floor:    ``torch.load(weights_only=False)`` + ``torch.save`` of the same file (the least any converter does),
@@ -99,13 +99,12 @@ done(cpu0, wall0)
 
 GENERATE = r"""
 import sys, torch
-sys.path.insert(0, sys.argv[3])
-from data.official_configs import config
 from reparam.converter.official_format import save_official
 from reparam.models import DetectionModel
+from reparam.models.published import published_config
 torch.manual_seed(0)
 variant, path = sys.argv[1], sys.argv[2]
-model = DetectionModel(config(f"yolov9-{variant}", nc=80), nc=80).eval()
+model = DetectionModel(published_config(f"yolov9-{variant}", nc=80), nc=80).eval()
 with torch.no_grad():  # non-trivial BatchNorm statistics, as tests/test_pruning_variants.py
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -141,7 +140,7 @@ def generated(variant: str, work: Path) -> Path:
     if not path.is_file():
         print(f"generating {path.name} (random weights, official format) ...", flush=True)
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        subprocess.run([sys.executable, "-c", GENERATE, variant, str(path), str(REPO / "tests")], env=env, check=True)
+        subprocess.run([sys.executable, "-c", GENERATE, variant, str(path)], env=env, check=True)
     return path
 
 

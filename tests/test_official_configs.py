@@ -1,4 +1,4 @@
-"""Every published YOLOv9 / GELAN detection config builds with our blocks and runs."""
+"""Every published YOLOv9 / GELAN detection config (package data, reparam/models/configs) builds and runs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.official_configs import VARIANTS, config
 from reparam.models import DDetect, DetectionModel, DualDDetect
+from reparam.models.published import published_config, published_names, resolve_config
 
 
 def _fixtures() -> Path:
@@ -22,10 +22,14 @@ FIX = _fixtures()
 NC = 3
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_published_names() -> None:
+    assert published_names() == [f"{p}-{v}" for p in ("gelan", "yolov9") for v in "cemst"]
+
+
+@pytest.mark.parametrize("name", published_names())
 def test_config_builds_and_runs(name: str) -> None:
     torch.manual_seed(0)
-    model = DetectionModel(config(name, nc=NC)).eval()
+    model = DetectionModel(published_config(name, nc=NC)).eval()
     head = model.model[-1]
     dual = name.startswith("yolov9-")
     assert type(head) is (DualDDetect if dual else DDetect)
@@ -52,13 +56,34 @@ def test_config_equals_checkpoint_yaml(name: str, ckpt: str) -> None:
     from reparam.converter.safe_load import load_pickle
 
     official = load_pickle(FIX / "ckpt" / f"{ckpt}.pt").obj["model"].state["yaml"]
-    ours = config(name, nc=official["nc"])
-    assert ours["backbone"] == official["backbone"] + official["head"]
+    ours = published_config(name, nc=official["nc"])
+    assert {**ours, "ch": 3} == official  # every key, the backbone/head split included
+
+
+def test_cfg_spec_rule(tmp_path: Path) -> None:
+    """--cfg: an existing file wins, else a bare published name (with or without .yaml); anything else errs."""
+    from reparam.errors import InvalidInputError
+
+    assert resolve_config("yolov9-c").source == "published:yolov9-c"
+    assert resolve_config("yolov9-c.yaml").yaml_file == "yolov9-c.yaml"
+    own = tmp_path / "yolov9-c.yaml"
+    own.write_text("nc: 2\ndepth_multiple: 1.0\nwidth_multiple: 1.0\nbackbone: []\nhead: []\n")
+    assert resolve_config(own).source == str(own) and resolve_config(own).cfg["nc"] == 2
+    with pytest.raises(InvalidInputError, match="neither a config file nor a published config"):
+        resolve_config(tmp_path / "nope" / "yolov9-c.yaml")
+    with pytest.raises(InvalidInputError, match="neither a config file nor a published config"):
+        resolve_config("yolov9-x")
+    (tmp_path / "bad.yaml").write_text("nc: [1\n")
+    with pytest.raises(InvalidInputError, match="not valid YAML at line"):
+        resolve_config(tmp_path / "bad.yaml")
+    (tmp_path / "partial.yaml").write_text("nc: 2\nbackbone: []\n")
+    with pytest.raises(InvalidInputError, match="lacks depth_multiple, width_multiple, head"):
+        resolve_config(tmp_path / "partial.yaml")
 
 
 def test_gelan_s_matches_official_converted_keys() -> None:
     ref = json.loads((FIX / "reference" / "yolov9-s-dual-converted-keys.json").read_text())
-    model = DetectionModel(config("gelan-s", nc=ref["model_attributes"]["nc"]))
+    model = DetectionModel(published_config("gelan-s", nc=ref["model_attributes"]["nc"]))
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == {
         k: v["shape"] for k, v in ref["state_dict"].items()}
     assert list(model.state_dict()) == list(ref["state_dict"])

@@ -205,6 +205,16 @@ def test_conversion_registers_and_promotes(env, ns, runner, start_operator) -> N
     assert metric(m, "reparam_operator_reconcile_total", handler="job_event", result="ok") >= 3
     # no resource names or UIDs as label values
     assert not [k for k in m if any("traffic" in v or created["metadata"]["uid"] in v for _, v in k[1])]
+    # a changed spec.registry.tags is metadata: generation 2's Job sets it on the same version, no new version
+    status, data = env.request("PATCH", mc_path(ns, "traffic-v7"),
+                               {"spec": {"registry": {"tags": {"team": "vision", "stage": "qa"}}}})
+    assert status == 200 and data["metadata"]["generation"] == 2
+    wait_for(lambda: (mc(env, ns, "traffic-v7").get("status") or {}).get("observedGeneration") == 2
+             and phase(env, ns, "traffic-v7") == "Succeeded", 300, what="Succeeded g2")
+    assert mc(env, ns, "traffic-v7")["status"]["result"]["version"] == "1"
+    tags = REAL["client"].get_model_version(model, "1").tags
+    assert (tags["team"], tags["stage"]) == ("vision", "qa")
+    assert [str(v.version) for v in REAL["client"].search_model_versions(f"name = '{model}'")] == ["1"]
 
 
 def test_validation_failure_moves_no_alias_and_invalid_spec(env, ns, runner, start_operator) -> None:

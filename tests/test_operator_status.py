@@ -143,3 +143,42 @@ def test_invalid_spec() -> None:
     s = st.invalid({}, 3, "spec.source.uri 'x' is not ...", T0)
     assert s["phase"] == "Failed" and cond(s, "Succeeded") == ("False", "InvalidSpec")
     assert s["lastFailure"]["reason"] == "InvalidSpec" and s["observedGeneration"] == 3
+
+
+def killed_pod(exit_code: int, reason: str, memory: str | None) -> dict:
+    p = pod(exit_code, None)
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = reason
+    limits = {"memory": memory} if memory else {}
+    p["spec"] = {"containers": [{"name": "convert", "resources": {"limits": limits}}]}
+    return p
+
+
+def test_sigkill_without_oomkilled_reason_names_the_memory_limit() -> None:
+    # the kubelet does not always say OOMKilled: exit 137 with reason Error is a SIGKILL, most often the memory limit
+    s = st.observe({}, SPEC, 1, job(**FAILED_PFP), [killed_pod(137, "Error", "6Gi")], T1)
+    assert s["lastFailure"]["reason"] == "Killed" and s["lastFailure"]["exitCode"] == 137
+    assert s["lastFailure"]["message"].startswith(
+        "the converter was killed by SIGKILL (exit 137), most often the memory limit (6Gi)")
+    assert cond(s, "Succeeded") == ("False", "Killed") and cond(s, "Converted") == ("False", "Killed")
+
+
+def test_termination_table() -> None:
+    from reparam.operator import termination as tm
+    oom = tm.explain(137, "OOMKilled", "8Gi")
+    assert oom is not None and oom.reason == "OutOfMemory" and "(8Gi)" in oom.message
+    unset = tm.explain(137, "Error", None)
+    assert unset is not None and "none set on the container" in unset.message
+    term = tm.explain(143, "Error", "1Gi")
+    assert term is not None and term.reason == "Terminated"
+    segv = tm.explain(139, "Error", None)
+    assert segv is not None and segv.reason == "Crashed" and "SIGSEGV" in segv.message
+    assert tm.explain(1, "Error", "1Gi") is None and tm.explain(3, "Error", None) is None  # the converter's own codes
+
+
+def test_summary_wins_over_the_kill_table() -> None:
+    # a converter that wrote its summary explained itself; its reason stays
+    p = killed_pod(3, "Error", "6Gi")
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = json.dumps(
+        {"outcome": "validation_failed", "exitCode": 3, "reason": "ValidationFailed", "message": "diff 0.3"})
+    s = st.observe({}, SPEC, 1, job(**FAILED_PFP), [p], T1)
+    assert s["lastFailure"]["reason"] == "ValidationFailed"

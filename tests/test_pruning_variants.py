@@ -12,13 +12,19 @@ import copy
 import pytest
 import torch
 
-from data.official_configs import config
 from reparam.converter.convert import prune
 from reparam.converter.pruning import derive_deploy_plan, normalized_layers
 from reparam.errors import InvalidInputError
 from reparam.models import DetectionModel
+from reparam.models.published import published_config
 
 NC = 3
+
+
+def config(name: str, nc: int = 80) -> dict:
+    """The published config (package data) with every layer in ``backbone``: these tests index layers by number."""
+    cfg = published_config(name, nc=nc)
+    return {**cfg, "backbone": cfg["backbone"] + cfg["head"], "head": []}
 
 
 def official_offsets(variant: str) -> dict[int, int]:

@@ -72,6 +72,7 @@ def mlflow_sources(mlflow_server, tmp_path_factory):
     shutil.copy(CKPT, d / "last.pt")
     lm2 = c.create_logged_model(exp, name="dual2")
     c.log_model_artifacts(lm2.model_id, str(d))
+    c.finalize_logged_model(lm2.model_id, "READY")  # a PENDING logged model is refused (tests/test_registry_states.py)
     mv2 = c.create_model_version(name, f"models:/{lm2.model_id}", model_id=lm2.model_id)
     return {
         "run_id": run.info.run_id,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reparam.errors import InvalidInputError, RegistryError
-from reparam.store.promotion import check_aliases, decide
+from reparam.errors import InvalidInputError
+from reparam.store.promotion import RULES, check_aliases, decide, version_problem
 from reparam.store.registry import idempotency_key, run_metrics, version_tags
 from reparam.store.uris import parse_source, redact
 
@@ -82,21 +82,37 @@ READY = {"reparam.status": "ready", "reparam.validation_passed": "true"}
 
 
 @pytest.mark.parametrize(
-    "aliases, passed, tags, expect, reason",
+    "aliases, passed, status, tags, expect, reason, rule",
     [
-        (["champion"], True, READY, ["champion"], None),
-        (["champion", "prod", "champion"], True, READY, ["champion", "prod"], None),
-        ([], True, READY, [], "no alias"),
-        (["champion"], False, READY, [], "validation did not pass"),
-        (["champion"], True, {**READY, "reparam.status": "pending"}, [], "not ready"),
-        (["champion"], True, {**READY, "reparam.status": "failed"}, [], "not ready"),
-        (["champion"], True, {"reparam.status": "ready"}, [], "not marked validated"),
+        (["champion"], True, "READY", READY, ["champion"], None, None),
+        (["champion", "prod", "champion"], True, "READY", READY, ["champion", "prod"], None, None),
+        ([], True, "READY", READY, [], "no alias", "requested"),
+        (["champion"], False, "READY", READY, [], "validation did not pass", "validation"),
+        (["champion"], True, "READY", {**READY, "reparam.status": "pending"}, [], "not ready", "version_complete"),
+        (["champion"], True, "READY", {**READY, "reparam.status": "failed"}, [], "not ready", "version_complete"),
+        (["champion"], True, "READY", {"reparam.status": "ready"}, [], "not marked validated", "version_complete"),
+        # MLflow's own status counts as well as our tags
+        (["champion"], True, "FAILED_REGISTRATION", READY, [], "MLflow status is FAILED_REGISTRATION",
+         "version_complete"),
+        (["champion"], True, "PENDING_REGISTRATION", READY, [], "MLflow status is PENDING_REGISTRATION",
+         "version_complete"),
+        (["champion"], True, None, READY, [], "MLflow status is None", "version_complete"),
     ],
 )
-def test_promotion_rule(aliases, passed, tags, expect, reason):
-    got, why = decide(aliases, validation_passed=passed, version_tags=tags)
-    assert got == expect
-    assert (why is None) if reason is None else (reason in why)
+def test_promotion_rule(aliases, passed, status, tags, expect, reason, rule):
+    d = decide(aliases, validation_passed=passed, version_status=status, version_tags=tags)
+    assert d.aliases == expect and d.rule == rule and d.allowed is (reason is None)
+    assert (d.reason is None) if reason is None else (reason in d.reason)
+
+
+def test_reuse_and_promotion_share_one_completeness_rule():
+    assert version_problem("READY", READY) is None
+    assert version_problem("FAILED_REGISTRATION", READY) == "MLflow status is FAILED_REGISTRATION (not READY)"
+    assert version_problem("READY", {}) == "version is not ready (reparam.status=None)"
+    assert [(name, reads) for name, _, reads in RULES] == [("requested", False), ("validation", False),
+                                                          ("version_complete", True)]
+    early = decide(["champion"], validation_passed=True, version_status=None, version_tags=None, version_known=False)
+    assert early.allowed and early.aliases == ["champion"]
 
 
 @pytest.mark.parametrize("bad", ["latest", "v3", "has space", "a/b", ""])
@@ -123,7 +139,7 @@ def test_version_tags_and_metrics():
     assert tags["reparam.validation_passed"] == "true" and tags["reparam.source_run_id"] == "r1"
     assert "reparam.x" not in tags and tags["team"] == "vision"
     assert all(isinstance(v, str) for v in tags.values())
-    with pytest.raises(RegistryError, match="reserved"):
+    with pytest.raises(InvalidInputError, match="tag 'reparam.status' is reserved"):
         version_tags(REPORT, tags={"reparam.status": "ready"}, lineage={}, idempotency_key="k")
     assert run_metrics({**REPORT, "duration_s": 2}) == {
         "max_abs_diff": 3.0e-5, "params_before": 2.7e6, "params_after": 2e6,

@@ -3,12 +3,14 @@
 ::
 
     reparam convert SOURCE [-o OUT] [--json] [--atol X] [--fp32|--half] [--fuse] [--format F]...
+                           [--cfg NAME|FILE [--nc N] [--names A,B,...]]
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
-                           [--termination-log PATH]
-    reparam inspect SOURCE [--json]
+                           [--registry-wait SECONDS] [--termination-log PATH] [-v]
+    reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
-Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...``.
+Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
+:data:`reparam.errors.MAX_ERROR_CHARS` characters (:func:`error_line`); ``-v`` adds the whole message.
 """
 
 from __future__ import annotations
@@ -24,11 +26,41 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, exitcodes
 from . import summary as summary_mod
-from .errors import InvalidInputError, ReparamError
+from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
 
 
 def _eprint(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def error_line(message: str, *, prefix: str = "reparam: error: ", limit: int = MAX_ERROR_CHARS,
+               more: str = "rerun with -v for all of it") -> str:
+    """The one line a user error prints: ``prefix`` + ``message`` on one line, at most ``limit`` characters.
+
+    The one place the bound is enforced: whitespace runs (newlines included) become one space, and a longer
+    message is cut, ending in ``... [N more characters; <more>]``. Messages give the cause first, so the cut
+    keeps it.
+    """
+    text = prefix + " ".join(str(message).split())
+    if len(text) <= limit:
+        return text
+
+    def tail(n: int) -> str:
+        return f"... [{n:,} more characters; {more}]"
+
+    keep = max(limit - len(tail(len(text))), len(prefix))  # the count shrinks as the kept part grows: fits
+    return text[:keep] + tail(len(text) - keep)
+
+
+def _print_error(message: str, verbose: bool = False, *, prefix: str = "reparam: error: ",
+                 more: str = "rerun with -v for all of it") -> str:
+    """Print :func:`error_line` of ``message`` (and with ``verbose`` the whole message on a second line);
+    returns the printed line."""
+    line = error_line(message, prefix=prefix, more=more)
+    _eprint(line)
+    if verbose and line != prefix + " ".join(str(message).split()):
+        _eprint(f"reparam: the whole message: {message}")
+    return line
 
 
 def _parse_tags(items: Sequence[str]) -> dict[str, str]:
@@ -36,7 +68,7 @@ def _parse_tags(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise InvalidInputError(f"--tag expects KEY=VALUE, got {item!r}")
+            raise InvalidInputError(f"--tag expects KEY=VALUE, got {brief(item)}")
         tags[key] = value
     return tags
 
@@ -45,11 +77,32 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(exitcodes.INVALID_INPUT, f"reparam: error: {message} (see '{self.prog} --help')\n")
+        self.exit(exitcodes.INVALID_INPUT,
+                  error_line(f"{message} (see '{self.prog} --help')", more=f"see '{self.prog} --help'") + "\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected 0 to 86400 seconds, got {text}")
+    return value
+
+
+def _add_registry_wait(p: argparse.ArgumentParser) -> None:
+    from .store.tracking import REGISTRY_WAIT_S
+
+    p.add_argument("--registry-wait", type=_seconds, default=REGISTRY_WAIT_S, metavar="SECONDS",
+                   help="how long to wait for an MLflow model version (or logged model) that is still being "
+                        f"registered, PENDING_REGISTRATION, before giving up with exit 4 (default {REGISTRY_WAIT_S:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
+    from .converter.export.options import EXPORT_DEFAULTS, HALF_RTOL  # torch-free: the defaults live there
+
     p = _Parser(prog="reparam", description="YOLOv9 dual checkpoints -> validated deploy models")
     p.add_argument("--version", action="version", version=f"reparam {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,45 +128,93 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch of 2 with the whole dual model) or full (the whole dual model at full size and on a "
                         "half-size non-square batch of 2)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
-    c.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    c.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and image size")
-    c.add_argument("--nms", action="store_true", help="ONNX: append NonMaxSuppression (end-to-end boxes)")
-    c.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
-    c.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold (default 0.25)")
-    c.add_argument("--max-det", type=int, default=300, help="NMS max detections (default 300)")
-    c.add_argument("--export-atol", type=float, default=1e-3,
-                   help="max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default 1e-3; "
-                        "fp16 runs allow 2e-3 x the output range)")
+    d = EXPORT_DEFAULTS
+    c.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
+    c.add_argument("--dynamic", action="store_true",
+                   help="ONNX: dynamic batch and image size (output0 [batch, 4 + nc, anchors])")
+    c.add_argument("--nms", action="store_true", help="ONNX: append NonMaxSuppression (end-to-end boxes; one "
+                                                      "detection per box, its best class, as official detect.py)")
+    c.add_argument("--multi-label", action="store_true",
+                   help="with --nms: one detection per (box, class) above --score-thres, as official val.py")
+    c.add_argument("--iou-thres", type=float, default=d.iou_thres, help=f"NMS IoU threshold (default {d.iou_thres})")
+    c.add_argument("--score-thres", type=float, default=d.score_thres,
+                   help=f"NMS score threshold (default {d.score_thres})")
+    c.add_argument("--max-det", type=int, default=d.max_det, help=f"NMS max detections (default {d.max_det})")
+    c.add_argument("--export-atol", type=float, default=d.export_atol,
+                   help=f"max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default "
+                        f"{d.export_atol:g}; fp16 runs allow {HALF_RTOL:g} x the output range)")
     c.add_argument("--sha256", default=None, help="expected sha256 of the source checkpoint")
     c.add_argument("--register", metavar="NAME", default=None, help="register the deploy model as a new version of NAME")
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
     c.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag on the new version (repeatable)")
     c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)")
+    _add_registry_wait(c)
     c.add_argument("--termination-log", default=os.environ.get("REPARAM_TERMINATION_LOG"),
                    help="also write the JSON summary here (Kubernetes: /dev/termination-log)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    _state_dict_args(c)
 
     i = sub.add_parser("inspect", help="show what a checkpoint holds, without converting")
     i.add_argument("source", help="checkpoint: local path or folder, s3://, models:/, runs:/ or http(s):// URI")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
+    _state_dict_args(i)
+    _add_registry_wait(i)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (needs reparam[operator])", add_help=False)
     o.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
 
-def _fetch(source: str, workdir: Path, sha256: str | None, tracking_uri: str | None,
-           say=lambda _m: None) -> tuple[Path, dict[str, Any]]:
-    """Resolve a source (local path, s3://, models:/, runs:/, http(s)://) to a local file, with its sha256."""
+def _names_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError("expects comma-separated class names, e.g. car,truck,bus")
+    return names
+
+
+def _state_dict_args(p: argparse.ArgumentParser) -> None:
+    from .models.published import published_names
+
+    p.add_argument("--cfg", default=None, metavar="NAME|FILE",
+                   help="the source is a bare state_dict ({key: tensor}); build this architecture for it: a "
+                        f"published config ({', '.join(published_names())}) or a model yaml in the official format")
+    p.add_argument("--nc", type=int, default=None,
+                   help="with --cfg: number of classes (default: from the weights' head, which must agree)")
+    p.add_argument("--names", type=_names_arg, default=None,
+                   help="with --cfg: comma-separated class names, one per class (default: class0, class1, ...)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"print the whole error message too (the error line stops at {MAX_ERROR_CHARS} characters)")
+
+
+def _fetch(source: str, workdir: Path, args: argparse.Namespace, say=lambda _m: None) -> tuple[Path, dict[str, Any]]:
+    """Resolve a source (local path, s3://, models:/, runs:/, http(s)://) to a local file, with its sha256.
+
+    The source's warnings (e.g. its run FAILED) go to stderr, one line each, whatever ``--quiet`` says.
+    """
     from .store.sources import fetch
 
-    fetched = fetch(source, workdir, sha256=sha256, tracking_uri=tracking_uri)
+    fetched = fetch(source, workdir, sha256=args.sha256, tracking_uri=args.tracking_uri,
+                    registry_wait=args.registry_wait)
     if fetched.note:
         say(fetched.note)
+    for warning in fetched.warnings:
+        _eprint(f"reparam: warning: {warning}")
     return fetched.path, {"uri": fetched.uri, "sha256": fetched.sha256, "bytes": fetched.bytes,
-                          "kind": fetched.kind, "lineage": fetched.lineage}
+                          "kind": fetched.kind, "lineage": fetched.lineage, "warnings": list(fetched.warnings)}
+
+
+def _weights_note(report: dict[str, Any]) -> list[str]:
+    """A line saying that the EMA of a mid-training checkpoint was converted (official ``attempt_load`` does too)."""
+    if report.get("weights_used") != "ema":
+        return []
+    epoch = (report.get("removed") or {}).get("checkpoint_entries", {}).get("epoch")
+    diff = report.get("ema_vs_raw_max_abs_diff")
+    return [f"  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
+            + (f", epoch {epoch}" if isinstance(epoch, int) else "") + ")"
+            + (f"; the raw 'model' differs by up to {diff:.3g}" if isinstance(diff, float) else "")
+            + "; --no-ema converts the raw weights"]
 
 
 def _human_summary(report: dict[str, Any]) -> str:
@@ -125,11 +226,13 @@ def _human_summary(report: dict[str, Any]) -> str:
             f"  registered   {reg['model_uri']} already holds this conversion (deploy sha256 "
             f"{report.get('deploy_sha256')}); nothing new was created",
             f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
+            *([f"  updated tags: {', '.join(reg['updated_tags'])}"] if reg.get("updated_tags") else []),
         ])
     lines = [
         f"reparam {report['reparam_version']}: {report['source']['uri']}",
         f"  variant      {report['variant']} ({report['head']['dual']} -> {report['head']['deploy']}), "
         f"nc={report['nc']}, weights={report['weights_used']}",
+        *_weights_note(report),
         f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
         f"(dropped {len(report['layers']['dropped'])})",
         f"  parameters   {report['params']['before']:,} -> {report['params']['after']:,}",
@@ -151,6 +254,8 @@ def _human_summary(report: dict[str, Any]) -> str:
                      + (" [existing version, nothing new]" if reg.get("existing") else "")
                      + (f" [no alias moved: {reg['promotion_skipped']}]" if reg.get("promotion_skipped")
                         and reg["promotion_skipped"] != "no alias requested" else ""))
+        if reg.get("updated_tags"):
+            lines.append(f"  updated tags: {', '.join(reg['updated_tags'])}")
     lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
     return "\n".join(lines)
 
@@ -198,17 +303,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
+        if tags:
+            from .store.registry import check_user_tags
+
+            check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         options = ConvertOptions(
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
             formats=tuple(dict.fromkeys(args.formats or ["pt", "safetensors"])), imgsz=args.imgsz, seed=args.seed,
             prefer_ema=not args.no_ema, check_level=args.check,
-            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "iou_thres": args.iou_thres,
-                  "score_thres": args.score_thres, "max_det": args.max_det},
+            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
+                  "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
             export_atol=args.export_atol,
+            cfg=args.cfg, nc=args.nc, names=args.names,
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
-            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri, say)
+            path, info = _fetch(args.source, Path(work), args, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
             key = previous = None
@@ -216,13 +326,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 from .store import publish
 
                 key = publish.idempotency_key(info["sha256"], options.settings_key())
-                previous = publish.find_previous(args.register, key, args.alias, args.tracking_uri)
+                previous = publish.find_previous(args.register, key, args.alias, args.tracking_uri, tags=tags,
+                                                 log=say)
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
-                    f"{args.register} version {previous['version']}; nothing to do")
+                    f"{args.register} version {previous['version']}; nothing to convert")
                 report = {"reparam_version": __version__, "status": "succeeded", "source": info,
                           **publish.summary_from_tags(previous), "timing": {},
-                          "registry": publish.reuse(previous, args.alias, args.tracking_uri)}
+                          "registry": publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say)}
             else:
                 try:
                     report = convert(path, out, options, source_info=info, log=say)
@@ -235,6 +346,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     report["registry"] = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
+                        wait_s=args.registry_wait,
                     )
                     report["outputs_kept"] = bool(args.output)
                     finish_report(out, report)
@@ -246,10 +358,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _write_termination(args.termination_log, _summary_of(report, 0, None))
         return exitcodes.OK
     except ReparamError as err:
-        _eprint(f"reparam: error: {err}")
+        line = _print_error(str(err), args.verbose)
         if args.json and report:
             print(json.dumps(report, indent=2, default=str))
-        _write_termination(args.termination_log, _summary_of(report, err.exit_code, str(err)))
+        _write_termination(args.termination_log,
+                           _summary_of(report, err.exit_code, line.removeprefix("reparam: error: ")))
         return err.exit_code
 
 
@@ -259,13 +372,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
-            path, info = _fetch(args.source, Path(work), args.sha256, args.tracking_uri)
-            desc = describe(path)
+            path, info = _fetch(args.source, Path(work), args)
+            if args.cfg is None and (args.nc is not None or args.names is not None):
+                raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
+            desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names)
             desc["source"] = info
         print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc))
         return exitcodes.OK
     except ReparamError as err:
-        _eprint(f"reparam: error: {err}")
+        _print_error(str(err), args.verbose)
         return err.exit_code
 
 
@@ -274,8 +389,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     try:
         from .operator.main import run
     except ImportError as exc:
-        _eprint(f"reparam: error: the operator needs the [operator] extra ({exc}): pip install -e '.[operator]' "
-                "in a checkout, or pip install 'reparam[operator]'")
+        _print_error(f"the operator needs the [operator] extra: pip install -e '.[operator]' in a checkout, or pip "
+                     f"install 'reparam[operator]' ({exc})")
         return exitcodes.INVALID_INPUT
     return int(run(args.args) or 0)
 
@@ -296,13 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _eprint("reparam: interrupted")
         return 130
     except MemoryError:
-        _eprint("reparam: error: out of memory; convert on a machine with more RAM")
+        _print_error("out of memory; convert on a machine with more RAM")
         return exitcodes.INTERNAL
     except Exception as exc:  # a bug: one line, the traceback only on request
         if os.environ.get("REPARAM_DEBUG"):
             raise
-        _eprint(f"reparam: internal error: {type(exc).__name__}: {exc} (set REPARAM_DEBUG=1 for the traceback "
-                "and report it)")
+        _print_error(f"{type(exc).__name__}: {exc} (set REPARAM_DEBUG=1 for the traceback and report it)",
+                     prefix="reparam: internal error: ", more="set REPARAM_DEBUG=1 for all of it")
         return exitcodes.INTERNAL
 
 

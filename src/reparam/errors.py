@@ -7,7 +7,31 @@ and exits with :data:`reparam.exitcodes.INTERNAL`.
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 from . import exitcodes
+
+#: The longest error line the ``reparam`` command prints, ``reparam: error: `` included (characters). The CLI's
+#: error printer cuts longer messages there; messages themselves give counts and an example, never whole lists.
+MAX_ERROR_CHARS = 300
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` (``str`` for exceptions) on one line, cut to ``limit`` characters with ``...``.
+
+    For user-controlled values inside error messages (a key, an argument, a pickled name), whose size is unbounded.
+    """
+    text = str(value) if isinstance(value, BaseException) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: max(limit - 3, 1)] + "..."
+
+
+def count_of(items: Iterable[Any], noun: str, *, examples: int = 1, limit: int = 60) -> str:
+    """``"1,772 keys (e.g. 'model.0.conv.weight')"``: a count and the first ``examples`` items, each cut by
+    :func:`brief`, instead of a whole list in an error message. ``noun`` is the plural; ``"0 keys"`` when empty."""
+    items = list(items)
+    shown = ", ".join(brief(x, limit) for x in items[:examples])
+    return f"{len(items):,} {noun}" + (f" (e.g. {shown})" if shown else "")
 
 
 class ReparamError(Exception):

@@ -125,7 +125,7 @@ def load_safetensors(path: str | Path, *, dtype: torch.dtype | None = torch.floa
     except Exception as exc:
         raise InvalidInputError(f"'{path}' is not a safetensors file ({exc})") from None
     if meta.get("format") != SAFETENSORS_FORMAT:
-        raise InvalidInputError(f"'{path}' is not a reparam deploy model (metadata format {meta.get('format')!r})")
+        raise InvalidInputError(f"'{path}' is not a reparam deploy model (metadata format {brief(meta.get('format'))})")
     cfg = json.loads(meta["config"])
     nc = int(meta["nc"])
     model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)

@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import __version__
-from ..errors import InvalidInputError, ValidationFailedError
+from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..store.sources import hash_file
 from ..models import DetectionModel
 from . import artifacts
-from .checkpoint import TRAINING_KEYS, Checkpoint, read_checkpoint
+from .checkpoint import TRAINING_KEYS, Checkpoint, compact, read_checkpoint
 from .cpus import limit_threads
+from .export.options import EXPORT_DEFAULTS, check_export_options
 from .fusion import fuse_model
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
@@ -47,10 +48,15 @@ class ConvertOptions:
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
         seed: seed of the validation inputs.
         prefer_ema: deploy the EMA weights when the checkpoint holds them.
-        onnx: extra ONNX options (opset, dynamic, nms ...), used by the export step.
+        onnx: ONNX options (fields of :class:`~.export.options.ExportOptions`: opset, dynamic, nms, multi_label,
+            iou_thres, score_thres, max_det); missing ones take its defaults.
         export_atol: tolerance on max |artifact - torch| for the ONNX/TorchScript checks (fp32 graphs; see
             :mod:`.export`).
         check_level: validation level, ``"fast"`` (default) or ``"full"`` (:func:`.validation.check_conversion`).
+        cfg: the source is a bare state_dict of this architecture: a published name (``yolov9-c``) or a config
+            file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
+        nc: with ``cfg``: the class count, checked against the weights (which decide it).
+        names: with ``cfg``: class names, one per class (default ``class0`` ...).
     """
 
     atol: float = 1e-4
@@ -62,7 +68,10 @@ class ConvertOptions:
     seed: int = 0
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
-    export_atol: float = 1e-3
+    export_atol: float = EXPORT_DEFAULTS.export_atol
+    cfg: str | None = None
+    nc: int | None = None
+    names: tuple[str, ...] | None = None
     check_level: str = "fast"
 
     def settings_key(self) -> str:
@@ -70,6 +79,7 @@ class ConvertOptions:
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
                      self.prefer_ema, sorted(self.onnx.items()))
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
+                    + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ())
                     + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -82,13 +92,21 @@ class ConvertOptions:
             raise InvalidInputError("--fp32 and --half contradict each other; pick one")
         if not (self.atol > 0):
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
+        if self.cfg is None and (self.nc is not None or self.names is not None):
+            raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
+        if self.nc is not None and self.nc < 1:
+            raise InvalidInputError(f"--nc must be >= 1, got {self.nc}")
         if self.imgsz < 32 or self.imgsz > 4096:
             raise InvalidInputError(f"--imgsz must be between 32 and 4096 pixels, got {self.imgsz}")
         if self.check_level not in CHECK_LEVELS:
             raise InvalidInputError(f"--check must be one of {', '.join(CHECK_LEVELS)}, got {self.check_level!r}")
-        from .export import check_export_options
-
         check_export_options(self)
+
+
+def _config_digest(spec: str) -> str:
+    """``spec`` plus the sha256 of the file it names (a config file's content changes the outputs)."""
+    path = Path(spec).expanduser()
+    return f"{spec}:{hash_file(path)[0]}" if path.is_file() else spec
 
 
 def variant_of(ckpt: Checkpoint) -> str:
@@ -100,8 +118,8 @@ def variant_of(ckpt: Checkpoint) -> str:
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
-                *, what: str = "model", keep_dtype: bool = False, stride: list[float] | None = None
-                ) -> DetectionModel:
+                *, what: str = "model", fits: str = "its config", keep_dtype: bool = False,
+                stride: list[float] | None = None) -> DetectionModel:
     """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly (eval mode).
 
     Without ``state`` the model is freshly initialised in fp32. With ``state`` it is built on the ``meta`` device
@@ -110,7 +128,8 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
     :func:`.validation.computing_in_fp32`). ``stride`` (pixels per head level, e.g. the checkpoint's own) skips
     measuring them; :func:`.validation.check_conversion` checks them against the feature maps.
 
-    Raises InvalidInputError when the weights do not fit the config (lists the first mismatches).
+    Raises InvalidInputError when the weights do not fit the config: missing, unexpected and other-shape keys by
+    count and first example (``fits`` names the config in the message, e.g. ``"--cfg yolov9-c"``).
     """
     if state is None:
         model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
@@ -119,16 +138,16 @@ def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict
     with torch.device("meta"):
         model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc, stride=stride)
     model.names = dict(names)
-    return load_weights(model, state, what=what, keep_dtype=keep_dtype)
+    return load_weights(model, state, what=what, fits=fits, keep_dtype=keep_dtype)
 
 
 def load_weights(model: DetectionModel, state: dict[str, torch.Tensor], *, what: str = "model",
-                 keep_dtype: bool = False) -> DetectionModel:
+                 fits: str = "its config", keep_dtype: bool = False) -> DetectionModel:
     """Give ``model`` (built on any device, e.g. ``meta``) the tensors of ``state``, strictly; returns it in eval.
 
     fp32 copies of floating tensors unless ``keep_dtype`` (then the tensors themselves, shared, no copy). Plain
     tensor attributes left on ``meta`` (the head's unused ``anchors``/``strides``) become empty CPU tensors.
-    Raises InvalidInputError when the weights do not fit (lists the first mismatches).
+    Raises InvalidInputError when the weights do not fit (as :func:`build_model`).
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -137,13 +156,14 @@ def load_weights(model: DetectionModel, state: dict[str, torch.Tensor], *, what:
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(count_of(missing, "missing"))
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            parts.append(count_of(unexpected, "unexpected"))
         if shapes:
             k = shapes[0]
-            parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(state[k].shape)} vs {list(own[k].shape)})")
-        raise InvalidInputError(f"the {what}'s weights do not fit its config: " + "; ".join(parts))
+            parts.append(f"{len(shapes):,} of another shape (e.g. {brief(k)}: {list(state[k].shape)} vs "
+                         f"{list(own[k].shape)})")
+        raise InvalidInputError(f"the {what}'s weights do not fit {fits}: " + "; ".join(parts))
     tensors = state if keep_dtype else {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(tensors, assign=True)
     for m in model.modules():
@@ -168,20 +188,21 @@ class Pruned:
     account: Any
 
 
-def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor],
-          phase: Callable[[str], Any] | None = None, stride: list[float] | None = None) -> Pruned:
+def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
+          what: str = "checkpoint", fits: str = "its config", phase: Callable[[str], Any] | None = None,
+          stride: list[float] | None = None) -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). ``phase(name)``, when given, is a
     context manager timing the ``derive`` and ``transfer`` steps; ``stride``, when known (the checkpoint's), spares
-    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not
-    fit the config or the transfer is not exact.
+    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not fit the config
+    (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
     timed = phase or (lambda _name: contextlib.nullcontext())
     with timed("derive"):
         plan = derive_deploy_plan(cfg)
     with timed("transfer"):
-        dual = build_model(cfg, nc, names, state, what="checkpoint", keep_dtype=True, stride=stride)
+        dual = build_model(cfg, nc, names, state, what=what, fits=fits, keep_dtype=True, stride=stride)
         with torch.device("meta"):
             skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc,
                                       stride=dual.model[-1].stride.tolist())
@@ -238,10 +259,17 @@ def convert(
     threads = limit_threads()
 
     with phase("load"):
-        ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema)
-    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights)")
-    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, phase=phase, stride=ckpt.stride)
+        ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
+                               names=options.names)
+    say(f"loaded {path.name}: {ckpt.head_name}, nc={ckpt.nc}, {len(ckpt.state_dict)} tensors ({ckpt.weights} weights"
+        + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
+    for note in (ckpt.origin or {}).get("notes", []):
+        say(note)
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
+                   fits=ckpt.fits, phase=phase, stride=ckpt.stride)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
+        ckpt.stride = [float(s) for s in dual.stride.tolist()]
 
     with phase("validate"):
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
@@ -266,7 +294,7 @@ def convert(
             "gflops_imgsz": int(flops["imgsz"]),
         }
 
-    removed = {k: ckpt.top_level[k] for k in TRAINING_KEYS if k in ckpt.top_level and ckpt.top_level[k] not in ("None", "-1")}
+    removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
     info = dict(source_info or {})
     info.setdefault("uri", str(path))
@@ -280,12 +308,14 @@ def convert(
         "source": info,
         "variant": variant_of(ckpt),
         "model_class": ckpt.model_class,
+        "package_prefix": ckpt.package_prefix,
         "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head},
         "pruned": plan.pruned,
         "nc": ckpt.nc,
         "names": {str(k): v for k, v in ckpt.names.items()},
         "stride": ckpt.stride,
         "weights_used": ckpt.weights,
+        "state_dict": ckpt.origin,
         "ema_vs_raw_max_abs_diff": ckpt.ema_differs_by,
         "layers": {
             "dual": len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"]),
@@ -305,7 +335,10 @@ def convert(
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
-                    "onnx": dict(options.onnx), "export_atol": options.export_atol, "check": options.check_level},
+                    "onnx": dict(options.onnx), "export_atol": options.export_atol, "check": options.check_level,
+                    **({"cfg": options.cfg, "nc": options.nc,
+                        "names": list(options.names) if options.names is not None else None}
+                       if options.cfg is not None else {})},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
         "timing": timings,

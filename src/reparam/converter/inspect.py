@@ -5,19 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, short
 from .pruning import derive_deploy_plan
 from .convert import variant_of
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """A JSON-able description of the checkpoint at ``path``.
+def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
+             names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A JSON-able description of the checkpoint at ``path`` (with ``cfg``: of a bare state_dict, see
+    :func:`reparam.converter.checkpoint.read_state_dict`).
 
-    Keys: file, bytes, top_level (entry -> what it holds), model_class, variant, head, nc, names, stride,
-    weights (``ema``/``model``), dtype, tensors, elements, layers (dual/deploy/dropped), globals.
+    Keys: file, bytes, top_level (every top-level entry -> a typed summary of what it holds:
+    :func:`reparam.converter.checkpoint.summarize`; ``epoch`` stays an int, ``best_fitness`` a list of floats, the
+    training args (``opt``) a dict), model_class, package_prefix (``""`` official layout, ``"yolov9."`` a pip fork),
+    variant, head, nc, names, stride (``None`` for a state_dict: measured at conversion), weights
+    (``ema``/``model``/``state_dict``), dtype, tensors, elements, layers (dual/deploy/dropped), globals, state_dict
+    (its origin, or ``None``).
     Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, cfg=cfg, nc=nc, names=names)
     plan = derive_deploy_plan(ckpt.cfg)
     n_layers = len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"])
     return {
@@ -25,6 +31,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "bytes": ckpt.file_bytes,
         "top_level": ckpt.top_level,
         "model_class": ckpt.model_class,
+        "package_prefix": ckpt.package_prefix,
         "variant": variant_of(ckpt),
         "head": ckpt.head_name,
         "nc": ckpt.nc,
@@ -41,6 +48,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "pruned": plan.pruned,
         },
         "globals": ckpt.globals,
+        "state_dict": ckpt.origin,
     }
 
 
@@ -50,13 +58,20 @@ def format_description(desc: dict[str, Any]) -> str:
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     lines = [
         f"{desc['file']} ({desc['bytes']:,} bytes)",
-        f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, stride {desc['stride']}",
+        f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, "
+        f"stride {desc['stride'] or 'measured at conversion'}",
         f"  classes      nc={desc['nc']}: {shown}",
         f"  weights      {desc['tensors']} tensors, {desc['elements']:,} elements, {desc['dtype']}, "
         f"using '{desc['weights']}'",
         f"  layers       {desc['layers']['dual']}; a conversion keeps {desc['layers']['deploy']}"
         + (f" and drops {len(desc['layers']['dropped'])} (auxiliary branch)" if desc["layers"]["pruned"]
            else " (no auxiliary branch: nothing to prune)"),
-        "  entries      " + ", ".join(f"{k}={v}" for k, v in desc["top_level"].items()),
+        "  entries      " + (", ".join(f"{k}={short(v)}" for k, v in desc["top_level"].items()) or "none"),
     ]
+    if desc.get("package_prefix"):
+        lines.insert(2, f"  package      official YOLOv9 classes under the prefix '{desc['package_prefix']}'")
+    if desc.get("state_dict"):
+        sd = desc["state_dict"]
+        lines.append(f"  state_dict   {sd['entry']}, key prefix {sd['key_prefix'] or 'none'!r}, config {sd['config']}"
+                     + "".join(f"; {n}" for n in sd["notes"]))
     return "\n".join(lines)

@@ -1,24 +1,38 @@
-"""Class-aware non-maximum suppression: the ONNX ``NonMaxSuppression`` operator and its plain-torch twin.
+"""Class-aware non-maximum suppression for the end-to-end graph, and an independent reference to check it.
 
-The end-to-end export appends this to a deploy model's ``y [B, 4 + nc, A]`` (box xywh in input pixels, then class
-scores). Semantics are those of the ONNX operator (https://onnx.ai/onnx/operators/onnx__NonMaxSuppression.html) as
-onnxruntime implements it (``core/providers/cpu/object_detection/non_max_suppression.cc``):
+The end-to-end export appends :class:`NMSHead` to a deploy model's ``y [B, 4 + nc, A]`` (box xywh in input pixels,
+then class scores). Two semantics (``NMSHead(multi_label=...)``, CLI ``--multi-label``):
 
-* per image and per class, candidates are the boxes whose score is strictly above ``score_thres``;
-* they are visited by decreasing score; a box is dropped when its IoU with an already kept box of the same class is
-  strictly above ``iou_thres`` (a box or an intersection with no area never suppresses);
-* at most ``max_det`` boxes are kept per image and class.
+* **best class** (default), as the official YOLOv9 ``detect.py`` (WongKinYiu/yolov9 ``utils/general.py``
+  ``non_max_suppression(multi_label=False)``): each box is a candidate once, with its best
+  class (first one on a tie) and that class's score; candidates need a score strictly above ``score_thres``.
+* **multi-label**, as the official ``val.py`` (``multi_label=True``): every (box, class) pair whose score is strictly
+  above ``score_thres`` is a candidate, so one box can come out once per class.
 
-Then the kept boxes of all classes of an image are ranked by score and the best ``max_det`` are returned in fixed-size
-tensors (padding: box 0, score 0, label -1). torchvision is not needed anywhere.
+Then, in both: NMS is class-aware (boxes of different classes never suppress each other); candidates are visited by
+decreasing score and a box is dropped when its IoU with an already kept box of the same class is strictly above
+``iou_thres`` (a box or intersection with no area never suppresses); the ``max_det`` best detections of an image are
+returned in fixed-size tensors (padding: box 0, score 0, label -1). The official code also caps the candidates at
+30,000 before NMS; the graph does not (it only matters for images with more candidates than that).
+
+In the graph (:class:`NMSHead`), best class is done by zeroing every score but the best class's (``ArgMax`` +
+``ScatterElements``) before the standard ``NonMaxSuppression`` operator
+(https://onnx.ai/onnx/operators/onnx__NonMaxSuppression.html, per image and class, at most ``max_det`` per class),
+then a ``TopK`` over all classes. :func:`reference_detections` computes the same result the other way round (numpy,
+greedy over the sorted candidate list as ``detect.py`` does), sharing no code with the graph: the export check
+compares the two. torchvision is not needed anywhere.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["xywh2xyxy", "nms_indices", "gather_detections", "NMSHead", "nms_inputs", "reference_nms", "NMS_OUTPUTS"]
+from .export.options import EXPORT_DEFAULTS
+
+__all__ = ["xywh2xyxy", "nms_indices", "best_class_scores", "gather_detections", "NMSHead", "nms_inputs",
+           "reference_detections", "NMS_OUTPUTS"]
 
 #: Output names of the end-to-end ONNX graph, in order.
 NMS_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
@@ -83,10 +97,17 @@ def nms_indices(boxes: torch.Tensor, scores: torch.Tensor, max_per_class: int, i
 
 
 class _NonMaxSuppression(torch.autograd.Function):
-    """:func:`nms_indices` in torch; the ONNX ``NonMaxSuppression`` node when exported (TorchScript exporter)."""
+    """:func:`nms_indices` in torch; the ONNX ``NonMaxSuppression`` node when exported (TorchScript exporter).
+
+    While tracing for export the torch value is a placeholder row ``[[0, 0, 0]]``: the exporter replaces this
+    node by the operator, only the output's type matters there, and :func:`nms_indices` (a Python loop) would cost
+    minutes on a prediction with many candidates.
+    """
 
     @staticmethod
     def forward(ctx, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):  # noqa: D102
+        if torch.jit.is_tracing():
+            return torch.zeros((1, 3), dtype=torch.int64)
         return nms_indices(boxes, scores, max_per_class, iou_thres, score_thres)
 
     @staticmethod
@@ -131,13 +152,26 @@ def gather_detections(selected: torch.Tensor, boxes: torch.Tensor, scores: torch
     return num_dets, out_boxes, out_scores, labels
 
 
+def best_class_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``scores [B, C, A]`` with every score but each box's best class's set to 0 (first class on a tie).
+
+    A zero score is never an NMS candidate (the score threshold is >= 0 and compared with ``>``), so per-class NMS on
+    the result is NMS over each box's best class only. Traceable: ``ArgMax`` + ``ScatterElements`` + ``Mul`` in ONNX.
+    """
+    best = scores.argmax(1, keepdim=True)
+    keep = torch.zeros_like(scores).scatter(1, best, 1.0)
+    return scores * keep
+
+
 class NMSHead(nn.Module):
-    """End-to-end post-processing of a YOLO prediction.
+    """End-to-end post-processing of a YOLO prediction (semantics: module docstring).
 
     Args:
         iou_thres: IoU above which a lower-scored box of the same class is dropped.
-        score_thres: class score a box must exceed.
+        score_thres: class score a candidate must exceed, in [0, 1).
         max_det: detections per image (also the per-class cap of the NMS operator).
+        multi_label: every (box, class) pair above ``score_thres`` is a candidate (official ``val.py``); default
+            one candidate per box, its best class (official ``detect.py``).
 
     Input: ``y [B, 4 + nc, A]`` (xywh in input pixels, then class scores; any float dtype, computed in fp32 since
     the ONNX operator takes float only).
@@ -145,33 +179,91 @@ class NMSHead(nn.Module):
     labels [B, max_det] int64)``; see :func:`gather_detections`.
     """
 
-    def __init__(self, iou_thres: float = 0.45, score_thres: float = 0.25, max_det: int = 300):
+    def __init__(self, iou_thres: float = EXPORT_DEFAULTS.iou_thres, score_thres: float = EXPORT_DEFAULTS.score_thres,
+                 max_det: int = EXPORT_DEFAULTS.max_det, multi_label: bool = EXPORT_DEFAULTS.multi_label):
         super().__init__()
         self.iou_thres = float(iou_thres)
         self.score_thres = float(score_thres)
         self.max_det = int(max_det)
+        self.multi_label = bool(multi_label)
 
     def forward(self, y: torch.Tensor):
         boxes, scores = nms_inputs(y)
         return self.select(boxes, scores)
 
     def select(self, boxes: torch.Tensor, scores: torch.Tensor):
-        """NMS + ranking on prepared ``boxes [B, A, 4]`` xyxy and ``scores [B, C, A]`` (fp32)."""
-        selected = _NonMaxSuppression.apply(boxes, scores, self.max_det, self.iou_thres, self.score_thres)
-        return gather_detections(selected, boxes, scores, self.max_det)
+        """NMS + ranking on prepared ``boxes [B, A, 4]`` xyxy and raw class ``scores [B, C, A]`` (fp32)."""
+        candidates = scores if self.multi_label else best_class_scores(scores)
+        selected = _NonMaxSuppression.apply(boxes, candidates, self.max_det, self.iou_thres, self.score_thres)
+        return gather_detections(selected, boxes, candidates, self.max_det)
 
 
 def nms_inputs(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y [B, 4 + nc, A]`` -> the NonMaxSuppression inputs ``boxes [B, A, 4]`` xyxy and ``scores [B, nc, A]``, fp32."""
+    """``y [B, 4 + nc, A]`` -> ``boxes [B, A, 4]`` xyxy and raw class ``scores [B, nc, A]``, fp32."""
     y = y.float()
     return xywh2xyxy(y[:, :4].transpose(1, 2)), y[:, 4:]
 
 
-def reference_nms(y: torch.Tensor, iou_thres: float = 0.45, score_thres: float = 0.25,
-                  max_det: int = 300) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The torch reference of the end-to-end graph's post-processing: ``NMSHead(...)(y)`` without export machinery.
+def _pairwise_iou(one: np.ndarray, many: np.ndarray) -> np.ndarray:
+    """IoU of ``one [4]`` with ``many [N, 4]`` (xyxy in any corner order); 0 where an area is not positive."""
+    lo1, hi1 = np.minimum(one[:2], one[2:]), np.maximum(one[:2], one[2:])
+    lo, hi = np.minimum(many[:, :2], many[:, 2:]), np.maximum(many[:, :2], many[:, 2:])
+    inter_wh = np.clip(np.minimum(hi, hi1) - np.maximum(lo, lo1), 0, None)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = np.prod(hi1 - lo1) + np.prod(hi - lo, axis=1) - inter
+    ok = (inter > 0) & (union > 0) & (np.prod(hi1 - lo1) > 0) & (np.prod(hi - lo, axis=1) > 0)
+    return np.where(ok, inter / np.where(ok, union, 1), 0.0)
 
-    Shapes as :class:`NMSHead`.
+
+def reference_detections(boxes: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray, *, iou_thres: float,
+                         score_thres: float, max_det: int, multi_label: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The end-to-end post-processing computed independently of the graph (numpy, no code shared with it).
+
+    Follows the official ``non_max_suppression`` flow: candidates (best class per box, or every pair above the
+    threshold with ``multi_label``), sorted by decreasing score (stable), then greedy: a candidate is kept unless an
+    already kept one of the same class overlaps it with IoU > ``iou_thres``; stop at ``max_det``.
+
+    Args:
+        boxes: ``[B, A, 4]`` xyxy (pixels); scores: raw class scores ``[B, C, A]``; both as fed to the graph's NMS.
+
+    Returns:
+        ``(num_dets [B, 1] int64, boxes [B, max_det, 4] fp32, scores [B, max_det] fp32, labels [B, max_det] int64)``,
+        by decreasing score, padded like :class:`NMSHead`'s outputs.
     """
-    with torch.no_grad():
-        return NMSHead(iou_thres, score_thres, max_det)(y)
+    bx = np.asarray(boxes, dtype=np.float32)
+    sc = np.asarray(scores, dtype=np.float32)
+    n_img = sc.shape[0]
+    out_n = np.zeros((n_img, 1), np.int64)
+    out_b = np.zeros((n_img, max_det, 4), np.float32)
+    out_s = np.zeros((n_img, max_det), np.float32)
+    out_l = np.full((n_img, max_det), -1, np.int64)
+    for i in range(n_img):
+        per_box = sc[i].T  # [A, C]
+        if multi_label:
+            anchor, label = np.nonzero(per_box > score_thres)
+        else:
+            best = per_box.argmax(1)
+            anchor = np.nonzero(per_box[np.arange(per_box.shape[0]), best] > score_thres)[0]
+            label = best[anchor]
+        conf = per_box[anchor, label]
+        order = np.argsort(-conf, kind="stable")
+        anchor, label, conf = anchor[order], label[order], conf[order]
+        alive = np.ones(len(anchor), bool)
+        kept: list[int] = []
+        for k in range(len(anchor)):
+            if not alive[k]:
+                continue
+            kept.append(k)
+            if len(kept) == max_det:
+                break
+            rest = np.nonzero(alive[k + 1:] & (label[k + 1:] == label[k]))[0] + k + 1
+            if rest.size:
+                alive[rest[_pairwise_iou(bx[i, anchor[k]], bx[i, anchor[rest]]) > iou_thres]] = False
+        n = len(kept)
+        out_n[i, 0] = n
+        out_b[i, :n] = bx[i, anchor[kept]]
+        out_s[i, :n] = conf[kept]
+        out_l[i, :n] = label[kept]
+    return (torch.from_numpy(out_n), torch.from_numpy(out_b), torch.from_numpy(out_s), torch.from_numpy(out_l))
+

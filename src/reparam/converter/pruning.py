@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, brief
 
 #: Dual heads and, for each, the class of the deploy head and how its sub-module names map.
 #: Deploy head attribute <- dual head attribute (YOLOv9 models/yolo.py: DualDDetect.cv4/cv5/dfl2 is the main half).
@@ -105,7 +105,7 @@ def layers_of(cfg: dict[str, Any]) -> list[list[Any]]:
     layers = list(cfg["backbone"]) + list(cfg["head"])
     for i, layer in enumerate(layers):
         if not (isinstance(layer, (list, tuple)) and len(layer) == 4 and isinstance(layer[2], str)):
-            raise InvalidInputError(f"model config layer {i} is {layer!r}; expected [from, number, module, args]")
+            raise InvalidInputError(f"model config layer {i} is {brief(layer)}; expected [from, number, module, args]")
     return [list(layer) for layer in layers]
 
 
@@ -118,7 +118,7 @@ def resolve_from(f: Any, i: int) -> list[int]:
     out = []
     for x in items:
         if not isinstance(x, int) or isinstance(x, bool):
-            raise InvalidInputError(f"model config layer {i} has a non-integer input index {x!r}")
+            raise InvalidInputError(f"model config layer {i} has a non-integer input index {brief(x)}")
         j = x if x >= 0 else i + x
         if j >= i or (j < 0 and not (i == 0 and x == -1)):
             raise InvalidInputError(f"model config layer {i} reads layer {x}, which does not come before it")

@@ -10,8 +10,17 @@ looked up in a fixed allowlist (:data:`ALLOWED_GLOBALS`) *before* anything is ca
   ``__dict__`` (``_modules``, ``_parameters``, ``_buffers`` and plain attributes such as ``yaml``);
 * tensors are rebuilt by torch's own ``_rebuild_tensor_v2`` / ``_rebuild_parameter`` from the archive's
   storages, which this module reads itself (no ``torch.load``);
-* a few harmless builtins (``set``, ``OrderedDict``, ``torch.Size``, numpy scalars as written by the
-  optimizer state) are allowed as they are.
+* a few harmless builtins (``set``, ``OrderedDict``, ``torch.Size``) are allowed as they are;
+* numpy values that the official training loop writes into checkpoint metadata (``best_fitness`` is a float64
+  array once a run has any fitness; the optimizer's ``lr``/``momentum`` are float64 scalars from ``np.interp``)
+  are rebuilt as plain data: scalars through ``numpy.*.multiarray.scalar``, arrays through
+  ``numpy.*.multiarray._reconstruct`` into :class:`InertArray`, numeric dtypes only (object dtypes refused),
+  for numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) pickles alike.
+
+The official classes are accepted under the module paths of the official layout (``models.common``,
+``models.yolo``) and under the known vendored prefixes of :data:`OFFICIAL_PACKAGE_PREFIXES` (pip-installed forks
+of the official repository pickle ``yolov9.models.yolo.DetectionModel``), always by full dotted name; records are
+named by the official path and :attr:`RawCheckpoint.package_prefix` says which prefix the file used.
 
 Any other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, an unknown class) raises
 :class:`reparam.errors.UnsafeCheckpointError` naming it, and nothing of it is executed. The list of globals
@@ -30,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
-from ..errors import InvalidInputError, UnsafeCheckpointError
+from ..errors import InvalidInputError, UnsafeCheckpointError, brief
 
 # Classes of the official repository (WongKinYiu/yolov9 models/common.py, models/yolo.py) that appear in
 # checkpoints, including the segmentation ones. They are never imported: each becomes an ObjectRecord.
@@ -47,6 +57,12 @@ OFFICIAL_CLASSES = {
         "DualDSegment", "Detect", "DualDetect", "TripleDetect", "Segment",
     },
 }
+
+#: Package prefixes under which the official module layout (``models/common.py``, ``models/yolo.py``) is accepted:
+#: ``""`` is the official repository run from its root; ``"yolov9."`` is the same code installed as the ``yolov9``
+#: package (the ``yolov9pip`` distribution and vendored copies import it as ``yolov9.models.yolo``). Matched by the
+#: full dotted name (prefix + ``models.common``/``models.yolo`` + a class in :data:`OFFICIAL_CLASSES`), never by suffix.
+OFFICIAL_PACKAGE_PREFIXES = ("", "yolov9.")
 
 TORCH_NN_CLASSES = {
     "torch.nn.modules.container": {"Sequential", "ModuleList"},
@@ -158,7 +174,7 @@ def _safe_getattr(obj: Any, name: str) -> MethodRef:
     if isinstance(obj, type) and issubclass(obj, ObjectRecord) and isinstance(name, str):
         return MethodRef(obj.cls, name)
     raise UnsafeCheckpointError(
-        f"checkpoint calls getattr({obj!r}, {name!r}); only getattr on a YOLOv9 class is allowed"
+        f"checkpoint calls getattr({brief(obj)}, {brief(name)}); only getattr on a YOLOv9 class is allowed"
     )
 
 
@@ -170,19 +186,53 @@ def _safe_encode(text: str, encoding: str = "utf-8") -> bytes:
 
 
 def _numpy_scalar(dtype: Any, data: bytes | None = None) -> Any:
-    import numpy as np
-
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise UnsafeCheckpointError("checkpoint builds a numpy scalar of an object dtype; refused")
     return np.frombuffer(data or b"", dtype=dtype, count=1)[0]
 
 
 def _numpy_dtype(*args: Any) -> Any:
-    import numpy as np
-
     if not args or not isinstance(args[0], str) or args[0].startswith("O"):
-        raise UnsafeCheckpointError(f"checkpoint builds numpy.dtype{args!r}; only plain numeric dtypes are allowed")
+        what = " (an object dtype: arbitrary Python objects)" if args and str(args[0]).startswith("O") else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint builds numpy.dtype{args!r:.60}{what}; only plain numeric dtypes are allowed"
+        )
     return np.dtype(args[0])
+
+
+class InertArray(np.ndarray):  # type: ignore[type-arg]
+    """A numpy array rebuilt from a checkpoint pickle: numeric data only, no Python objects inside.
+
+    numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by ``__setstate__((version, shape,
+    dtype, is_fortran, raw bytes))``. This subclass runs numpy's own ``__setstate__`` only after checking that the
+    dtype holds no Python objects (an object array's state is a list of arbitrary unpickled objects). It behaves as
+    a plain ``numpy.ndarray`` (``best_fitness[0]``, ``.tolist()``).
+
+    Raises:
+        UnsafeCheckpointError: the pickled array has an object dtype (or a structured dtype with object fields).
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        dtype = next((x for x in state if isinstance(x, np.dtype)), None) if isinstance(state, tuple) else None
+        if dtype is None or dtype.hasobject:
+            raise UnsafeCheckpointError(
+                "checkpoint holds a numpy object array (arbitrary Python objects inside); refused — only numeric "
+                "arrays are accepted in checkpoint metadata"
+            )
+        super().__setstate__(state)
+
+
+@dataclass(frozen=True)
+class _NdarrayMarker:
+    """``numpy.ndarray`` as named by a pickle: usable only as the subtype argument of ``_reconstruct``."""
+
+
+def _numpy_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> Any:
+    if not isinstance(subtype, _NdarrayMarker):
+        raise UnsafeCheckpointError(
+            f"checkpoint calls numpy _reconstruct with subtype {subtype!r:.60}; only numpy.ndarray is allowed"
+        )
+    return InertArray.__new__(InertArray, (0,), dtype=np.uint8)
 
 
 def _plain_globals() -> dict[str, Any]:
@@ -205,6 +255,9 @@ def _plain_globals() -> dict[str, Any]:
         "numpy.core.multiarray.scalar": _numpy_scalar,
         "numpy._core.multiarray.scalar": _numpy_scalar,
         "numpy.dtype": _numpy_dtype,
+        "numpy.core.multiarray._reconstruct": _numpy_reconstruct,
+        "numpy._core.multiarray._reconstruct": _numpy_reconstruct,
+        "numpy.ndarray": _NdarrayMarker(),
     }
 
 
@@ -215,7 +268,10 @@ def allowed_global(module: str, name: str) -> Any:
     callables above. Raises :class:`UnsafeCheckpointError` for anything else, before it is imported or called.
     """
     qual = f"{module}.{name}"
-    if name in OFFICIAL_CLASSES.get(module, ()) or name in TORCH_NN_CLASSES.get(module, ()):
+    official = official_module(module)
+    if official is not None and name in OFFICIAL_CLASSES[official]:
+        return _record_type(f"{official}.{name}")
+    if name in TORCH_NN_CLASSES.get(module, ()):
         return _record_type(qual)
     if module == "torch" and name in STORAGE_DTYPES:
         return _StorageMarker(name)
@@ -230,8 +286,36 @@ def allowed_global(module: str, name: str) -> Any:
     )
 
 
+def official_module(module: str) -> str | None:
+    """The official module (``models.common``/``models.yolo``) that ``module`` names, or None.
+
+    ``module`` must be one of :data:`OFFICIAL_PACKAGE_PREFIXES` followed by an official module name, e.g.
+    ``"yolov9.models.yolo"`` -> ``"models.yolo"``; ``"evil.models.yolo"`` -> None.
+    """
+    for prefix in OFFICIAL_PACKAGE_PREFIXES:
+        if module.startswith(prefix) and module[len(prefix):] in OFFICIAL_CLASSES:
+            return module[len(prefix):]
+    return None
+
+
+def package_prefix(found_globals: list[str]) -> str | None:
+    """The package prefix under which ``found_globals`` name the official classes (``""``, ``"yolov9."``), or None
+    when they name none."""
+    for qual in found_globals:
+        module = qual.rpartition(".")[0]
+        official = official_module(module)
+        if official is not None:
+            return module[: len(module) - len(official)]
+    return None
+
+
 def _framework_hint(module: str) -> str | None:
     root = module.split(".", 1)[0]
+    for official in OFFICIAL_CLASSES:
+        if module.endswith("." + official):
+            known = ", ".join(f"'{p}{official}'" for p in OFFICIAL_PACKAGE_PREFIXES)
+            return (f"the YOLOv9 module '{official}' under the unknown package prefix "
+                    f"'{module[: -len(official)]}'; accepted: {known}")
     if root == "ultralytics":
         return "this is an Ultralytics checkpoint (YOLOv8/YOLO11 style), not a WongKinYiu/yolov9 one; reparam converts YOLOv9 dual checkpoints"
     if root in ("pytorch_lightning", "lightning", "lightning_fabric"):
@@ -261,7 +345,7 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         # torch.save writes ('storage', <storage class>, key, location, numel) for each storage
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InvalidInputError(f"checkpoint has an unknown persistent id {pid!r}; is it a torch.save archive?")
+            raise InvalidInputError(f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
         _, marker, key, _location, numel = pid
         dtype = marker.dtype if isinstance(marker, _StorageMarker) else torch.uint8
         return self._storages.typed(str(key), dtype, int(numel))
@@ -301,6 +385,11 @@ class RawCheckpoint:
     obj: Any
     globals: list[str] = field(default_factory=list)
 
+    @property
+    def package_prefix(self) -> str | None:
+        """Prefix of the official module layout in this file (``""`` official, ``"yolov9."`` a pip fork)."""
+        return package_prefix(self.globals)
+
 
 def scan_globals(data: bytes) -> list[str]:
     """The distinct globals (``module.name``) a pickle stream references, in first-use order; nothing runs.
@@ -318,7 +407,7 @@ def scan_globals(data: bytes) -> list[str]:
             elif op.name == "STACK_GLOBAL" and len(last_strings) == 2:
                 seen.setdefault(".".join(last_strings), None)
     except Exception as exc:  # pickletools raises ValueError and friends on garbage
-        raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({exc})") from None
+        raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({brief(exc, 100)})") from None
     return list(seen)
 
 
@@ -361,7 +450,7 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         try:
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise InvalidInputError(f"'{path}' is damaged or truncated ({exc})") from None
+            raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         found = scan_globals(data)
         for qual in found:
             module, _, name = qual.rpartition(".")
@@ -371,7 +460,7 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         except (UnsafeCheckpointError, InvalidInputError):
             raise
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise InvalidInputError(f"'{path}' is damaged or truncated ({exc})") from None
+            raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         except Exception as exc:
-            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {exc}") from None
+            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
     return RawCheckpoint(path=path, obj=obj, globals=found)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, brief
 from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, RepConvN, RepNBottleneck, RepNCSP,
                      RepNCSPELAN4, Silence, SP, SPPELAN)
 from .heads import DDetect, DSegment, DualDDetect, DualDSegment, TripleDDetect, _AnchorFreeHead, make_divisible
@@ -102,10 +102,10 @@ def _bad(i: int, what: str) -> InvalidInputError:
 
 def _sources(f: Any, i: int) -> list[int]:
     if isinstance(f, bool) or not isinstance(f, (int, list)):
-        raise _bad(i, f"'from' must be an int or a list of ints, got {f!r}")
+        raise _bad(i, f"'from' must be an int or a list of ints, got {brief(f)}")
     srcs = [f] if isinstance(f, int) else f
     if not srcs or any(isinstance(x, bool) or not isinstance(x, int) for x in srcs):
-        raise _bad(i, f"'from' must be an int or a non-empty list of ints, got {f!r}")
+        raise _bad(i, f"'from' must be an int or a non-empty list of ints, got {brief(f)}")
     for x in srcs:
         if x >= i or (x < -1 and -x > i):
             raise _bad(i, f"'from' {x} does not name an earlier layer")
@@ -145,17 +145,17 @@ def parse_model(cfg: Mapping[str, Any], ch: int) -> tuple[nn.Sequential, list[in
     widths: list = [ch]
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) != 4:
-            raise _bad(i, f"expected [from, number, module, args], got {row!r}")
+            raise _bad(i, f"expected [from, number, module, args], got {brief(row)}")
         f, n, name, args = row
         spec = BLOCKS.get(name) if isinstance(name, str) else None
         if spec is None:
             raise InvalidInputError(
-                f"unknown block {name!r} at layer {i}: reparam supports {', '.join(BLOCKS)}")
+                f"unknown block {brief(name)} at layer {i}: reparam supports {', '.join(BLOCKS)}")
         srcs = _sources(f, i)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise _bad(i, f"'number' must be a positive int, got {n!r}")
+            raise _bad(i, f"'number' must be a positive int, got {brief(n)}")
         if not isinstance(args, (list, tuple)):
-            raise _bad(i, f"'args' must be a list, got {args!r}")
+            raise _bad(i, f"'args' must be a list, got {brief(args)}")
         args = [resolve_arg(a, nc, anchors) for a in copy.deepcopy(list(args))]
         n = max(round(n * gd), 1) if n > 1 else n
 
@@ -184,7 +184,7 @@ def parse_model(cfg: Mapping[str, Any], ch: int) -> tuple[nn.Sequential, list[in
         except InvalidInputError:
             raise
         except (TypeError, ValueError, IndexError, AssertionError, RuntimeError, ZeroDivisionError) as err:
-            raise _bad(i, f"cannot build {name} with args {args!r}: {err}") from None
+            raise _bad(i, f"cannot build {name} with args {brief(args)}: {brief(err, 120)}") from None
 
         module.i, module.f, module.type = i, f, spec.type
         module.np = sum(p.numel() for p in module.parameters())
@@ -243,7 +243,7 @@ class DetectionModel(nn.Module):
             self.yaml["nc"] = nc
         act = self.yaml.get("activation")
         if act not in _ACTIVATIONS_OK:
-            raise InvalidInputError(f"model config activation {act!r} is not supported: reparam builds SiLU models")
+            raise InvalidInputError(f"model config activation {brief(act)} is not supported: reparam builds SiLU models")
         self.model, self.save = parse_model(self.yaml, ch)
         self.names = {i: str(i) for i in range(self.yaml["nc"])}
         self.nc = self.yaml["nc"]

@@ -28,7 +28,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, brief, count_of
 
 #: Image the Jobs run when neither the resource nor the operator names one.
 DEFAULT_IMAGE = "ghcr.io/reparam/reparam:0.1.0"
@@ -73,21 +73,21 @@ def _bool(text: str, name: str) -> bool:
         return True
     if low in ("0", "false", "no", "off", ""):
         return False
-    raise InvalidInputError(f"{name} must be true or false, got {text!r}")
+    raise InvalidInputError(f"{name} must be true or false, got {brief(text)}")
 
 
 def _int(text: str, name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise InvalidInputError(f"{name} must be an integer, got {text!r}") from None
+        raise InvalidInputError(f"{name} must be an integer, got {brief(text)}") from None
 
 
 def _float(text: str, name: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise InvalidInputError(f"{name} must be a number of seconds, got {text!r}") from None
+        raise InvalidInputError(f"{name} must be a number of seconds, got {brief(text)}") from None
 
 
 def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict:
@@ -102,12 +102,12 @@ def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict:
     try:
         data = json.loads(text) if text.strip() else {}
     except ValueError as exc:
-        raise InvalidInputError(f"{name} is not valid JSON: {exc}") from None
+        raise InvalidInputError(f"{name} is not valid JSON: {brief(exc, 100)}") from None
     if not isinstance(data, dict) or set(data) - {"job", "registry"}:
         raise InvalidInputError(f"{name} must be a JSON object with keys 'job' and/or 'registry'")
     bad = sorted(set(data.get("job") or {}) - set(DEFAULTABLE_JOB_FIELDS))
     if bad:
-        raise InvalidInputError(f"{name}: job fields {bad} cannot be defaulted; allowed: {list(DEFAULTABLE_JOB_FIELDS)}")
+        raise InvalidInputError(f"{name}: {count_of(bad, 'job fields')} cannot be defaulted; allowed: {', '.join(DEFAULTABLE_JOB_FIELDS)}")
     bad = sorted(set(data.get("registry") or {}) - {"trackingUri"})
     if bad:
         raise InvalidInputError(f"{name}: registry fields {bad} cannot be defaulted; allowed: ['trackingUri']")

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import exitcodes
 from .. import summary as summary_mod
-from . import jobs
+from . import jobs, termination
 
 PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
 TERMINAL = ("Succeeded", "Failed")
@@ -188,6 +188,7 @@ class PodResult:
     exit_code: int | None = None
     reason: str = ""
     running: bool = False
+    memory_limit: str | None = None
 
 
 def read_pods(pods: list[dict[str, Any]]) -> PodResult:
@@ -199,7 +200,7 @@ def read_pods(pods: list[dict[str, Any]]) -> PodResult:
     log tail from ``FallbackToLogsOnError`` rather than a summary).
     """
     running = False
-    best: tuple[str, dict[str, Any]] | None = None
+    best: tuple[tuple[str, str], dict[str, Any], str | None] | None = None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             if cs.get("name") != jobs.CONTAINER:
@@ -212,17 +213,27 @@ def read_pods(pods: list[dict[str, Any]]) -> PodResult:
                 created = (pod.get("metadata") or {}).get("creationTimestamp") or ""
                 key = (created, term.get("finishedAt") or "")
                 if best is None or key >= best[0]:
-                    best = (key, term)  # type: ignore[assignment]
+                    best = (key, term, _memory_limit(pod))
     if best is None:
         return PodResult(running=running)
-    term = best[1]
+    _key, term, limit = best
     code = term.get("exitCode")
     return PodResult(
         summary=summary_mod.parse(term.get("message")),
         exit_code=int(code) if code is not None else None,
         reason=term.get("reason") or "",
         running=running,
+        memory_limit=limit,
     )
+
+
+def _memory_limit(pod: dict[str, Any]) -> str | None:
+    """``resources.limits.memory`` of the pod's ``convert`` container, as written (``"8Gi"``)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        if c.get("name") == jobs.CONTAINER:
+            limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            return str(limit) if limit is not None else None
+    return None
 
 
 def observe(status: dict[str, Any], body_spec: dict[str, Any], generation: int, job: dict[str, Any],
@@ -326,8 +337,10 @@ def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, 
             now: datetime.datetime) -> dict[str, Any]:
     summ = pod.summary or {}
     code = summ.get("exitCode", pod.exit_code)
-    reason = summ.get("reason") or exitcodes.REASONS.get(code) or pod.reason or view.reason or "Failed"
-    message = summ.get("message") or view.message or (
+    killed = None if summ else termination.explain(pod.exit_code, pod.reason, pod.memory_limit)
+    reason = (summ.get("reason") or (killed.reason if killed else None) or exitcodes.REASONS.get(code)
+              or pod.reason or view.reason or "Failed")
+    message = summ.get("message") or (killed.message if killed else None) or view.message or (
         f"container exited with code {code}" if code is not None else f"Job failed: {view.reason}")
     new["phase"] = "Failed"
     result = _result(summ) if summ else {}

@@ -1,16 +1,29 @@
-"""The promotion rule: which aliases may point at a model version, and moving them.
+"""The promotion rule: which model versions count as done, which aliases may point at one, and moving them.
 
-Rule (one place): an alias is set on a version only when the conversion's equivalence check passed
-AND the registry marks that version ready and validated (tags ``reparam.status = ready`` and
-``reparam.validation_passed = true``, written by :func:`reparam.store.registry.register` as its last
-step). An existing alias moves to the new version only then; otherwise nothing changes. Aliases, not
-stages (MLflow deprecated stages).
+Rule (one place, :data:`RULES`, applied by the pure :func:`decide`): an alias is set on a version only when
+
+1. an alias was requested,
+2. the conversion's equivalence check passed,
+3. MLflow itself reports the version ``READY`` (``ModelVersion.status``; ``PENDING_REGISTRATION`` and
+   ``FAILED_REGISTRATION`` are MLflow's states of an unfinished or failed registration, see MLflow's
+   ``model_version_status.py``; an asynchronous registry such as Unity Catalog sets them, the OSS store
+   creates every version ``READY``),
+4. the registry marks it ready and validated (tags ``reparam.status = ready`` and
+   ``reparam.validation_passed = true``, written by :func:`reparam.store.registry.register` as its last step).
+
+Rules 3 and 4 together are :func:`version_problem`, which is also what makes an existing version reusable by
+the idempotency lookup (:func:`reparam.store.registry.find_existing`). An existing alias moves to the new
+version only when every rule passes; otherwise nothing changes. Aliases, not stages (MLflow deprecated stages).
+
+:func:`decide` returns a :class:`Decision` (aliases to set, or the reason none is set, and which rule said so);
+further gates are further entries of :data:`RULES` (each a pure function of a :class:`Candidate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable, Mapping
 
 from ..errors import InvalidInputError, RegistryError
 from . import tracking
@@ -19,11 +32,86 @@ from .uris import redact
 TAG_STATUS = "reparam.status"
 TAG_VALIDATION = "reparam.validation_passed"
 STATUS_READY = "ready"
+#: MLflow's ``ModelVersionStatus`` of a complete model version (as the client returns it, a string)
+MLFLOW_READY = "READY"
 
 # MLflow's alias rules: letters, digits, '_' and '-'; 'latest' and v<digits> are reserved.
 _ALIAS = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
 _RESERVED = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
+
+def version_problem(status: str | None, tags: Mapping[str, str] | None) -> str | None:
+    """Why a model version is not a complete, validated reparam deploy version; None when it is.
+
+    Args:
+        status: MLflow's ``ModelVersion.status`` (``READY``, ``PENDING_REGISTRATION``, ``FAILED_REGISTRATION``).
+        tags: the version's tags.
+    """
+    tags = tags or {}
+    if str(status) != MLFLOW_READY:
+        return f"MLflow status is {status} (not {MLFLOW_READY})"
+    if tags.get(TAG_STATUS) != STATUS_READY:
+        return f"version is not ready ({TAG_STATUS}={tags.get(TAG_STATUS)!r})"
+    if str(tags.get(TAG_VALIDATION, "")).lower() != "true":
+        return f"version is not marked validated ({TAG_VALIDATION}={tags.get(TAG_VALIDATION)!r})"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """What the promotion rule reads about one model version (no registry access).
+
+    Attributes:
+        aliases: the aliases requested (validated, deduplicated).
+        validation_passed: the conversion's equivalence check passed.
+        version_status: MLflow's ``ModelVersion.status`` string.
+        version_tags: the version's tags.
+    """
+
+    aliases: tuple[str, ...]
+    validation_passed: bool
+    version_status: str | None
+    version_tags: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The outcome of :func:`decide`.
+
+    Attributes:
+        aliases: the aliases to set (empty when refused).
+        reason: why none is set, or None.
+        rule: the name of the rule that refused (an entry of :data:`RULES`), or None.
+    """
+
+    aliases: list[str]
+    reason: str | None = None
+    rule: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason is None
+
+
+def _requested(c: Candidate) -> str | None:
+    return None if c.aliases else "no alias requested"
+
+
+def _validated(c: Candidate) -> str | None:
+    return None if c.validation_passed else "validation did not pass"
+
+
+def _version_complete(c: Candidate) -> str | None:
+    return version_problem(c.version_status, c.version_tags)
+
+
+#: The rules, in order: (name, rule, whether it reads the version's status/tags); the first rule that returns a
+#: reason refuses the promotion.
+RULES: tuple[tuple[str, Callable[[Candidate], str | None], bool], ...] = (
+    ("requested", _requested, False),
+    ("validation", _validated, False),
+    ("version_complete", _version_complete, True),
+)
 
 @dataclasses.dataclass
 class Promotion:
@@ -56,18 +144,24 @@ def check_aliases(aliases) -> list[str]:
     return out
 
 
-def decide(aliases, *, validation_passed: bool, version_tags: dict) -> tuple[list[str], str | None]:
-    """The promotion rule (pure): (aliases to set, reason none are set or None)."""
-    aliases = check_aliases(aliases)
-    if not aliases:
-        return [], "no alias requested"
-    if not validation_passed:
-        return [], "validation did not pass"
-    if version_tags.get(TAG_STATUS) != STATUS_READY:
-        return [], f"version is not ready ({TAG_STATUS}={version_tags.get(TAG_STATUS)!r})"
-    if str(version_tags.get(TAG_VALIDATION, "")).lower() != "true":
-        return [], f"version is not marked validated ({TAG_VALIDATION}={version_tags.get(TAG_VALIDATION)!r})"
-    return aliases, None
+def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None,
+           version_known: bool = True) -> Decision:
+    """The promotion rule (pure): a :class:`Decision` from the :data:`RULES`.
+
+    With ``version_known=False`` only the rules that do not read the version run (so a caller can refuse before
+    reading the registry); an allowed decision then means "read the version and decide again".
+
+    Raises:
+        InvalidInputError: a malformed alias name (:func:`check_aliases`).
+    """
+    cand = Candidate(tuple(check_aliases(aliases)), bool(validation_passed), version_status, dict(version_tags or {}))
+    for name, rule, reads_version in RULES:
+        if reads_version and not version_known:
+            continue
+        reason = rule(cand)
+        if reason:
+            return Decision([], reason, name)
+    return Decision(list(cand.aliases))
 
 
 def promote(model_name: str, version, aliases, validation_passed: bool, tracking_uri: str | None = None) -> Promotion:
@@ -82,17 +176,19 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
     """
     version = str(version)
     wanted = check_aliases(aliases)
-    if not wanted:
-        return Promotion(model_name, version, [], {}, "no alias requested")
-    if not validation_passed:  # no registry call needed to refuse
-        return Promotion(model_name, version, [], {}, "validation did not pass")
+    early = decide(wanted, validation_passed=validation_passed, version_status=None, version_tags=None,
+                   version_known=False)
+    if not early.allowed:  # no registry call needed to refuse
+        return Promotion(model_name, version, [], {}, early.reason)
     client = tracking.client(tracking_uri)
     step = f"read {model_name} version {version}"
     try:
         mv = client.get_model_version(model_name, version)
-        to_set, reason = decide(wanted, validation_passed=validation_passed, version_tags=dict(mv.tags or {}))
-        if reason:
-            return Promotion(model_name, version, [], {}, reason)
+        decision = decide(wanted, validation_passed=validation_passed, version_status=mv.status,
+                          version_tags=dict(mv.tags or {}))
+        if not decision.allowed:
+            return Promotion(model_name, version, [], {}, decision.reason)
+        to_set = decision.aliases
         step = "read current aliases"
         current = {a: str(v) for a, v in (client.get_registered_model(model_name).aliases or {}).items()}
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line

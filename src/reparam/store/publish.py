@@ -1,9 +1,11 @@
 """The registration flow of ``reparam convert --register``: idempotency check, register, promote.
 
-1. Before converting, :func:`find_previous` looks for a ready version of the registered model tagged with the same
-   idempotency key (source sha256 + conversion settings). If there is one, the conversion is skipped and
-   :func:`reuse` reports it (and points the requested aliases at it, which the promotion rule allows because that
-   version is ready and validated).
+1. Before converting, :func:`find_previous` looks for a complete version of the registered model tagged with the
+   same idempotency key (source sha256 + conversion settings; complete: MLflow status ``READY`` and our tags ready and
+   validated, :func:`reparam.store.promotion.version_problem`). If there is one, the conversion is skipped and
+   :func:`reuse` reports it: it sets the requested ``--tag`` values the version lacks or has with another value (tags
+   are metadata, not conversion settings: no new version for them) and points the requested aliases at it (the
+   promotion rule allows that because the version is complete).
 2. Otherwise, after the conversion passed, :func:`register_conversion` registers the outputs as a new version
    (:func:`reparam.store.registry.register`) and then promotes it (:func:`reparam.store.promotion.promote`).
 
@@ -17,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import promotion, registry
+from . import promotion, registry, tracking
 
 
 def _quick_failures() -> None:
@@ -31,18 +33,22 @@ def idempotency_key(source_sha256: str, settings_key: str) -> str:
     return registry.idempotency_key(source_sha256, {"settings": settings_key})
 
 
-def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: str | None) -> dict | None:
-    """Validate alias names, then return the existing ready version for ``key`` (or None).
+def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: str | None, *,
+                  tags: dict[str, str] | None = None, log: Callable[[str], None] = lambda _m: None) -> dict | None:
+    """Validate alias names and tags, then return the existing complete version for ``key`` (or None).
 
-    Raises InvalidInputError for a bad alias, RegistryError when the registry cannot be queried.
+    Versions holding ``key`` that are not complete are named through ``log`` and left untouched.
+
+    Raises InvalidInputError for a bad alias or a reserved tag, RegistryError when the registry cannot be queried.
     """
     _quick_failures()
     promotion.check_aliases(aliases)
-    return registry.find_existing(model_name, key, tracking_uri)
+    registry.check_user_tags(tags)
+    return registry.find_existing(model_name, key, tracking_uri, log=log)
 
 
 def _result(model_name: str, version: Any, model_uri: str | None, promo: promotion.Promotion | None,
-            *, existing: bool, run_id: str | None = None) -> dict[str, Any]:
+            *, existing: bool, run_id: str | None = None, updated_tags: list[str] | None = None) -> dict[str, Any]:
     return {
         "model_name": model_name,
         "version": str(version),
@@ -52,14 +58,30 @@ def _result(model_name: str, version: Any, model_uri: str | None, promo: promoti
         "previous_aliases": dict(promo.previous) if promo else {},
         "promotion_skipped": promo.skipped_reason if promo else "no alias requested",
         "existing": existing,
+        "updated_tags": list(updated_tags or []),
     }
 
 
-def reuse(existing: dict, aliases: list[str], tracking_uri: str | None) -> dict[str, Any]:
-    """Report an existing version instead of registering a new one; point ``aliases`` at it."""
-    promo = promotion.promote(existing["model_name"], existing["version"], aliases, True, tracking_uri) if aliases else None
-    return _result(existing["model_name"], existing["version"], existing.get("model_uri"), promo, existing=True,
-                   run_id=existing.get("run_id"))
+def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: dict | None, tracking_uri: str | None,
+                log: Callable[[str], None]) -> list[str]:
+    changed = registry.update_tags(name, version, tags, current, tracking_uri)
+    if changed:
+        log(f"updated tags on {name} version {version}: {', '.join(changed)}")
+    return changed
+
+
+def reuse(existing: dict, aliases: list[str], tracking_uri: str | None, *, tags: dict[str, str] | None = None,
+          log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Report an existing version instead of registering a new one: set the ``tags`` it lacks (or has with another
+    value; ``updated_tags`` in the result lists them), then point ``aliases`` at it.
+
+    Raises InvalidInputError for a reserved tag, RegistryError when a tag or an alias cannot be set.
+    """
+    name, version = existing["model_name"], existing["version"]
+    changed = _apply_tags(name, version, tags, existing.get("tags"), tracking_uri, log)
+    promo = promotion.promote(name, version, aliases, True, tracking_uri) if aliases else None
+    return _result(name, version, existing.get("model_uri"), promo, existing=True, run_id=existing.get("run_id"),
+                   updated_tags=changed)
 
 
 def register_conversion(
@@ -73,6 +95,7 @@ def register_conversion(
     lineage: dict[str, Any] | None,
     tracking_uri: str | None,
     log: Callable[[str], None] = lambda _m: None,
+    wait_s: float = tracking.REGISTRY_WAIT_S,
 ) -> dict[str, Any]:
     """Register the validated outputs in ``out_dir`` and promote them; returns ``report['registry']``.
 
@@ -81,15 +104,18 @@ def register_conversion(
     """
     _quick_failures()
     reg = registry.register(model_name, out_dir, report, tags=tags, lineage=lineage, idempotency_key=key,
-                            tracking_uri=tracking_uri)
+                            tracking_uri=tracking_uri, wait_s=wait_s)
     log(f"registered {reg.model_uri}" + ("" if reg.created else " (an identical version already existed)"))
+    # an identical version registered meanwhile (a concurrent conversion) gets the tags as in reuse()
+    changed = [] if reg.created else _apply_tags(model_name, reg.version, tags, reg.tags, tracking_uri, log)
     passed = bool((report.get("validation") or {}).get("passed"))
     promo = promotion.promote(model_name, reg.version, aliases, passed, tracking_uri) if aliases else None
     if promo and promo.aliases:
         log(f"aliases {', '.join(promo.aliases)} -> version {reg.version}")
     elif promo and promo.skipped_reason:
         log(f"no alias moved: {promo.skipped_reason}")
-    return _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id)
+    return _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id,
+                   updated_tags=changed)
 
 
 def summary_from_tags(existing: dict) -> dict[str, Any]:

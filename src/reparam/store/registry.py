@@ -2,8 +2,12 @@
 
 :func:`register` runs these steps, each named in any error:
 
-1. ``find existing`` - a ready version with the same ``reparam.idempotency_key`` tag is returned as is
-   (no new version): converting the same source with the same settings twice registers once.
+1. ``find existing`` - a complete version with the same ``reparam.idempotency_key`` tag is returned as is
+   (no new version): converting the same source with the same settings twice registers once. Complete means
+   :func:`reparam.store.promotion.version_problem` finds nothing: MLflow's own status is ``READY`` and our
+   tags say ready and validated. A version holding the key that is not complete (``PENDING_REGISTRATION``,
+   ``FAILED_REGISTRATION``, or our ``pending``/``failed`` tag) is never reused and never changed here: it is
+   left as it is for its owner to inspect or delete, and a new version is registered.
 2. ``create registered model`` (if missing; a concurrent creator is fine).
 3. ``create run`` - a run in experiment ``reparam`` (or ``$MLFLOW_EXPERIMENT_NAME``) carrying the
    conversion's params, metrics and lineage tags.
@@ -11,7 +15,9 @@
    one logged model: an ``MLmodel`` file, the ``.pt``/``.safetensors``/``report.json`` files, and an
    ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve.
 5. ``create model version`` - source ``models:/<model_id>``, run_id = the conversion run, with all tags
-   and ``reparam.status = pending``.
+   and ``reparam.status = pending``; a registry that registers asynchronously is waited for up to ``wait_s``
+   to report ``READY`` (a version that ends ``FAILED_REGISTRATION`` or stays ``PENDING_REGISTRATION`` fails
+   this step and is cleaned up like any failure).
 6. ``mark version ready`` - ``reparam.status = ready`` is the LAST write. A version without it never
    counts as done (not found by :func:`find_existing`, never promoted).
 
@@ -31,11 +37,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Mapping
 
 from .. import __version__
-from ..errors import RegistryError
+from ..errors import InvalidInputError, RegistryError, count_of
 from . import tracking
-from .promotion import STATUS_READY, TAG_STATUS, TAG_VALIDATION
+from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
 
 TAG_KEY = "reparam.idempotency_key"
@@ -104,15 +111,25 @@ def _model_id_from_source(source: str | None) -> str | None:
     return None
 
 
-def _ready_versions(client, model_name: str, key: str) -> list:
+def _keyed_versions(client, model_name: str, key: str) -> tuple[list, list]:
+    """(complete, not complete) versions of ``model_name`` tagged with ``key``, each oldest first."""
     flt = f"name = {_quote(model_name)} AND tags.`{TAG_KEY}` = {_quote(key)}"
-    found = client.search_model_versions(flt)
-    ready = [mv for mv in found if (mv.tags or {}).get(TAG_STATUS) == STATUS_READY]
-    return sorted(ready, key=lambda mv: int(mv.version))
+    found = sorted(client.search_model_versions(flt), key=lambda mv: int(mv.version))
+    ready = [mv for mv in found if version_problem(mv.status, mv.tags) is None]
+    return ready, [mv for mv in found if version_problem(mv.status, mv.tags) is not None]
 
 
-def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | None = None) -> dict | None:
-    """The oldest READY version of ``model_name`` tagged with ``idempotency_key``, or None.
+def _ready_versions(client, model_name: str, key: str) -> list:
+    return _keyed_versions(client, model_name, key)[0]
+
+
+def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | None = None,
+                  log: Callable[[str], None] | None = None) -> dict | None:
+    """The oldest complete version of ``model_name`` tagged with ``idempotency_key``, or None.
+
+    Complete: :func:`reparam.store.promotion.version_problem` is None (MLflow status ``READY``, our tags ready
+    and validated). Versions holding the key that are not complete are skipped and left untouched; ``log`` gets
+    one line naming each (version and why).
 
     Returns a dict: model_name, version, model_uri, run_id, model_id, tags, aliases.
 
@@ -121,10 +138,58 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
     """
     try:
         client = tracking.client(tracking_uri)
-        ready = _ready_versions(client, model_name, idempotency_key)
+        ready, broken = _keyed_versions(client, model_name, idempotency_key)
     except Exception as err:  # noqa: BLE001
         raise RegistryError(redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
+    if log and not ready:
+        for mv in broken:
+            log(f"{model_name} version {mv.version} holds this conversion but is not usable "
+                f"({version_problem(mv.status, mv.tags)}); left as it is, a new version will be registered")
     return _as_dict(ready[0]) if ready else None
+
+
+def check_user_tags(tags: Mapping[str, object] | None) -> dict[str, str]:
+    """The user's tags (``--tag k=v``) as MLflow tag strings, credentials redacted.
+
+    Raises:
+        InvalidInputError: a key in the reserved ``reparam.*`` namespace (those tags are written by reparam).
+    """
+    out: dict[str, str] = {}
+    for k, v in (tags or {}).items():
+        if k.startswith(TAG_PREFIX) or k == TAG_STATUS:
+            raise InvalidInputError(f"tag {k!r} is reserved (the {TAG_PREFIX}* tags are set by reparam); "
+                                    "choose another key")
+        out[k] = redact(str(v))
+    return out
+
+
+def update_tags(model_name: str, version, tags: Mapping[str, object] | None, current: Mapping[str, str] | None,
+                tracking_uri: str | None = None) -> list[str]:
+    """Set the user's ``tags`` that are missing or different on an existing version; returns their keys, sorted.
+
+    Tags are metadata, not conversion settings: a changed ``--tag`` never makes a new version. Tags the version
+    has but ``tags`` lacks are kept (others may have set them).
+
+    Args:
+        current: the version's tags as read (e.g. ``find_existing(...)["tags"]``).
+
+    Raises:
+        InvalidInputError: a reserved key (:func:`check_user_tags`).
+        RegistryError: a tag cannot be written (names the key; tags set before it stay).
+    """
+    wanted = check_user_tags(tags)
+    current = current or {}
+    changed = sorted(k for k, v in wanted.items() if current.get(k) != v)
+    if not changed:
+        return []
+    client = tracking.client(tracking_uri)
+    for k in changed:
+        try:
+            client.set_model_version_tag(model_name, str(version), k, wanted[k])
+        except Exception as err:  # noqa: BLE001
+            raise RegistryError(redact(f"update tags of {model_name} v{version}: set tag {k!r} failed: "
+                                       f"{tracking.describe_error(err)}")) from None
+    return changed
 
 
 def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
@@ -148,10 +213,7 @@ def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idemp
     for k, v in (lineage or {}).items():
         if v not in (None, ""):
             out[f"{TAG_PREFIX}{k}"] = v
-    for k, v in (tags or {}).items():
-        if k.startswith(TAG_PREFIX) or k == TAG_STATUS:
-            raise RegistryError(f"register: tag {k!r} is reserved (the {TAG_PREFIX}* tags are set by reparam)")
-        out[k] = v
+    out.update(check_user_tags(tags))
     return {k: redact(str(v)) for k, v in out.items()}
 
 
@@ -210,7 +272,7 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
     files = sorted(p for p in artifacts_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     onnx_files = [p for p in files if p.suffix == ".onnx"]
     if len(onnx_files) > 1:
-        raise RegistryError(f"several .onnx files in {artifacts_dir}: {', '.join(p.name for p in onnx_files)}")
+        raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
     if onnx_files:
         import mlflow.onnx
@@ -255,6 +317,7 @@ def register(
     idempotency_key: str,
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
+    wait_s: float = tracking.REGISTRY_WAIT_S,
 ) -> Registration:
     """Register the deploy outputs in ``artifacts_dir`` as a new version of ``model_name``.
 
@@ -268,6 +331,8 @@ def register(
         tracking_uri: see :func:`reparam.store.tracking.resolve_tracking_uri`.
         experiment_name: experiment for the conversion run (default ``$MLFLOW_EXPERIMENT_NAME`` or
             ``reparam``).
+        wait_s: seconds to wait for a new version that the registry reports ``PENDING_REGISTRATION``
+            (``--registry-wait``).
 
     Returns:
         :class:`Registration` (``created=False`` if an existing version was found).
@@ -342,8 +407,16 @@ def register(
             description=f"reparam {__version__}: {report.get('variant', '?')} deploy model from "
             f"{all_tags.get(f'{TAG_PREFIX}source_uri', '?')}",
             model_id=model_id,
+            await_creation_for=0,  # waited for below, once the version number is known (for the cleanup)
         )
         state["version"] = str(mv.version)
+        mv = tracking.await_settled(lambda: client.get_model_version(model_name, state["version"]),
+                                    lambda m: m.status, wait_s, first=mv)
+        if mv.status != MLFLOW_READY:
+            raise RegistryError(f"register {model_name}: create model version failed: version {mv.version} is "
+                                f"{mv.status}" + (f" ({mv.status_message})" if mv.status_message else "")
+                                + f" after {wait_s:g} s; nothing was promoted (raise --registry-wait for a slow "
+                                "registry)")
         state["step"] = "mark version ready"
         client.set_model_version_tag(model_name, mv.version, TAG_STATUS, STATUS_READY)
         state["done"] = True

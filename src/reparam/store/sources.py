@@ -7,6 +7,12 @@ terminal (or ``progress=True``). MLflow sources (``models:/``, ``runs:/``) are r
 artifact location first; artifacts proxied by an MLflow server (``mlflow-artifacts:``) or kept in S3 are
 streamed the same way, other stores go through MLflow's own downloader and are hashed after.
 
+MLflow objects must be complete: a model version must be ``READY`` (``PENDING_REGISTRATION`` is waited for, up
+to ``registry_wait`` seconds, then :class:`SourceError`; ``FAILED_REGISTRATION`` is :class:`InvalidInputError`),
+and so must the MLflow 3 logged model behind it (``PENDING``: waited for; ``FAILED``: refused). A ``runs:/``
+source of a run that ended ``FAILED`` or ``KILLED`` is fetched with a warning (:attr:`FetchedSource.warnings`):
+a checkpoint a crashed training left behind may be fine (``best.pt`` is written when it improves) or not.
+
 S3 is configured the usual way: boto3's credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ...); endpoint from ``AWS_ENDPOINT_URL_S3``, ``MLFLOW_S3_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL`` for S3-compatible stores.
@@ -15,6 +21,7 @@ S3 is configured the usual way: boto3's credential chain (``AWS_ACCESS_KEY_ID``/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -25,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 from urllib.parse import quote, urlsplit
 
-from ..errors import InvalidInputError, SourceError
+from ..errors import InvalidInputError, ReparamError, SourceError, count_of
 from . import tracking
 from .uris import SourceRef, parse_source, redact
 
@@ -49,6 +56,8 @@ class FetchedSource:
             ``source_model_id``, ``source_artifact_path``.
         kind: ``local``, ``s3``, ``models``, ``runs`` or ``http``.
         note: a line for the user, e.g. which file was picked inside a model version (or None).
+        warnings: lines the user must see (printed as ``reparam: warning: ...``, kept in the report), e.g. the
+            source run FAILED.
     """
 
     path: Path
@@ -58,6 +67,7 @@ class FetchedSource:
     lineage: dict
     kind: str
     note: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def fetch(
@@ -67,6 +77,7 @@ def fetch(
     sha256: str | None = None,
     tracking_uri: str | None = None,
     progress: bool | None = None,
+    registry_wait: float = tracking.REGISTRY_WAIT_S,
 ) -> FetchedSource:
     """Bring the checkpoint at ``uri`` to local disk under ``workdir`` and hash it.
 
@@ -77,14 +88,18 @@ def fetch(
         sha256: expected hex sha256 (``--sha256``); a mismatch is an error and the download is removed.
         tracking_uri: MLflow tracking URI for ``models:/``/``runs:/`` (see :mod:`reparam.store.tracking`).
         progress: draw a progress bar on stderr; None = only if stderr is a terminal.
+        registry_wait: seconds to wait for a model version in ``PENDING_REGISTRATION`` (or its logged model in
+            ``PENDING``) to become ready (``--registry-wait``).
 
     Returns:
         :class:`FetchedSource`.
 
     Raises:
-        InvalidInputError: malformed URI or malformed ``sha256``.
-        SourceError: unreachable store, bad credentials, missing object/run/version/alias, no or several
-            checkpoint candidates in a model version, sha256 mismatch. The message names the step and the
+        InvalidInputError: malformed URI or malformed ``sha256``; a model version in ``FAILED_REGISTRATION`` or
+            whose logged model is ``FAILED`` (retrying cannot help).
+        SourceError: a model version (or its logged model) still pending after ``registry_wait``; unreachable
+            store, bad credentials, missing object/run/version/alias, no or several checkpoint candidates in a
+            model version, sha256 mismatch. The message names the step and the
             cause, never credentials.
     """
     ref = parse_source(uri)
@@ -98,7 +113,8 @@ def fetch(
     else:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        fetcher = {"s3": _fetch_s3, "http": _fetch_http, "runs": _fetch_run, "models": _fetch_model}[ref.kind]
+        fetcher = {"s3": _fetch_s3, "http": _fetch_http, "runs": _fetch_run,
+                   "models": functools.partial(_fetch_model, wait_s=registry_wait)}[ref.kind]
         fetched = fetcher(ref, shown, workdir, tracking_uri, progress)
     if sha256 is not None and fetched.sha256 != sha256.strip().lower():
         if ref.kind != "local":
@@ -149,11 +165,10 @@ def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
     if not cands:
         if not names:
             raise InvalidInputError(f"{shown} holds no files; expected one *.pt checkpoint")
-        listing = ", ".join(sorted(names)[:20])
-        raise InvalidInputError(f"{shown} holds no *.pt checkpoint (it has: {listing})")
+        raise InvalidInputError(f"{shown} holds no *.pt checkpoint; it has {count_of(sorted(names), 'files', examples=3)}")
     raise InvalidInputError(
-        f"fetch {shown}: pick checkpoint failed: {len(cands)} candidates ({', '.join(cands)}); "
-        "name one, e.g. <uri>/" + cands[0]
+        f"fetch {shown}: pick checkpoint failed: {count_of(cands, 'candidates', examples=3)}; "
+        f"name one, e.g. <uri>/{cands[0]}"
     )
 
 
@@ -438,6 +453,7 @@ def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress
     try:
         run = client.get_run(ref.run_id)
         root = run.info.artifact_uri.rstrip("/")
+        warnings = run_warnings(ref.run_id, str(run.info.status))
         step = "list run artifacts"
         parent = PurePosixPath(ref.path).parent.as_posix()
         listing = _list_files(root if parent == "." else f"{root}/{parent}", uri)
@@ -455,10 +471,80 @@ def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress
         path = f"{ref.path}/{_pick_checkpoint(shown, sub)}"
     dest, digest, size = _download_artifact(f"{root}/{path}", shown, workdir, uri, progress)
     lineage = {"source_run_id": ref.run_id, "source_artifact_path": path}
-    return FetchedSource(dest, shown, digest, size, lineage, "runs")
+    return FetchedSource(dest, shown, digest, size, lineage, "runs", warnings=warnings)
 
 
-def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+#: MLflow ``RunStatus`` values of a run that did not end well (a training that crashed or was stopped)
+RUN_STATUSES_WARNED = ("FAILED", "KILLED")
+
+
+def run_warnings(run_id: str, status: str) -> list[str]:
+    """A warning for a source run whose MLflow status is in :data:`RUN_STATUSES_WARNED`, else none."""
+    if status not in RUN_STATUSES_WARNED:
+        return []
+    return [f"source run {run_id} is {status}: its training did not finish; the checkpoint is what the run left "
+            "behind, check that it is the one you want"]
+
+
+def _short(text: object, limit: int = 120) -> str:
+    """The first line of ``text``, redacted, at most ``limit`` characters ("" for None)."""
+    text = redact(text or "").strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _ready_version(client, mv, shown: str, wait_s: float):
+    """``mv`` once MLflow reports it ``READY`` (re-read while ``PENDING_REGISTRATION``, up to ``wait_s``).
+
+    Raises:
+        SourceError: still ``PENDING_REGISTRATION`` after ``wait_s`` (retrying later may help: exit 4).
+        InvalidInputError: ``FAILED_REGISTRATION`` or any other status (retrying cannot help: exit 2).
+    """
+    from .promotion import MLFLOW_READY
+
+    name, version = mv.name, mv.version
+    mv = tracking.await_settled(lambda: client.get_model_version(name, version), lambda m: m.status, wait_s, first=mv)
+    status = str(mv.status)
+    if status == MLFLOW_READY:
+        return mv
+    what = f"fetch {shown}: model version {mv.version} of {mv.name} is {status}"
+    if status in tracking.PENDING:
+        raise SourceError(f"{what} after waiting {wait_s:g} s (its registration has not finished); retry later "
+                          "or wait longer with --registry-wait SECONDS")
+    why = f" ({_short(mv.status_message)})" if _short(mv.status_message) else ""
+    raise InvalidInputError(f"{what}{why}: its registration did not complete, so its files cannot be trusted; "
+                            "register the checkpoint again and convert the new version")
+
+
+def _check_logged_model(client, model_id: str, mv, shown: str, wait_s: float) -> None:
+    """Refuse a model version whose MLflow 3 logged model is not finalized ``READY`` (``PENDING`` is waited for).
+
+    A logged model that no longer exists is not checked (the version's own files are what is fetched).
+
+    Raises:
+        SourceError: still ``PENDING`` after ``wait_s``.
+        InvalidInputError: ``FAILED``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        lm = tracking.await_settled(lambda: client.get_logged_model(model_id), lambda m: m.status, wait_s)
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    status = str(getattr(lm.status, "value", lm.status))
+    what = f"fetch {shown}: logged model {model_id} of model version {mv.version} of {mv.name} is {status}"
+    if status in tracking.PENDING:
+        raise SourceError(f"{what} after waiting {wait_s:g} s (its upload was not finalized); retry later or wait "
+                          "longer with --registry-wait SECONDS")
+    if status == "FAILED":
+        raise InvalidInputError(f"{what}: its upload failed, so its files cannot be trusted; log the model again "
+                                "and register a new version")
+
+
+def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress,
+                 wait_s: float = tracking.REGISTRY_WAIT_S) -> FetchedSource:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(uri)
     step = "look up model version"
@@ -468,10 +554,20 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progre
             mv = client.get_model_version_by_alias(ref.model_name, ref.alias)
         else:
             mv = client.get_model_version(ref.model_name, ref.version)
+        step = "check model version status"
+        mv = _ready_version(client, mv, shown, wait_s)
+        model_id = getattr(mv, "model_id", None)
+        if not model_id and re.match(r"^models:/m-[0-9a-f]+$", mv.source or ""):
+            model_id = mv.source[len("models:/") :]  # MLflow 3 logged model as the version's source
+        if model_id:
+            step = "check logged model status"
+            _check_logged_model(client, model_id, mv, shown, wait_s)
         step = "resolve model version artifacts"
         root = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
         step = "list model version artifacts"
         listing = _list_files(root, uri)
+    except ReparamError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise SourceError(mlflow_error(step, shown, err)) from None
     note = None
@@ -479,7 +575,7 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progre
         if ref.path not in listing:
             raise SourceError(
                 f"fetch {shown}: find artifact failed: version {mv.version} has no {ref.path!r} "
-                f"(it has: {', '.join(sorted(listing)[:20])})"
+                f"(it has {count_of(sorted(listing), 'files', examples=3)})"
             )
         path = ref.path
     else:
@@ -496,9 +592,6 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progre
         lineage["source_model_alias"] = ref.alias
     if mv.run_id:
         lineage["source_run_id"] = mv.run_id
-    model_id = getattr(mv, "model_id", None)
-    if not model_id and re.match(r"^models:/m-[0-9a-f]+$", mv.source or ""):
-        model_id = mv.source[len("models:/") :]  # MLflow 3 logged model as the version's source
     if model_id:
         lineage["source_model_id"] = model_id
     return FetchedSource(dest, shown, digest, size, lineage, "models", note)

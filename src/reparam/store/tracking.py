@@ -10,10 +10,21 @@ is set.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "MLFLOW_REGISTRY_URI"
+
+#: Default seconds to wait for a registry object that MLflow reports pending (``--registry-wait``).
+REGISTRY_WAIT_S = 60.0
+#: Seconds between two reads while waiting.
+POLL_S = 1.0
+#: MLflow's pending states: ``ModelVersionStatus.PENDING_REGISTRATION``, ``LoggedModelStatus.PENDING``.
+PENDING = ("PENDING_REGISTRATION", "PENDING")
+
+T = TypeVar("T")
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -57,3 +68,33 @@ def describe_error(err: BaseException, *, with_type: bool = False) -> str:
     if code:
         return f"{code}: {first}" if code not in first else first
     return f"{type(err).__name__}: {first}" if with_type else first
+
+
+def await_settled(read: Callable[[], T], status_of: Callable[[T], object], wait_s: float, *, first: T | None = None,
+                  poll_s: float = POLL_S) -> T:
+    """Re-read an MLflow object while its status is pending (:data:`PENDING`), for at most ``wait_s`` seconds.
+
+    Args:
+        read: reads the object (e.g. ``lambda: client.get_model_version(name, version)``); its errors propagate.
+        status_of: its status (``ModelVersion.status``, ``LoggedModel.status``), compared by ``str``.
+        wait_s: the longest wait in seconds (0: no wait).
+        first: an already read object (no first read then).
+
+    Returns:
+        The last object read: its status is no longer pending, or the wait ran out (the caller decides what a
+        pending or failed status means).
+    """
+    obj = read() if first is None else first
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while _status_str(status_of(obj)) in PENDING:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(poll_s, left))
+        obj = read()
+    return obj
+
+
+def _status_str(status: object) -> str:
+    """``READY`` for ``READY``, ``"READY"`` and ``LoggedModelStatus.READY`` alike."""
+    return str(getattr(status, "value", status))

@@ -1,0 +1,206 @@
+"""The export checks: an artifact, loaded back, against the torch model on the validation inputs.
+
+Per artifact (``check`` in the report) and per run (``check["runs"]``), ``passed`` is ``true``, ``false`` (with
+``reason``) or ``null`` (did not run, with ``reason``). The only run that may not run is an fp16 one on a device
+that has no fp16 kernel for the graph (onnxruntime ``NotImplemented`` / torch "not implemented for 'Half'"); any
+other exception is a failed run whose reason names it. A check is ``false`` when any run failed, ``null`` when no
+run ran, else ``true``.
+
+* fp32 artifacts: max |diff| <= ``export_atol`` (graph optimisations reorder fp32 sums; the official ONNX differs
+  from torch by 1.2e-4 px on yolov9-t);
+* ``--half`` artifacts: (a) fp32 run of the upcast artifact vs the torch model holding the same fp16-rounded weights
+  in fp32, tolerance ``export_atol``; (b) fp16 run vs the same reference, tolerance
+  ``max(export_atol, HALF_RTOL x max|reference|)``. The weights' own rounding error is reported
+  (``fp16_weights_max_abs_diff``), not judged;
+* end-to-end graphs: the NMS boxes and raw scores the graph computed are compared with torch's as above, and its
+  detections with :func:`~reparam.converter.nms.reference_detections` (independent of the graph, same semantics)
+  run on exactly those values: counts must agree and every detection must match a reference one of the same label
+  within the tolerance. torch's own end-to-end count is information (``torch_num_dets``), not judged: NMS is
+  discontinuous at its thresholds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..nms import nms_inputs, reference_detections
+from .options import HALF_RTOL, ExportOptions
+
+__all__ = ["compare_detections", "max_diff", "no_fp16_kernel", "run_checks"]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in fp32; ``inf`` when the shapes differ, 0 for empty tensors."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def compare_detections(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor], atol: float,
+                       allowed_unmatched: int = 0) -> tuple[float, str]:
+    """Compare two end-to-end outputs ``(num_dets [B, 1], boxes [B, K, 4], scores [B, K], labels [B, K])``,
+    order-insensitively.
+
+    Each detection of ``got`` is matched with the closest reference detection of the same label (distance: max
+    |diff| over box corners and score). Returns ``(max distance over matched detections, reason)``; ``reason`` is
+    empty when the counts agree and at most ``allowed_unmatched`` detections per image are farther than ``atol``.
+    """
+    n_ref, b_ref, s_ref, l_ref = (t.detach().cpu() for t in ref)
+    n_got, b_got, s_got, l_got = (t.detach().cpu() for t in got)
+    worst, reason = 0.0, ""
+    for i in range(n_ref.shape[0]):
+        k_ref, k_got = int(n_ref[i, 0]), int(n_got[i, 0])
+        if abs(k_ref - k_got) > allowed_unmatched:
+            return float("inf"), f"image {i}: {k_got} detections vs {k_ref} in the reference"
+        if k_got == 0 or k_ref == 0:
+            continue
+        rb, rs, rl = b_ref[i, :k_ref].float(), s_ref[i, :k_ref].float(), l_ref[i, :k_ref]
+        gb, gs, gl = b_got[i, :k_got].float(), s_got[i, :k_got].float(), l_got[i, :k_got]
+        dist = torch.maximum((gb[:, None] - rb[None]).abs().amax(-1), (gs[:, None] - rs[None]).abs())
+        dist = torch.where(gl[:, None] == rl[None], dist, torch.full_like(dist, float("inf")))
+        best = dist.amin(1)
+        far = int((best > atol).sum())
+        close = best[best <= atol]
+        if close.numel():
+            worst = max(worst, float(close.max()))
+        if far > allowed_unmatched:
+            reason = f"image {i}: {far} of {k_got} detections have no reference detection within {atol:.3g}"
+            worst = max(worst, float(best.max()))
+    return worst, reason
+
+
+def no_fp16_kernel(exc: BaseException) -> bool:
+    """True when ``exc`` says the runtime has no fp16 kernel for an operator on this device (the one allowed skip).
+
+    onnxruntime raises ``NotImplemented`` ("Could not find an implementation for Conv(11) node ..."); torch raises
+    RuntimeError "... not implemented for 'Half'".
+    """
+    text = str(exc)
+    return (type(exc).__name__ == "NotImplemented" or "Could not find an implementation for" in text
+            or (isinstance(exc, RuntimeError) and "not implemented for 'Half'" in text))
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def _half_atol(ref: torch.Tensor, atol: float) -> float:
+    scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+    return max(atol, HALF_RTOL * max(scale, 1.0))
+
+
+def _compare_run(kind: str, x: torch.Tensor, ref: torch.Tensor, got: list[torch.Tensor], tol: float,
+                 nms: ExportOptions | None) -> dict[str, Any]:
+    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs, then the NMS boxes and raw scores."""
+    run: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
+    if nms is None:
+        y = got[0]
+        if tuple(ref.shape) != tuple(y.shape):
+            d, why = float("inf"), f"output shape {list(y.shape)} vs torch {list(ref.shape)}"
+        elif not torch.isfinite(y.float()).all():
+            d, why = float("inf"), "non-finite values in the output"
+        else:
+            d = max_diff(ref, y)
+            why = "" if d <= tol else f"max |diff| {d:.3g} exceeds {tol:.3g}"
+    else:
+        boxes_ref, scores_ref = nms_inputs(ref)
+        outs, boxes_got, scores_got = list(got[:4]), got[4].float(), got[5].float()
+        d = max(max_diff(boxes_ref, boxes_got), max_diff(scores_ref, scores_got))
+        why = "" if d <= tol else f"NMS inputs (boxes, scores) max |diff| {d:.3g} exceeds {tol:.3g}"
+        expected = reference_detections(boxes_got, scores_got, iou_thres=nms.iou_thres, score_thres=nms.score_thres,
+                                        max_det=nms.max_det, multi_label=nms.multi_label)
+        d_nms, why_nms = compare_detections(expected, outs, tol)
+        run["nms_max_abs_diff"] = d_nms
+        run["num_dets"] = [int(v) for v in outs[0].flatten()]
+        run["reference_num_dets"] = [int(v) for v in expected[0].flatten()]
+        torch_e2e = reference_detections(boxes_ref, scores_ref, iou_thres=nms.iou_thres,
+                                         score_thres=nms.score_thres, max_det=nms.max_det,
+                                         multi_label=nms.multi_label)
+        run["torch_num_dets"] = [int(v) for v in torch_e2e[0].flatten()]  # info: NMS on torch's own predictions
+        if why_nms and not why:
+            why = f"NMS outputs differ from the reference NMS on the same inputs: {why_nms}"
+        d = max(d, d_nms)
+    run.update({"max_abs_diff": d, "atol": tol, "passed": not why})
+    if why:
+        run["reason"] = why
+    return run
+
+
+def _attempt(kind: str, x: torch.Tensor, runner: Callable[[torch.Tensor], Any], allow_skip: bool
+             ) -> tuple[list[torch.Tensor] | None, dict[str, Any] | None]:
+    """Run ``runner(x)``; returns ``(outputs, None)`` or ``(None, run record)`` for a skipped or failed run."""
+    try:
+        got = runner(x)
+    except Exception as exc:
+        rec: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
+        if allow_skip and no_fp16_kernel(exc):
+            rec.update({"passed": None, "reason": f"not run: no fp16 kernel on this device ({_one_line(exc)})"})
+        else:
+            rec.update({"passed": False, "reason": f"the {kind} run raised {_one_line(exc)}"})
+        return None, rec
+    return ([got] if isinstance(got, torch.Tensor) else list(got)), None
+
+
+def run_checks(name: str, runner_fp32: Callable[[torch.Tensor], Any],
+               runner_fp16: Callable[[torch.Tensor], Any] | None, reference: nn.Module, inputs: list[torch.Tensor],
+               atol: float, *, half: bool, fp32_model: nn.Module | None = None,
+               nms: ExportOptions | None = None) -> dict[str, Any]:
+    """Run an artifact and its torch reference on each input and judge it (rules: module docstring).
+
+    Args:
+        name: artifact kind for the reasons (``onnx``, ``torchscript``).
+        runner_fp32: ``images [B, 3, H, W] fp32 ->`` the artifact's outputs (upcast weights with ``half``).
+        runner_fp16: the same with fp16 input and weights, or None (fp32 artifacts).
+        reference: torch module ``images -> y [B, 4 + nc, A]`` (fp16-rounded weights in fp32 with ``half``).
+        inputs: the images to run.
+        atol: ``export_atol``.
+        half: the artifact holds fp16 weights (``fp32_model``: the unrounded fp32 model, for the rounding report).
+        nms: the export settings of an end-to-end graph (its runners then also return the NMS boxes and raw scores,
+            :func:`~.onnx_graph.with_nms_inputs`), else None.
+
+    Returns:
+        ``{"passed": True | False | None, "max_abs_diff" (fp32 runs, vs ``atol``), "atol", "runs": [...],
+        "reason"?, "not_run"?, "fp16_max_abs_diff"?, "fp16_weights_max_abs_diff"?}``.
+    """
+    runs: list[dict[str, Any]] = []
+    worst, worst16, reasons, not_run = 0.0, 0.0, [], []
+    weights_err = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            ref = reference(x)
+            plan = [("fp32" if not half else "fp32 (upcast fp16 weights)", runner_fp32, atol, False)]
+            if runner_fp16 is not None:
+                plan.append(("fp16", runner_fp16, _half_atol(ref, atol), True))
+            for kind, runner, tol, allow_skip in plan:
+                got, run = _attempt(kind, x, runner, allow_skip)
+                if run is None:
+                    assert got is not None
+                    run = _compare_run(kind, x, ref, got, tol, nms)
+                    if allow_skip:
+                        worst16 = max(worst16, run["max_abs_diff"])
+                    else:
+                        worst = max(worst, run["max_abs_diff"])
+                runs.append(run)
+                if run["passed"] is False:
+                    reasons.append(f"{name} {kind} {list(x.shape)}: {run['reason']}")
+                elif run["passed"] is None:
+                    not_run.append(f"{name} {kind} {list(x.shape)}: {run['reason']}")
+            if half and fp32_model is not None:
+                weights_err = max(weights_err, max_diff(fp32_model(x), ref))
+    ran = [r for r in runs if r["passed"] is not None]
+    passed: bool | None = False if reasons else (True if ran else None)
+    check: dict[str, Any] = {"passed": passed, "max_abs_diff": worst, "atol": atol, "runs": runs}
+    if half:
+        check["fp16_weights_max_abs_diff"] = weights_err
+    if any(r["precision"] == "fp16" and r["passed"] is not None for r in runs):
+        check["fp16_max_abs_diff"] = worst16  # judged per run against its own tolerance (runs[i].atol)
+    if reasons:
+        check["reason"] = "; ".join(reasons)
+    elif passed is None:
+        check["reason"] = "no run ran: " + "; ".join(not_run)
+    if not_run:
+        check["not_run"] = not_run
+    return check

@@ -1,0 +1,160 @@
+"""Orchestration: write and check the ONNX / TorchScript artifacts a conversion asks for."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from ...errors import InvalidInputError, ValidationFailedError
+from ..nms import NMSHead
+from ..validation import main_output, sample_inputs
+from .checks import max_diff, run_checks
+from .modules import EndToEnd, Predictions, deploy_head, export_metadata
+from .onnx_graph import INPUT_NAME, export_onnx, quiet, run_onnx, upcast_onnx, with_nms_inputs
+from .options import ExportOptions
+from .torchscript import export_torchscript
+
+if TYPE_CHECKING:
+    from ..convert import ConvertOptions
+
+__all__ = ["export_all"]
+
+
+def _dtype_name(half: bool) -> str:
+    return "float16" if half else "float32"
+
+
+def _verdict(check: dict[str, Any]) -> str:
+    if check["passed"] is None:
+        return "NOT RUN"
+    word = "passed" if check["passed"] else "FAILED"
+    return word + (f" ({len(check['not_run'])} fp16 run(s) not run: no fp16 kernel)" if check.get("not_run") else "")
+
+
+def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, stem: str, options: "ConvertOptions",
+               report: dict[str, Any], say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Write and check the ONNX / TorchScript artifacts that ``options.formats`` asks for, into ``stage``.
+
+    Args:
+        export_model: the deploy model (fp32, eval; fused with ``--fuse``); head must be ``DDetect``.
+        dual: the dual model (fp32, eval) or None; only used to report the artifact's distance to its main branch.
+        stage: staging folder; stem: checkpoint stem for the file names.
+        options: conversion options (``formats``, ``half``, ``imgsz``, ``seed``; export settings through
+            :meth:`ExportOptions.from_convert`).
+        report: the report so far (read for metadata; ``timing`` gets ``export_*_s``).
+        say: progress logger.
+
+    Returns:
+        Artifact dicts ``{"name", "format", "dtype", "check", ...}`` (sha256/bytes are added by the caller); ONNX
+        ones also hold ``input``/``inputs`` and ``outputs`` with their declared shapes (names for symbolic axes).
+
+    Raises:
+        InvalidInputError: ``export_model`` is not a deploy model, or bad options.
+        ValidationFailedError: an artifact's check failed (``err.report`` is the report with the failed check).
+    """
+    eo = ExportOptions.from_convert(options)
+    eo.check(tuple(options.formats))
+    if export_model is dual:
+        raise InvalidInputError("export got the dual model; export starts from the deploy model")
+    deploy_head(export_model)
+    atol = float(eo.export_atol)
+    half = bool(options.half)
+    model = copy.deepcopy(export_model).float().eval()
+    stride = int(max(torch.as_tensor(model.stride).tolist()))
+    inputs = sample_inputs(options.imgsz, stride, options.seed)
+    sample = inputs[0]
+    predict = Predictions(model)
+    # the torch reference of a --half artifact: the same fp16-rounded weights, computed in fp32
+    reference = copy.deepcopy(predict).half().float() if half else predict
+    timings = report.setdefault("timing", {})
+    arts: list[dict[str, Any]] = []
+    with torch.no_grad():
+        dual_main = {tuple(x.shape): main_output(dual(x)) for x in inputs} if dual is not None else {}
+
+    if "onnx" in options.formats:
+        t = time.perf_counter()
+        import onnxruntime as ort
+
+        nms = eo.nms_settings()
+        module: nn.Module = predict
+        if nms:
+            module = EndToEnd(predict, NMSHead(eo.iou_thres, eo.score_thres, eo.max_det, eo.multi_label))
+        name = f"{stem}-converted{'-end2end' if nms else ''}.onnx"
+        path = stage / name
+        say(f"exporting ONNX (opset {eo.opset}, {'dynamic' if eo.dynamic else 'static ' + str(list(sample.shape))}"
+            f"{', NMS ' + nms['semantics'] if nms else ''}{', fp16' if half else ''}) -> {name}")
+        try:
+            proto = export_onnx(module, path, sample, opset=eo.opset, dynamic=eo.dynamic, half=half,
+                                metadata=export_metadata(model, report, int(sample.shape[-1]), options=eo))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidInputError(f"ONNX export failed at opset {eo.opset}: {str(exc).splitlines()[0][:300]}; "
+                                    f"try the default --opset {ExportOptions.opset}") from None
+        checked = inputs if eo.dynamic else [sample]
+        runnable = with_nms_inputs(proto, eo.multi_label) if nms else proto
+        as_stored = runnable.SerializeToString()
+        fp16_run: Callable[[torch.Tensor], Any] | None = None
+        if half:
+            up = upcast_onnx(runnable).SerializeToString()
+            fp32_run: Callable[[torch.Tensor], Any] = lambda x: run_onnx(up, x)  # noqa: E731
+            fp16_run = lambda x: run_onnx(as_stored, x.half())  # noqa: E731
+        else:
+            fp32_run = lambda x: run_onnx(as_stored, x)  # noqa: E731
+        check = run_checks("onnx", fp32_run, fp16_run, reference, checked, atol, half=half, fp32_model=predict,
+                           nms=eo if nms else None)
+        check["runtime"] = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+        if not nms and not half and dual_main:
+            check["vs_dual_max_abs_diff"] = max(max_diff(run_onnx(path, x)[0], dual_main[tuple(x.shape)])
+                                                for x in checked)
+        shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+        arts.append({"name": name, "format": "onnx", "dtype": _dtype_name(half), "opset": eo.opset,
+                     "dynamic": eo.dynamic, "nms": nms, "input": INPUT_NAME,
+                     "inputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
+                     "outputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.output],
+                     "check": check})
+        timings["export_onnx_s"] = time.perf_counter() - t
+        say(f"ONNX check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
+        _fail_if(check, "ONNX", report)
+
+    if "torchscript" in options.formats:
+        t = time.perf_counter()
+        name = f"{stem}-converted.torchscript"
+        path = stage / name
+        say(f"exporting TorchScript (trace{', fp16' if half else ''}) -> {name}")
+        export_torchscript(predict, path, sample, half=half,
+                           metadata=export_metadata(model, report, int(sample.shape[-1])))
+        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        ts16: Callable[[torch.Tensor], Any] | None = None
+        if half:
+            upcast = quiet(lambda: copy.deepcopy(loaded).float())
+            ts32: Callable[[torch.Tensor], Any] = lambda x: upcast(x)  # noqa: E731
+            ts16 = lambda x: loaded(x.half())  # noqa: E731
+        else:
+            ts32 = lambda x: loaded(x)  # noqa: E731
+        check = run_checks("torchscript", ts32, ts16, reference, inputs, atol, half=half, fp32_model=predict)
+        check["runtime"] = f"torch {torch.__version__} (torch.jit.load, CPU)"
+        if not half and dual_main:
+            with torch.no_grad():
+                check["vs_dual_max_abs_diff"] = max(max_diff(loaded(x), dual_main[tuple(x.shape)]) for x in inputs)
+        arts.append({"name": name, "format": "torchscript", "dtype": _dtype_name(half), "input": INPUT_NAME,
+                     "check": check})
+        timings["export_torchscript_s"] = time.perf_counter() - t
+        say(f"TorchScript check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
+        _fail_if(check, "TorchScript", report)
+    return arts
+
+
+def _fail_if(check: dict[str, Any], what: str, report: dict[str, Any]) -> None:
+    """Raise ValidationFailedError (carrying ``report``) when ``check`` failed; a check that did not run
+    (``passed`` None) is not a failure, and its reason stays in the report."""
+    if check["passed"] is not False:
+        return
+    err = ValidationFailedError(
+        f"{what} export check failed: {check.get('reason')}; nothing was published. Loosen --export-atol only if "
+        "the difference is rounding")
+    err.report = report  # type: ignore[attr-defined]
+    raise err

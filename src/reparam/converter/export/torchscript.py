@@ -1,0 +1,32 @@
+"""TorchScript export: ``torch.jit.trace`` of the prediction wrapper, metadata in a ``config.txt`` extra file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from .modules import Predictions
+from .onnx_graph import quiet
+
+__all__ = ["export_torchscript"]
+
+
+def export_torchscript(module: Predictions, path: Path, sample: torch.Tensor, *, half: bool = False,
+                       metadata: dict[str, str] | None = None) -> torch.jit.ScriptModule:
+    """Trace ``module`` and save it with a ``config.txt`` extra file (metadata JSON plus the tracing ``shape``).
+
+    Shapes stay free (the anchor grid is computed from the feature maps): ``images [B, 3, H, W] -> [B, 4 + nc, A]``.
+    With ``half`` the model and the tracing input are fp16 (the trace runs one fp16 forward on this machine).
+    Returns the traced module.
+    """
+    module = copy.deepcopy(module).eval()
+    module = module.half() if half else module.float()
+    x = sample.half() if half else sample.float()
+    with torch.no_grad():
+        traced = quiet(lambda: torch.jit.trace(module, x, check_trace=False, strict=False))
+    extra = {"config.txt": json.dumps({**(metadata or {}), "shape": list(sample.shape)})}
+    torch.jit.save(traced, str(path), _extra_files=extra)
+    return traced
