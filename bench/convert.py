@@ -1,17 +1,29 @@
-"""Wall time and peak memory of `reparam convert` next to the I/O floor, in one run.
+"""CPU time, wall time and peak memory of `reparam convert`, phase by phase, next to the I/O floor, in one run.
 
-For a checkpoint (default: the largest fixture checkpoint in ``ckpt/``) it runs, each in a fresh subprocess so peak RSS is its own:
+For each checkpoint (default: the yolov9-t and yolov9-s fixtures and a yolov9-e-sized dual checkpoint with random
+weights, built from the published config (``reparam.models.published``) and saved in the official format), every
+measurement runs in a fresh child process, so each peak RSS (``ru_maxrss``) is its own:
 
-* floor:   ``torch.load(weights_only=False)`` of the file + ``torch.save`` of it (the least any converter does),
-           with empty stand-in classes for ``models.common.*``/``models.yolo.*`` so no official code is needed;
-* convert: ``reparam convert`` with default settings (safe load, prune, validation at 640 px, GFLOPs, writes).
+* baseline: ``import torch`` + reparam, nothing else (the interpreter's own memory, subtracted below);
+* floor:    ``torch.load(weights_only=False)`` + ``torch.save`` of the same file (the least any converter does),
+            with empty stand-in classes for ``models.common.*``/``models.yolo.*`` so no official code is needed;
+* convert:  ``reparam.converter.convert.convert`` with ``--check fast`` (the default) and ``--check full``; its
+            report's per-phase wall and CPU times (load, derive, transfer, validate, stats, write, export);
+* notebook: only with ``REPARAM_OFFICIAL_YOLOV9=/path/to/a/WongKinYiu/yolov9/checkout`` (and its requirements
+            installed): the official ``tools/reparameterization.ipynb`` cells of the variant, read from that
+            checkout at run time and executed there (nothing of it is stored here).
 
-Usage: python bench/convert.py [CKPT] [--repeat N]
+CPU time is user + system of every thread of the child (``time.process_time`` around the measured block; the
+interpreter start and imports are excluded everywhere). Peak memory is reported absolute and above the baseline,
+and as a ratio of the checkpoint's in-memory size (its model tensors as saved, e.g. fp16).
+
+Usage: python bench/convert.py [CKPT ...] [--variants t,s,e] [--repeat N] [--threads N] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -19,12 +31,27 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+FIXTURES = Path(os.environ.get("REPARAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
-from conftest import fixtures_root  # noqa: E402  (the one fixture lookup of the tests)
+PRELUDE = r"""
+import json, resource, sys, time
+def done(cpu0, wall0, **extra):
+    print(json.dumps({"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
+                      "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+"""
 
-FLOOR = r"""
-import resource, sys, time, types, torch
+BASELINE = PRELUDE + r"""
+import torch
+import reparam.converter.convert
+from reparam.converter.checkpoint import read_checkpoint
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+ck = read_checkpoint(sys.argv[1])
+size = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
+print(json.dumps({"peak_mib": peak, "ckpt_mib": size / 2**20, "variant": ck.model_attrs.get("yaml_file")}))
+"""
+
+FLOOR = PRELUDE + r"""
+import types, torch
 from torch import nn
 from reparam.converter.safe_load import OFFICIAL_CLASSES
 # stand-in modules so that a plain torch.load can resolve models.common.* / models.yolo.* (bench only: this
@@ -35,55 +62,159 @@ for mod, names in OFFICIAL_CLASSES.items():
     for n in names:
         setattr(m, n, type(n, (nn.Module,), {"__module__": mod}))
     sys.modules[mod] = m
-src, dst = sys.argv[1], sys.argv[2]
-t = time.perf_counter()
-ckpt = torch.load(src, map_location="cpu", weights_only=False)
-torch.save(ckpt, dst)
-dt = time.perf_counter() - t
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+cpu0, wall0 = time.process_time(), time.perf_counter()
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+torch.save(ckpt, sys.argv[2] + ".pt")
+done(cpu0, wall0)
 """
 
-CONVERT = r"""
-import resource, sys, time
+CONVERT = PRELUDE + r"""
 from reparam.converter.convert import ConvertOptions, convert
-t = time.perf_counter()
-report = convert(sys.argv[1], sys.argv[2], ConvertOptions())
-dt = time.perf_counter() - t
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, report["timing"])
+cpu0, wall0 = time.process_time(), time.perf_counter()
+report = convert(sys.argv[1], sys.argv[2], ConvertOptions(check_level=sys.argv[3]))
+done(cpu0, wall0, timing=report["timing"], threads=report["threads"], check=report["validation"]["check"],
+     max_abs_diff=report["validation"]["max_abs_diff"])
 """
 
+NOTEBOOK = PRELUDE + r"""
+# the official notebook's cells for one variant, read from the checkout at run time (never stored in reparam)
+import os
+checkout, variant, src, dst, nc = sys.argv[3], sys.argv[4], sys.argv[1], sys.argv[2] + ".pt", sys.argv[5]
+os.chdir(checkout)
+sys.path.insert(0, checkout)
+cells = json.load(open(os.path.join(checkout, "tools", "reparameterization.ipynb")))["cells"]
+code = ["".join(cells[0]["source"])]
+title = f"Convert YOLOv9-{variant.upper()}"
+start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and title in "".join(c["source"]))
+for c in cells[start + 1:]:
+    if c["cell_type"] == "markdown":
+        break
+    code.append("".join(c["source"]))
+text = "\n".join(code).replace(f"./yolov9-{variant}.pt", src).replace(f"./yolov9-{variant}-converted.pt", dst)
+text = text.replace("nc=80", f"nc={nc}").replace('print(k, "perfectly matched!!")', "pass")
+cpu0, wall0 = time.process_time(), time.perf_counter()
+exec(compile(text, "reparameterization.ipynb", "exec"), {"__name__": "__main__"})
+done(cpu0, wall0)
+"""
 
-def run(code: str, *args: str) -> tuple[float, float, str]:
+GENERATE = r"""
+import sys, torch
+from reparam.converter.official_format import save_official
+from reparam.models import DetectionModel
+from reparam.models.published import published_config
+torch.manual_seed(0)
+variant, path = sys.argv[1], sys.argv[2]
+model = DetectionModel(published_config(f"yolov9-{variant}", nc=80), nc=80).eval()
+with torch.no_grad():  # non-trivial BatchNorm statistics, as tests/test_pruning_variants.py
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+model.names = {i: f"class{i}" for i in range(80)}
+model.yaml_file = f"yolov9-{variant}.yaml"
+save_official(model.half(), path)
+"""
+
+PHASES = ("load", "derive", "transfer", "validate", "stats", "write", "export")
+
+
+def child(code: str, *args: str, threads: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
-    parts = out.stdout.strip().split(" ", 2)
-    return float(parts[0]), float(parts[1]) / 1024.0, parts[2] if len(parts) > 2 else ""
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"child failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_run(code: str, args: list[str], repeat: int, threads: int | None) -> dict:
+    runs = sorted((child(code, *args, threads=threads) for _ in range(repeat)), key=lambda r: r["cpu_s"])
+    best = dict(runs[len(runs) // 2])
+    best["peak_mib"] = max(r["peak_mib"] for r in runs)
+    return best
+
+
+def generated(variant: str, work: Path) -> Path:
+    path = work / f"yolov9-{variant}-dual-random.pt"
+    if not path.is_file():
+        print(f"generating {path.name} (random weights, official format) ...", flush=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        subprocess.run([sys.executable, "-c", GENERATE, variant, str(path)], env=env, check=True)
+    return path
+
+
+def measure(ckpt: Path, args: argparse.Namespace, tmp: Path) -> dict:
+    base = child(BASELINE, str(ckpt), threads=args.threads)
+    rows: dict[str, dict] = {}
+    dst = str(tmp / "floor")
+    rows["floor"] = median_run(FLOOR, [str(ckpt), dst], args.repeat, args.threads)
+    for level in ("fast", "full"):
+        rows[f"convert --check {level}"] = median_run(CONVERT, [str(ckpt), str(tmp / f"out-{level}"), level],
+                                                      args.repeat, args.threads)
+    official = os.environ.get("REPARAM_OFFICIAL_YOLOV9")
+    variant = Path(str(base.get("variant") or "")).stem.replace("yolov9-", "")
+    if official and variant in ("s", "m", "c", "e"):
+        nc = json.loads(subprocess.run([sys.executable, "-c", "import sys, json; from reparam.converter.checkpoint "
+                                        "import read_checkpoint; print(read_checkpoint(sys.argv[1]).nc)", str(ckpt)],
+                                       capture_output=True, text=True, check=True,
+                                       env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout)
+        try:
+            rows["notebook"] = median_run(NOTEBOOK, [str(ckpt), str(tmp / "nb"), official, variant, str(nc)],
+                                          args.repeat, args.threads)
+        except RuntimeError as err:
+            print(f"  notebook procedure not measured: {err}", file=sys.stderr)
+    return {"ckpt": ckpt, "base": base, "rows": rows}
+
+
+def report(m: dict) -> None:
+    ckpt, base, rows = m["ckpt"], m["base"], m["rows"]
+    floor = rows["floor"]
+    nb = rows.get("notebook")
+    size = base["ckpt_mib"]
+    print(f"\n{ckpt.name}: {ckpt.stat().st_size / 1e6:.1f} MB file, {size:.1f} MiB of tensors in memory, "
+          f"interpreter baseline {base['peak_mib']:.0f} MiB")
+    print(f"  {'step':24s} {'CPU s':>7s} {'wall s':>7s} {'CPU/floor':>9s} {'CPU/nb':>7s} {'peak MiB':>9s} "
+          f"{'above base':>10s} {'/ckpt':>6s}")
+    for name, r in rows.items():
+        above = r["peak_mib"] - base["peak_mib"]
+        ratio_nb = f"{r['cpu_s'] / nb['cpu_s']:7.2f}" if nb else f"{'-':>7s}"
+        print(f"  {name:24s} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} {r['cpu_s'] / floor['cpu_s']:9.2f} {ratio_nb} "
+              f"{r['peak_mib']:9.0f} {above:10.0f} {above / size:6.2f}")
+    for name, r in rows.items():
+        if "timing" in r:
+            t = r["timing"]
+            parts = [f"{p} {t.get(p + '_cpu_s', 0):.2f}/{t.get(p + '_s', 0):.2f}" for p in PHASES]
+            print(f"  {name} phases (CPU s / wall s, {r['threads']} threads): " + ", ".join(parts))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("ckpt", nargs="?", default=None)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpts", nargs="*", type=Path, help="checkpoints (default: --variants)")
+    ap.add_argument("--variants", default="t,s,e",
+                    help="t and s: the shared fixtures; other letters: generated yolov9-<v> with random weights")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (median CPU, max peak)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every child (default: unset)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "reparam-bench",
+                    help="where generated checkpoints are kept between runs")
     args = ap.parse_args()
-    ckpts = sorted((fixtures_root() / "ckpt").glob("*.pt"), key=lambda p: p.stat().st_size)
-    ckpt = Path(args.ckpt) if args.ckpt else ckpts[-1]
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, code in (("torch.load + torch.save (floor)", FLOOR), ("reparam convert", CONVERT)):
-            times, peaks, extra = [], [], ""
-            for i in range(args.repeat):
-                dst = str(Path(tmp) / f"{name[:5]}-{i}")
-                dt, peak, extra = run(code, str(ckpt), dst)
-                times.append(dt)
-                peaks.append(peak)
-            times.sort()
-            rows[name] = (times[len(times) // 2], max(peaks), extra)
-    base_t, base_m, _ = rows["torch.load + torch.save (floor)"]
-    print(f"checkpoint: {ckpt.name} ({ckpt.stat().st_size / 1e6:.1f} MB), median of {args.repeat}, one run")
-    print(f"{'step':34s} {'wall s':>8s} {'x floor':>8s} {'peak RSS MiB':>13s} {'x floor':>8s}")
-    for name, (t, m, _extra) in rows.items():
-        print(f"{name:34s} {t:8.2f} {t / base_t:8.1f} {m:13.0f} {m / base_m:8.2f}")
-    print("convert phases:", rows["reparam convert"][2])
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpts = list(args.ckpts)
+    if not ckpts:
+        fixture = {"t": "yolov9-t-dual-best.pt", "s": "yolov9-s-dual.pt"}
+        for v in args.variants.split(","):
+            p = FIXTURES / "ckpt" / fixture[v] if v in fixture else generated(v, args.work)
+            if p.is_file():
+                ckpts.append(p)
+    results = []
+    for ckpt in ckpts:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"measuring {ckpt.name} ...", file=sys.stderr, flush=True)
+            results.append(measure(ckpt, args, Path(tmp)))
+    print(f"reparam convert vs the I/O floor, one run, {os.cpu_count()} host CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for m in results:
+        report(m)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def models(fixtures: Path):
             else:
                 dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict)
                 skeleton = DetectionModel(plan.deploy_cfg, nc=ck.nc)
-                sd, _ = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan)
+                sd, _ = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan, ck.cfg)
                 deploy = build_model(plan.deploy_cfg, ck.nc, ck.names, sd)
                 deploy.stride = dual.stride.clone()
                 deploy.model[-1].stride = dual.model[-1].stride.clone()

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"artifact to write (repeatable; default: {' and '.join(spec.DEFAULT_FORMATS)})")
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
+    c.add_argument("--check", choices=["fast", "full"], default="fast",
+                   help="validation level: fast (default: main-only dual vs deploy at full size, a small non-square "
+                        "batch of 2 with the whole dual model) or full (the whole dual model at full size and on a "
+                        "half-size non-square batch of 2)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
     d = EXPORT_DEFAULTS
     c.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
@@ -281,7 +285,7 @@ def _human_summary(report: dict[str, Any]) -> str:
         b = report["bytes"]
         change = f"saved {b['saved']:,}" if b["saved"] >= 0 else f"{-b['saved']:,} larger"
         lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} ({change})")
-    lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}) "
+    lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}, check {v.get('check', 'full')}) "
                  f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
     for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
         check = a.get("check")
@@ -359,7 +363,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options = ConvertOptions(
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
             formats=tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS)), imgsz=args.imgsz, seed=args.seed,
-            prefer_ema=not args.no_ema,
+            prefer_ema=not args.no_ema, check_level=args.check,
             onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
                   "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
             export_atol=args.export_atol,

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -158,7 +159,10 @@ def write_all(
     raises (:class:`~reparam.errors.ValidationFailedError` for a failed evaluation) publishes nothing.
 
     The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 unless ``options.fp32``) in the
-    unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export. Raises whatever an export step raises, after removing the staging folder.
+    unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export.
+    Without ``--fp32``, ``deploy`` itself is turned to fp16 in place (no copy: it normally holds ``deploy_sd``'s
+    fp16 tensors already). The export's wall and CPU time go to ``report['timing']['export_s'/'export_cpu_s']``.
+    Raises whatever an export step raises, after removing the staging folder.
     """
     from .official_format import save_official
 
@@ -167,7 +171,7 @@ def write_all(
     arts: list[dict[str, Any]] = []
     try:
         # fp16 like the official deploy checkpoints (exact: the checkpoint's own fp16 tensors are copied in)
-        saved = copy.deepcopy(deploy) if options.fp32 else copy.deepcopy(deploy).half()
+        saved = copy.deepcopy(deploy).float() if options.fp32 else deploy.half()
         saved.load_state_dict(deploy_sd)
         saved.yaml_file = f"{stem}-deploy.yaml"
         saved.eval()
@@ -183,8 +187,14 @@ def write_all(
         extra_formats = [f for f in options.formats if f in ("onnx", "torchscript")]
         if extra_formats:
             from . import export
+            from .validation import computing_in_fp32
 
-            arts.extend(export.export_all(export_model, dual, stage, stem, options, report, say))
+            wall, cpu = time.perf_counter(), time.process_time()
+            with computing_in_fp32(dual):  # the dual model keeps its saved (fp16) weights
+                arts.extend(export.export_all(export_model, dual, stage, stem, options, report, say))
+            timing = report.setdefault("timing", {})
+            timing["export_s"] = round(time.perf_counter() - wall, 4)
+            timing["export_cpu_s"] = round(time.process_time() - cpu, 4)
         for a in arts:
             p = stage / a["name"]
             a["sha256"] = _sha256(p)

@@ -8,12 +8,14 @@ unless every step passed; a failed validation leaves only ``report.json`` (marke
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,10 +26,11 @@ from ..hashing import hash_file
 from ..models import DetectionModel, fuse_model
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, compact, read_checkpoint, variant_of
+from .cpus import limit_threads
 from .export.options import EXPORT_DEFAULTS, check_export_options
 from .pruning import derive_deploy_plan
 from .transfer import transfer_weights
-from .validation import check_equivalence, count_params, gflops, sample_inputs
+from .validation import CHECK_LEVELS, check_conversion, count_params
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ConvertOptions:
         eval_data: the dataset source evaluated (``--eval-data``; the dataset itself is passed to :func:`convert`).
         eval_imgsz: evaluation image size in pixels; eval_atol: largest |mAP@0.5:0.95 artifact - dual|
             (:mod:`reparam.evaluation.conversion`).
+        check_level: validation level, ``"fast"`` (default) or ``"full"`` (:func:`.validation.check_conversion`).
         cfg: the source is a bare state_dict of this architecture: a published name (``yolov9-c``) or a config
             file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
         nc: with ``cfg``: the class count, checked against the weights (which decide it).
@@ -72,6 +76,7 @@ class ConvertOptions:
     cfg: str | None = None
     nc: int | None = None
     names: tuple[str, ...] | None = None
+    check_level: str = "fast"
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
@@ -79,7 +84,8 @@ class ConvertOptions:
                      self.prefer_ema, sorted(self.onnx.items()))
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
                     + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
-                    + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ()))
+                    + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ())
+                    + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -102,6 +108,8 @@ class ConvertOptions:
                 raise InvalidInputError(f"--eval-atol must be > 0, got {self.eval_atol}")
             if not 32 <= self.eval_imgsz <= 4096:
                 raise InvalidInputError(f"--eval-imgsz must be between 32 and 4096 pixels, got {self.eval_imgsz}")
+        if self.check_level not in CHECK_LEVELS:
+            raise InvalidInputError(f"--check must be one of {', '.join(CHECK_LEVELS)}, got {self.check_level!r}")
         check_export_options(self)
 
 
@@ -112,37 +120,68 @@ def _config_digest(spec: str) -> str:
 
 
 def build_model(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor] | None = None,
-                *, what: str = "model", fits: str = "its config") -> DetectionModel:
-    """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly, in fp32.
+                *, what: str = "model", fits: str = "its config", keep_dtype: bool = False,
+                stride: list[float] | None = None) -> DetectionModel:
+    """Build our :class:`DetectionModel` from a config and (optionally) load ``state`` strictly (eval mode).
+
+    Without ``state`` the model is freshly initialised in fp32. With ``state`` it is built on the ``meta`` device
+    (no initialisation; the stride forward runs on shapes only) and then takes the tensors of ``state``: fp32
+    copies, or with ``keep_dtype`` the tensors themselves (no copy, saved dtype such as fp16; compute with
+    :func:`.validation.computing_in_fp32`). ``stride`` (pixels per head level, e.g. the checkpoint's own) skips
+    measuring them; :func:`.validation.check_conversion` checks them against the feature maps.
 
     Raises InvalidInputError when the weights do not fit the config: missing, unexpected and other-shape keys by
     count and first example (``fits`` names the config in the message, e.g. ``"--cfg yolov9-c"``).
     """
-    model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
+    if state is None:
+        model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc)
+        model.names = dict(names)
+        return model.float().eval()
+    with torch.device("meta"):
+        model = DetectionModel(cfg, ch=int(cfg.get("ch", 3) or 3), nc=nc, stride=stride)
     model.names = dict(names)
-    if state is not None:
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(count_of(missing, "missing"))
-            if unexpected:
-                parts.append(count_of(unexpected, "unexpected"))
-            if shapes:
-                k = shapes[0]
-                parts.append(f"{len(shapes):,} of another shape (e.g. {brief(k)}: {list(state[k].shape)} vs "
-                             f"{list(own[k].shape)})")
-            raise InvalidInputError(f"the {what}'s weights do not fit {fits}: " + "; ".join(parts))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.float().eval()
+    return load_weights(model, state, what=what, fits=fits, keep_dtype=keep_dtype)
+
+
+def load_weights(model: DetectionModel, state: dict[str, torch.Tensor], *, what: str = "model",
+                 fits: str = "its config", keep_dtype: bool = False) -> DetectionModel:
+    """Give ``model`` (built on any device, e.g. ``meta``) the tensors of ``state``, strictly; returns it in eval.
+
+    fp32 copies of floating tensors unless ``keep_dtype`` (then the tensors themselves, shared, no copy). Plain
+    tensor attributes left on ``meta`` (the head's unused ``anchors``/``strides``) become empty CPU tensors.
+    Raises InvalidInputError when the weights do not fit (as :func:`build_model`).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(count_of(missing, "missing"))
+        if unexpected:
+            parts.append(count_of(unexpected, "unexpected"))
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes):,} of another shape (e.g. {brief(k)}: {list(state[k].shape)} vs "
+                         f"{list(own[k].shape)})")
+        raise InvalidInputError(f"the {what}'s weights do not fit {fits}: " + "; ".join(parts))
+    tensors = state if keep_dtype else {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(tensors, assign=True)
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(m, name, torch.zeros(value.shape, dtype=value.dtype))
+    return model.eval()
 
 
 @dataclass
 class Pruned:
-    """The dual model, the deploy plan, and the deploy model carrying the main-branch weights (both fp32, eval)."""
+    """The dual model, the deploy plan, and the deploy model carrying the main-branch weights (eval).
+
+    Both models hold the checkpoint's own tensors in their saved dtype (no copies; fp16 for official checkpoints);
+    run them under :func:`.validation.computing_in_fp32`.
+    """
 
     plan: Any
     dual: DetectionModel
@@ -152,22 +191,47 @@ class Pruned:
 
 
 def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
-          what: str = "checkpoint", fits: str = "its config") -> Pruned:
+          what: str = "checkpoint", fits: str = "its config", phase: Callable[[str], Any] | None = None,
+          stride: list[float] | None = None) -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
-    ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). Raises InvalidInputError when the
-    weights do not fit the config (``what``/``fits`` name both in the message) or the transfer is not exact.
+    ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). ``phase(name)``, when given, is a
+    context manager timing the ``derive`` and ``transfer`` steps; ``stride``, when known (the checkpoint's), spares
+    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not fit the config
+    (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
-    plan = derive_deploy_plan(cfg)
-    dual = build_model(cfg, nc, names, state, what=what, fits=fits)
-    skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc)
-    deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan)
-    if not account.exact:
-        raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
-    deploy = build_model(plan.deploy_cfg, nc, names, deploy_sd, what="deploy model")
+    timed = phase or (lambda _name: contextlib.nullcontext())
+    with timed("derive"):
+        plan = derive_deploy_plan(cfg)
+    with timed("transfer"):
+        dual = build_model(cfg, nc, names, state, what=what, fits=fits, keep_dtype=True, stride=stride)
+        with torch.device("meta"):
+            skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc,
+                                      stride=dual.model[-1].stride.tolist())
+        deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg)
+        if not account.exact:
+            raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
+        skeleton.names = dict(names)
+        deploy = load_weights(skeleton, deploy_sd, what="deploy model", keep_dtype=True)
     deploy.stride = dual.stride.clone()
     deploy.model[-1].stride = dual.model[-1].stride.clone()
     return Pruned(plan, dual, deploy, deploy_sd, account)
+
+
+def _phases(timings: dict[str, float]) -> Callable[[str], Any]:
+    """``phase(name)``: a context manager adding wall (``<name>_s``) and process CPU time (``<name>_cpu_s``: user +
+    system of every thread, :func:`time.process_time`) of its block to ``timings``, in seconds."""
+
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + time.perf_counter() - wall, 4)
+            timings[f"{name}_cpu_s"] = round(timings.get(f"{name}_cpu_s", 0.0) + time.process_time() - cpu, 4)
+
+    return phase
 
 
 def convert(
@@ -198,10 +262,12 @@ def convert(
     t0 = time.perf_counter()
     path = Path(source)
     timings: dict[str, float] = {}
+    phase = _phases(timings)
+    threads = limit_threads()
 
-    ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
-                           names=options.names)
-    timings["load_s"] = time.perf_counter() - t0
+    with phase("load"):
+        ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
+                               names=options.names)
     if eval_dataset is not None:  # a dataset of other classes is reported before any conversion work
         from ..evaluation import check_names
 
@@ -210,37 +276,34 @@ def convert(
         + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
     for note in (ckpt.origin or {}).get("notes", []):
         say(note)
-    t = time.perf_counter()
-    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict,
-                   what="state_dict" if ckpt.origin else "checkpoint", fits=ckpt.fits)
+    pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
+                   fits=ckpt.fits, phase=phase, stride=ckpt.stride)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
     if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
         ckpt.stride = [float(s) for s in dual.stride.tolist()]
-    timings["build_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    stride = int(max(ckpt.stride)) if ckpt.stride else 32
-    inputs = sample_inputs(options.imgsz, stride, options.seed)
-    result = check_equivalence(dual, deploy, inputs, options.atol)
-    fused_result = None
-    fused = None
-    if options.fuse:
-        fused = fuse_model(copy.deepcopy(deploy)).eval()
-        fused_result = check_equivalence(dual, fused, inputs, options.atol)
-        if result.passed and not fused_result.passed:
-            result.passed = False
-            result.reason = f"fused model: {fused_result.reason}"
-        result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
-    timings["validate_s"] = time.perf_counter() - t
-    say(f"validation: max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> {'passed' if result.passed else 'FAILED'}")
+    with phase("validate"):
+        stride = int(max(ckpt.stride)) if ckpt.stride else 32
+        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level)
+        result, flops = check_conversion(dual, deploy, **check)
+        fused_result = None
+        fused = None
+        if options.fuse:
+            fused = fuse_model(copy.deepcopy(deploy).float()).eval()
+            fused_result, _ = check_conversion(dual, fused, **check)
+            if result.passed and not fused_result.passed:
+                result.passed = False
+                result.reason = f"fused model: {fused_result.reason}"
+            result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
+    say(f"validation ({options.check_level}): max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> "
+        f"{'passed' if result.passed else 'FAILED'}")
 
-    t = time.perf_counter()
-    stats = {
-        "params": {"before": count_params(dual), "after": count_params(deploy)},
-        "gflops": {"before": round(gflops(dual, inputs[0].shape[-1]), 3), "after": round(gflops(deploy, inputs[0].shape[-1]), 3)},
-        "gflops_imgsz": int(inputs[0].shape[-1]),
-    }
-    timings["stats_s"] = time.perf_counter() - t
+    with phase("stats"):  # the GFLOPs were counted during the validation's non-square check
+        stats = {
+            "params": {"before": count_params(dual), "after": count_params(deploy)},
+            "gflops": {"before": round(flops["before"], 3), "after": round(flops["after"], 3)},
+            "gflops_imgsz": int(flops["imgsz"]),
+        }
 
     removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
@@ -275,7 +338,7 @@ def convert(
                     "main_branch": account.main_keys, "used_exactly_once": account.exact},
         **stats,
         "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
-        "validation": {**result.to_dict(), "imgsz": int(inputs[0].shape[-1]), "seed": options.seed},
+        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed},
         "fusion": None if fused_result is None else {
             "max_abs_diff_vs_dual": fused_result.max_abs_diff,
             "modules_before": sum(1 for _ in deploy.modules()),
@@ -283,7 +346,7 @@ def convert(
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
-                    "onnx": dict(options.onnx), "export_atol": options.export_atol,
+                    "onnx": dict(options.onnx), "export_atol": options.export_atol, "check": options.check_level,
                     **({"eval_data": options.eval_data, "eval_imgsz": options.eval_imgsz,
                         "eval_atol": options.eval_atol} if options.eval_data else {}),
                     **({"cfg": options.cfg, "nc": options.nc,
@@ -292,6 +355,7 @@ def convert(
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
         "timing": timings,
+        "threads": threads,
     }
     out = Path(out_dir)
     if not result.passed:
@@ -323,8 +387,12 @@ def convert(
                 timings["evaluate_s"] = time.perf_counter() - t_eval
 
     try:
-        artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy, deploy_sd,
-                            options, report, say, evaluate=evaluate)
+        with phase("write"):
+            artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy,
+                                deploy_sd, options, report, say, evaluate=evaluate)
+        for unit in ("s", "cpu_s"):  # write_all times the export (and the evaluation) inside it
+            timings[f"write_{unit}"] = round(timings[f"write_{unit}"] - timings.get(f"export_{unit}", 0.0)
+                                             - (timings.get("evaluate_s", 0.0) if unit == "s" else 0.0), 4)
     except ValidationFailedError as err:  # an export's check or the evaluation failed: as a failed validation
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0

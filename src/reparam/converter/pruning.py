@@ -146,6 +146,40 @@ def _encode_from(original: Any, old_i: int, new_i: int, new_index: dict[int, int
     return list(out) if isinstance(original, (list, tuple)) else out[0]
 
 
+def ancestors(sources: list[list[int]], start: list[int]) -> set[int]:
+    """Layers ``start`` and every layer they read, transitively (``sources[i]``: absolute inputs of layer ``i``,
+    ``-1`` the image, which is not a layer)."""
+    keep: set[int] = set()
+    stack = [j for j in start if j >= 0]
+    while stack:
+        j = stack.pop()
+        if j not in keep:
+            keep.add(j)
+            stack.extend(s for s in sources[j] if s >= 0)
+    return keep
+
+
+def main_branch(dual_cfg: dict[str, Any]) -> tuple[set[int], int, set[str] | None]:
+    """The main branch of a graph, from the config alone: ``(layers, head index, head sub-modules)``.
+
+    ``layers``: every layer the head's main inputs (the last ``nl`` of a dual head) depend on, head excluded;
+    ``head sub-modules``: the dual head's main half (``{"cv4", "cv5", "dfl2"}`` for ``DualDDetect``), or None when
+    the head is a deploy head (all of it is main, and every layer is main). Independent of any
+    :class:`DeployPlan`, so the transfer's accounting (:func:`.transfer.transfer_weights`) can check a plan
+    against it. Raises InvalidInputError as :func:`derive_deploy_plan` does for malformed configs.
+    """
+    layers = layers_of(dual_cfg)
+    if not layers:
+        raise InvalidInputError("the checkpoint's model config has no layers")
+    head_i = len(layers) - 1
+    head_name = layers[head_i][2].rsplit(".", 1)[-1]
+    if head_name not in DUAL_HEADS:
+        return set(range(head_i)), head_i, None
+    sources = [resolve_from(layer[0], i) for i, layer in enumerate(layers)]
+    inputs = sources[head_i]
+    return ancestors(sources, inputs[len(inputs) // 2:]), head_i, set(DUAL_HEADS[head_name][1].values())
+
+
 def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
     """Apply the pruning rule to a dual config and return the deploy plan.
 
@@ -184,16 +218,7 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
             "(auxiliary inputs first, main inputs second)"
         )
     nl = len(inputs) // 2
-    main_inputs = inputs[nl:]
-
-    keep: set[int] = set()
-    stack = [j for j in main_inputs if j >= 0]
-    while stack:
-        j = stack.pop()
-        if j in keep:
-            continue
-        keep.add(j)
-        stack.extend(s for s in sources[j] if s >= 0)
+    keep = ancestors(sources, inputs[nl:])
 
     # Rule 3: a leading Silence survives only if a kept layer other than layer 1 reads it by index.
     silence_dropped = False

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidInputError
-from .pruning import DeployPlan
+from .pruning import DeployPlan, main_branch
 
 
 @dataclass
@@ -51,19 +51,18 @@ def _layer(key: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", plan: DeployPlan) -> set[str]:
-    """Dual keys the deploy model needs: kept layers, and the main half of the head."""
-    kept = set(plan.layer_map.values())
-    head = plan.layer_map[plan.head_index]
-    main_subs = set(plan.head_rename.values())
+def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", dual_cfg: dict) -> set[str]:
+    """Dual keys of the main branch, read from the dual graph itself (:func:`.pruning.main_branch`), not from a
+    deploy plan: the layers the head's main inputs depend on, and the main half of the head."""
+    layers, head, main_subs = main_branch(dual_cfg)
     out = set()
     for k in dual_sd:
         i, rest = _layer(k)
-        if i not in kept:
-            continue
-        if i == head and plan.head_rename and rest.split(".", 1)[0] not in main_subs:
-            continue
-        out.add(k)
+        if i == head:
+            if main_subs is None or rest.split(".", 1)[0] in main_subs:
+                out.add(k)
+        elif i in layers:
+            out.add(k)
     return out
 
 
@@ -78,9 +77,13 @@ def canonical_zeros(t: torch.Tensor) -> torch.Tensor:
 
 
 def transfer_weights(
-    dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan
+    dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan, dual_cfg: dict
 ) -> tuple["OrderedDict[str, torch.Tensor]", TransferAccount]:
     """Build the deploy state_dict for ``deploy_keys`` (the deploy model's own ``state_dict()`` keys, in order).
+
+    The account compares the tensors used with the main branch of ``dual_cfg`` (the checkpoint's own graph, see
+    :func:`main_branch_keys`), so a plan that maps a deploy layer to the wrong dual layer, reads the auxiliary
+    half of the head or leaves a block out is not exact.
 
     Raises InvalidInputError when a deploy key has no source tensor or shapes differ — the checkpoint's weights
     do not fit its own config.
@@ -96,7 +99,7 @@ def transfer_weights(
             )
         out[k] = canonical_zeros(dual_sd[src])
         uses[src] += 1
-    main = main_branch_keys(dual_sd, plan)
+    main = main_branch_keys(dual_sd, dual_cfg)
     problems = []
     twice = sorted(k for k, n in uses.items() if n > 1)
     if twice:

@@ -215,6 +215,8 @@ class DetectionModel(nn.Module):
             copy gets ``ch`` (and ``nc`` when overridden) as YOLOv9 does.
         ch: input image channels (the config's ``ch`` wins when present).
         nc: number of classes, overriding the config's ``nc`` when given.
+        stride: the head strides when already known (e.g. a checkpoint's own ``stride``, pixels): skips the
+            measuring forward, which is most of the cost of building a large model on the ``meta`` device.
 
     Attributes (as official checkpoints have them): ``yaml`` (config dict), ``model``
     (``nn.Sequential`` of layers carrying ``i``, ``f``, ``type``, ``np``), ``save``
@@ -230,7 +232,8 @@ class DetectionModel(nn.Module):
         InvalidInputError: the config is malformed or names an unknown block.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], ch: int = 3, nc: int | None = None):
+    def __init__(self, cfg: Mapping[str, Any], ch: int = 3, nc: int | None = None, *,
+                 stride: Any = None):
         super().__init__()
         if not isinstance(cfg, Mapping):
             raise InvalidInputError(f"model config must be a mapping, got {type(cfg).__name__}")
@@ -249,7 +252,8 @@ class DetectionModel(nn.Module):
         head = self.model[-1]
         if isinstance(head, _AnchorFreeHead):
             head.inplace = self.inplace
-            head.stride = self._measure_strides(ch)
+            head.stride = (self._measure_strides(ch) if stride is None
+                           else torch.tensor([float(v) for v in stride], device="cpu"))
             self.stride = head.stride
             head.bias_init()
         else:
@@ -285,12 +289,14 @@ class DetectionModel(nn.Module):
         head = self.model[-1]
         was_training = self.training
         self.eval()
+        p = next(self.parameters(), None)
         try:
             s = STRIDE_PROBE_SIZE
-            feats = self._run(torch.zeros(1, ch, s, s), upto=head.i)
+            # on a model built on the "meta" device this runs on shapes only (no arithmetic)
+            feats = self._run(torch.zeros(1, ch, s, s, device=p.device if p is not None else "cpu"), upto=head.i)
         finally:
             self.train(was_training)
-        return torch.tensor([s / t.shape[-2] for t in feats[: head.nl]])
+        return torch.tensor([s / t.shape[-2] for t in feats[: head.nl]], device="cpu")
 
     def _apply(self, fn, *args, **kwargs):
         # As YOLOv9 BaseModel._apply: head tensors that are plain attributes follow .to()/.half().

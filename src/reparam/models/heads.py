@@ -93,7 +93,8 @@ class DFL(nn.Module):
     def __init__(self, c1: int = 17):
         super().__init__()
         self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
-        self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
+        if not self.conv.weight.is_meta:  # a model built on "meta" (no storage) gets its weights loaded later
+            self.conv.weight.data[:] = torch.arange(c1, dtype=torch.float).view(1, c1, 1, 1)
         self.c1 = c1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,6 +243,17 @@ class DualDDetect(_AnchorFreeHead):
         anchors, strides = self._anchor_grid(d1)
         y = [self._decode(d1, self.dfl, anchors, strides), self._decode(d2, self.dfl2, anchors, strides)]
         return y if self.export else (y, [d1, d2])
+
+    def forward_main(self, x_main: list[torch.Tensor]):
+        """Branch 1 alone (``cv4``/``cv5``/``dfl2``), in eval: ``(y_1, maps_1)`` as :meth:`forward` gives them.
+
+        ``x_main`` is the last ``nl`` inputs ``[B, ch[nl + i], H_i, W_i]``. The anchor grid depends only on the map
+        sizes, which both branches share (same strides), so ``y_1`` equals ``forward(x)[0][1]``; the converter
+        checks that equality on every conversion (:func:`reparam.converter.validation.check_conversion`).
+        """
+        d2 = self._raw(self.cv4, self.cv5, x_main)
+        anchors, strides = self._anchor_grid(d2)
+        return self._decode(d2, self.dfl2, anchors, strides), d2
 
 
 class TripleDDetect(_AnchorFreeHead):

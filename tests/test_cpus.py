@@ -1,0 +1,40 @@
+"""The converter's thread count follows the CPUs the process may use (affinity mask, cgroup v2 quota)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reparam.converter import cpus
+
+
+@pytest.mark.parametrize(
+    "affinity, cpu_max, expected",
+    [
+        (8, None, 8),                   # no cgroup file: the affinity mask decides
+        (8, "max 100000\n", 8),         # cgroup v2 without a quota
+        (8, "200000 100000\n", 2),      # limits.cpu: 2
+        (8, "150000 100000\n", 2),      # 1.5 CPUs: two threads share the quota
+        (8, "50000 100000\n", 1),       # 500m: one thread, never zero
+        (2, "400000 100000\n", 2),      # a quota above the affinity mask does not add CPUs
+        (4, "garbage\n", 4),            # unreadable contents count as no quota
+        (4, "abc 100000\n", 4),
+        (0, None, 1),
+    ],
+)
+def test_usable_cpus(affinity: int, cpu_max: str | None, expected: int) -> None:
+    assert cpus.usable_cpus(affinity, cpu_max) == expected
+
+
+def test_limit_threads_lowers_to_the_quota_and_never_raises(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    before = torch.get_num_threads()
+    quota = tmp_path / "cpu.max"
+    quota.write_text("100000 100000\n")
+    monkeypatch.setattr(cpus, "CPU_MAX_FILES", (str(tmp_path / "absent"), str(quota)))
+    try:
+        assert cpus.available_cpus() == 1
+        assert cpus.limit_threads() == 1 and torch.get_num_threads() == 1
+        quota.write_text("max 100000\n")
+        assert cpus.limit_threads() == 1  # a lower count already set (by the user or a quota) is kept
+    finally:
+        torch.set_num_threads(before)
