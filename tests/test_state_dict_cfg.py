@@ -167,7 +167,7 @@ def test_wrapped_state_dict_with_user_yaml_via_cli(tmp_path: Path, fixtures: Pat
     assert report["state_dict"]["entry"] == "model" and report["state_dict"]["key_prefix"] == "module.model."
     assert report["state_dict"]["notes"] == []  # the yaml says nc: 5, as the weights
     assert report["variant"] == "yolov9-c-quarter" and report["layers"] == ref["layers"]
-    assert report["removed"]["checkpoint_entries"] == {"epoch": "7"}
+    assert report["removed"]["checkpoint_entries"] == {"epoch": 7}  # typed, as inspect shows it
 
 
 @pytest.mark.parametrize("entry, prefix", [("state_dict", "model.model."), (None, ""), (None, "_orig_mod.model.")])
