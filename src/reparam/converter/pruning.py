@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidInputError, brief
 
@@ -146,9 +146,9 @@ def _encode_from(original: Any, old_i: int, new_i: int, new_index: dict[int, int
     return list(out) if isinstance(original, (list, tuple)) else out[0]
 
 
-def ancestors(sources: list[list[int]], start: list[int]) -> set[int]:
+def ancestors(sources: Sequence[list[int]] | Mapping[int, list[int]], start: list[int]) -> set[int]:
     """Layers ``start`` and every layer they read, transitively (``sources[i]``: absolute inputs of layer ``i``,
-    ``-1`` the image, which is not a layer)."""
+    a list indexed by layer or a dict keyed by it; ``-1`` the image, which is not a layer)."""
     keep: set[int] = set()
     stack = [j for j in start if j >= 0]
     while stack:

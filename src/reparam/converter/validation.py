@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..spec import DEFAULT_ATOL
-from .pruning import resolve_from
+from .pruning import ancestors, resolve_from
 
 #: Check levels of :func:`check_conversion` (``--check``), the default first.
 CHECK_LEVELS = ("fast", "full")
@@ -175,13 +175,7 @@ def main_branch_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return main_output(model(x))
     sources = {m.i: resolve_from(m.f, m.i) for m in layers}
     main_in = sources[head.i][head.nl:]
-    needed: set[int] = set()
-    stack = [j for j in main_in if j >= 0]
-    while stack:
-        j = stack.pop()
-        if j not in needed:
-            needed.add(j)
-            stack.extend(k for k in sources[j] if k >= 0)
+    needed = ancestors(sources, main_in)
     last_read: dict[int, int] = {}
     for i in sorted(needed) + [head.i]:
         for j in (sources[i] if i != head.i else main_in):
