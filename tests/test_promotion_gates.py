@@ -90,6 +90,11 @@ def test_eval_tags_round_trip():
     tags = eval_tags(m)
     assert tags["reparam.eval.digest"] == DIGEST and tags["reparam.eval.imgsz"] == "160"
     assert measured_from_tags(tags) == m
+    assert measured_from_tags(tags, DIGEST, 160) == m
+    assert measured_from_tags(tags, DIGEST, 640) is None and measured_from_tags(tags, "b" * 64, 160) is None
+    other = Measured("b" * 64, 160, 0.5, None)
+    both = {**tags, **eval_tags(other)}  # a second dataset keeps the first one's result
+    assert measured_from_tags(both, DIGEST, 160) == m and measured_from_tags(both, "b" * 64, 160) == other
     assert measured_from_tags({**tags, "reparam.eval.map50_95": "x"}) is None
     assert measured_from_tags({}) is None
 

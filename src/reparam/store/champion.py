@@ -4,7 +4,8 @@ The gates themselves are pure rules of :mod:`reparam.store.promotion` (rules 5-8
 the registry around them:
 
 * **Metrics on a version.** :func:`record_evaluation` writes the tags ``reparam.eval.digest``, ``reparam.eval.imgsz``,
-  ``reparam.eval.map50_95``, ``reparam.eval.map50`` on the model version, and logs ``eval_map50_95`` /
+  ``reparam.eval.map50_95``, ``reparam.eval.map50`` (the latest) and ``reparam.eval.d-<digest[:16]>-<imgsz>``
+  (one per dataset, :func:`eval_tags`) on the model version, and logs ``eval_map50_95`` /
   ``eval_map50`` as metrics of the version's run, linked to its MLflow 3 logged model (``Metric.model_id``) and to
   the dataset (``Metric.dataset_name`` / ``dataset_digest``), with the dataset logged as a run input
   (``MlflowClient.log_inputs``, source type ``reparam``). MLflow's dataset digest column holds at most 36
@@ -78,18 +79,33 @@ def _float(v) -> float | None:
         return None
 
 
+def _dataset_key(digest: str, imgsz: int) -> str:
+    return f"{TAG_EVAL}d-{digest[:16]}-{int(imgsz)}"
+
+
 def eval_tags(m: Measured) -> dict[str, str]:
-    """The version tags that hold one evaluation."""
+    """The version tags that hold one evaluation: the latest one (``reparam.eval.digest``, ``.imgsz``,
+    ``.map50_95``, ``.map50``) and one tag per dataset and image size (``reparam.eval.d-<digest[:16]>-<imgsz>`` =
+    ``map50_95,map50``), so a version evaluated on several datasets keeps each result."""
     out = {f"{TAG_EVAL}digest": m.digest, f"{TAG_EVAL}imgsz": str(int(m.imgsz)), f"{TAG_EVAL}map50_95": repr(m.map50_95)}
     if m.map50 is not None:
         out[f"{TAG_EVAL}map50"] = repr(m.map50)
+    out[_dataset_key(m.digest, m.imgsz)] = f"{m.map50_95!r},{'' if m.map50 is None else repr(m.map50)}"
     return out
 
 
-def measured_from_tags(tags: dict[str, str] | None) -> Measured | None:
-    """The evaluation recorded in a version's tags (:func:`eval_tags`), or None."""
+def measured_from_tags(tags: dict[str, str] | None, digest: str | None = None, imgsz: int | None = None
+                       ) -> Measured | None:
+    """The evaluation recorded in a version's tags (:func:`eval_tags`): the one on ``digest`` at ``imgsz`` when
+    given (None if it has none), else the latest one (None if none)."""
     t = tags or {}
     try:
+        if digest is not None and imgsz is not None:
+            value = t.get(_dataset_key(digest, imgsz))
+            if value is None:
+                return None
+            m50_95, _, m50 = value.partition(",")
+            return Measured(digest, int(imgsz), float(m50_95), _float(m50))
         return Measured(t[f"{TAG_EVAL}digest"], int(t[f"{TAG_EVAL}imgsz"]), float(t[f"{TAG_EVAL}map50_95"]),
                         _float(t.get(f"{TAG_EVAL}map50")))
     except (KeyError, ValueError):
@@ -127,8 +143,8 @@ def holder_measured(client, model_name: str, holder: str, ours: Measured, evalua
         RegistryError: the version has no ``.pt`` deploy file, or cannot be read or downloaded.
     """
     mv = client.get_model_version(model_name, holder)
-    known = measured_from_tags(dict(mv.tags or {}))
-    if ours.same_data(known):
+    known = measured_from_tags(dict(mv.tags or {}), ours.digest, ours.imgsz)
+    if known is not None:
         return known  # type: ignore[return-value]
     log(f"version {holder} has no evaluation on dataset {ours.digest[:12]} at {ours.imgsz} px: evaluating it")
     import mlflow.artifacts
