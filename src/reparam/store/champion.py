@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import RegistryError
-from . import promotion, tracking
+from . import promotion, registry, tracking
 from .promotion import Gates, Measured
 from .uris import redact
 
@@ -125,7 +125,7 @@ def record_evaluation(client, model_name: str, mv, m: Measured, source: str | No
         return
     name = f"reparam-eval-{m.digest[:12]}"
     digest = m.digest[:MLFLOW_DIGEST_CHARS]
-    model_id = getattr(mv, "model_id", None)
+    model_id = registry.model_id_of(mv)
     client.log_inputs(run_id, datasets=[DatasetInput(Dataset(name, digest, "reparam", redact(source or "")))])
     now = int(time.time() * 1000)
     metrics = [Metric("eval_map50_95", m.map50_95, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)]
@@ -150,7 +150,10 @@ def holder_measured(client, model_name: str, holder: str, ours: Measured, evalua
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory(prefix="reparam-champion-") as work:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{holder}", dst_path=work,
+        # the version's own artifact location (a models:/m-... URI or a store path): resolved through this
+        # client's registry, not the process-wide default registry URI
+        where = client.get_model_version_download_uri(model_name, holder)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=work,
                                                          tracking_uri=tracking.resolve_tracking_uri(tracking_uri)))
         pts = sorted(p for p in local.rglob("*.pt") if p.is_file())
         if not pts:
