@@ -93,11 +93,12 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     assert p2["decision"] == "promoted" and p2["previous_version"] == "1"
     assert p2["previous_map50_95"] == pytest.approx(p["map50_95"]) and p2["map50_95"] > 0.78
     assert holder(client, name) == "2"
+    assert final["registry"]["aliases"] == ["champion"] and final["registry"]["previous_aliases"] == {"champion": "1"}
 
     again = convert(fixtures, "early", name, env, "--atol", "0.0002", "--hold-alias", "challenger")
     p3 = again["promotion"]
     assert p3["decision"] == "held" and p3["reason"].startswith("regression") and p3["previous_version"] == "2"
-    assert again["registry"]["version"] == "3"
+    assert again["registry"]["version"] == "3" and again["registry"]["aliases"] == ["challenger"]
     assert holder(client, name) == "2" and holder(client, name, "challenger") == "3"
     t3 = client.get_model_version(name, "3").tags
     assert t3["reparam.promotion"] == "held" and t3["reparam.promotion_reason"].startswith("regression")
@@ -154,3 +155,26 @@ def test_race_never_leaves_the_alias_on_the_worse_model(name, client, mlflow_ser
 
 def other_sets_alias(client, name: str, alias: str, version: str):
     return lambda: client.set_registered_model_alias(name, alias, version)
+
+
+def test_two_concurrent_conversions_leave_the_alias_on_the_better_model(fixtures, env, client):
+    """Two real ``reparam convert --promote`` processes racing for a new model's first @champion."""
+    import subprocess
+    import sys
+
+    race_name = f"shapes-race-{uuid.uuid4().hex[:8]}"
+    procs = [subprocess.Popen([sys.executable, "-m", "reparam.cli", "convert",
+                               str(fixtures / "eval" / f"yolov9-t-dual-shapes-{which}.pt"), "--register", race_name,
+                               "--eval-data", str(fixtures / "eval"), "--promote", "champion", *COMMON],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for which in ("final", "early")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    final, early = (json.loads(o[0]) for o in outs)
+    assert holder(client, race_name) == final["registry"]["version"]
+    assert final["promotion"]["decision"] == "promoted"
+    # the early one was either held against the final one or superseded after it
+    tags = client.get_model_version(race_name, early["registry"]["version"]).tags
+    if early["promotion"]["decision"] == "held":
+        assert tags["reparam.promotion"] == "held"
+        assert early["promotion"]["rule"] in ("regression", "superseded")

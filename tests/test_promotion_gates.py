@@ -108,3 +108,15 @@ def test_summary_carries_metrics_and_promotion():
     back = summary.result_fields(summary.parse(text))
     assert back["metrics"]["map50_95"] == 0.83 and back["promotion"]["decision"] == "held"
     assert back["promotion"]["reason"].startswith("regression: ")
+
+
+def test_human_summary_line_names_decision_map_and_previous_version():
+    from reparam.cli import _promotion_line
+
+    held = {"promotion": {"alias": "champion", "decision": "held", "map50_95": 0.4637, "previous_version": "2",
+                          "previous_map50_95": 0.8342, "reason": "regression: ...", "hold_alias": "challenger"}}
+    assert _promotion_line(held) == ["  promotion    @champion: HELD, mAP@0.5:0.95 0.4637 vs version 2 (0.8342); "
+                                     "reason: regression: ...; @challenger set"]
+    first = {"promotion": {"alias": "champion", "decision": "promoted", "map50_95": 0.8342, "previous_version": None}}
+    assert _promotion_line(first) == ["  promotion    @champion: PROMOTED, mAP@0.5:0.95 0.8342 (first holder)"]
+    assert _promotion_line({}) == []

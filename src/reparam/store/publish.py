@@ -63,6 +63,19 @@ def _gated(name: str, version: Any, report: dict[str, Any], gated: dict[str, Any
                                   dataset_source=gated.get("dataset_source"), log=log, measured=measured).to_dict()
 
 
+def _add_gated(out: dict[str, Any], promo: dict[str, Any] | None) -> None:
+    """Put the gated outcome in ``out['promotion']``; a promoted alias (and a held version's hold alias) also joins
+    ``aliases``/``previous_aliases`` like an ungated one."""
+    out["promotion"] = promo
+    if not promo:
+        return
+    moved = promo["alias"] if promo["decision"] == "promoted" else promo.get("hold_alias")
+    if moved and moved not in out["aliases"]:
+        out["aliases"].append(moved)
+        if promo["decision"] == "promoted":
+            out["previous_aliases"][moved] = promo.get("previous_version")
+
+
 def _result(model_name: str, version: Any, model_uri: str | None, promo: promotion.Promotion | None,
             *, existing: bool, run_id: str | None = None, updated_tags: list[str] | None = None) -> dict[str, Any]:
     return {
@@ -100,8 +113,8 @@ def reuse(existing: dict, aliases: list[str], tracking_uri: str | None, *, tags:
     promo = promotion.promote(name, version, aliases, True, tracking_uri) if aliases else None
     out = _result(name, version, existing.get("model_uri"), promo, existing=True, run_id=existing.get("run_id"),
                   updated_tags=changed)
-    out["promotion"] = _gated(name, version, {"validation": {"passed": True}, **(report or {})}, gated, tracking_uri,
-                              log, existing=True)
+    _add_gated(out, _gated(name, version, {"validation": {"passed": True}, **(report or {})}, gated, tracking_uri,
+                           log, existing=True))
     return out
 
 
@@ -143,7 +156,7 @@ def register_conversion(
         log(f"no alias moved: {promo.skipped_reason}")
     out = _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id,
                   updated_tags=changed)
-    out["promotion"] = _gated(model_name, reg.version, report, gated, tracking_uri, log)
+    _add_gated(out, _gated(model_name, reg.version, report, gated, tracking_uri, log))
     return out
 
 
