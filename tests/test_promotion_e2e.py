@@ -103,6 +103,12 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     t3 = client.get_model_version(name, "3").tags
     assert t3["reparam.promotion"] == "held" and t3["reparam.promotion_reason"].startswith("regression")
 
+    # the same conversion again: nothing converted, the existing version 2 (the holder) stays promoted
+    same = convert(fixtures, "final", name, env)
+    assert same["registry"]["existing"] is True and same["registry"]["version"] == "2"
+    assert same["promotion"]["decision"] == "promoted" and same["promotion"]["previous_version"] is None
+    assert same["promotion"]["map50_95"] == pytest.approx(p2["map50_95"])
+
     gate = convert(fixtures, "final", name, env, "--atol", "0.0003", "--min-map", "0.99")
     assert gate["promotion"]["decision"] == "held" and "below --min-map 0.99" in gate["promotion"]["reason"]
     assert holder(client, name) == "2"

@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import RegistryError
 from . import champion, promotion, registry, tracking
+from .uris import redact
 
 
 def _quick_failures() -> None:
@@ -55,9 +57,15 @@ def _gated(name: str, version: Any, report: dict[str, Any], gated: dict[str, Any
         return None
     measured = None
     if existing:  # nothing was converted: this version's own evaluation on this dataset (tags, else evaluate it)
-        client = tracking.client(tracking_uri)
-        measured = champion.holder_measured(client, name, str(version), gated["probe"], gated["evaluate"],
-                                            gated.get("dataset_source"), log, tracking_uri)
+        try:
+            client = tracking.client(tracking_uri)
+            measured = champion.holder_measured(client, name, str(version), gated["probe"], gated["evaluate"],
+                                                gated.get("dataset_source"), log, tracking_uri)
+        except RegistryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
+            raise RegistryError(redact(f"promote {name} v{version}: measure this version failed: "
+                                       f"{tracking.describe_error(err)}")) from None
     return champion.promote_gated(name, version, gated["alias"], report, gated["gates"], evaluate=gated["evaluate"],
                                   tracking_uri=tracking_uri, hold_alias=gated.get("hold_alias"),
                                   dataset_source=gated.get("dataset_source"), log=log, measured=measured).to_dict()
