@@ -36,7 +36,7 @@ def test_crd_identity() -> None:
 
 def test_printer_columns_select_condition_by_type() -> None:
     cols = {c["name"]: c for c in VERSION["additionalPrinterColumns"]}
-    assert list(cols) == ["Phase", "Succeeded", "Model", "Version", "MaxDiff", "Age"]
+    assert list(cols) == ["Phase", "Succeeded", "Model", "Version", "MaxDiff", "mAP", "Promotion", "Age"]
     assert cols["Succeeded"]["jsonPath"] == '.status.conditions[?(@.type=="Succeeded")].status'
     assert cols["Age"]["type"] == "date"
 

@@ -300,6 +300,11 @@ def test_crd_says_what_spec_says() -> None:
     assert [r["rule"] for r in items["x-kubernetes-validations"]] == [
         f"!self.matches('{spec.ALIAS_RESERVED_PATTERN}')"]
     assert reg["tags"]["additionalProperties"]["maxLength"] == spec.TAG_VALUE_MAX
+    promo = PROPS["promotion"]["properties"]
+    for field in ("alias", "holdAlias"):  # the gated aliases follow the alias grammar too
+        assert (promo[field]["pattern"], promo[field]["maxLength"]) == (spec.ALIAS_PATTERN, spec.ALIAS_MAX)
+        assert [r["rule"] for r in promo[field]["x-kubernetes-validations"]] == [
+            f"!self.matches('{spec.ALIAS_RESERVED_PATTERN}')"]
 
 
 def test_every_pattern_is_re2() -> None:

@@ -109,8 +109,9 @@ def test_reuse_and_promotion_share_one_completeness_rule():
     assert version_problem("READY", READY) is None
     assert version_problem("FAILED_REGISTRATION", READY) == "MLflow status is FAILED_REGISTRATION (not READY)"
     assert version_problem("READY", {}) == "version is not ready (reparam.status=None)"
-    assert [(name, reads) for name, _, reads in RULES] == [("requested", False), ("validation", False),
-                                                          ("version_complete", True)]
+    assert [(name, reads) for name, _, reads in RULES] == [
+        ("requested", False), ("validation", False), ("evaluated", False), ("artifacts", False), ("min_map", False),
+        ("version_complete", True), ("champion_unmeasured", True), ("regression", True)]
     early = decide(["champion"], validation_passed=True, version_status=None, version_tags=None, version_known=False)
     assert early.allowed and early.aliases == ["champion"]
 

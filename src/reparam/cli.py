@@ -7,6 +7,7 @@
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
                            [--registry-wait SECONDS] [--termination-log PATH] [-v]
                            [--eval-data DATA [--eval-imgsz N] [--eval-atol X]]
+                           [--promote ALIAS [--min-map X] [--max-regression X] [--hold-alias ALIAS]]
     reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam evaluate MODEL --data DATA [--imgsz N] [--batch N] [--conf X] [--iou X] [--max-det N] [--json]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
@@ -176,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-imgsz", type=int, default=640, help="evaluation image size in pixels (default 640)")
     c.add_argument("--eval-atol", type=float, default=1e-3,
                    help="largest |mAP@0.5:0.95 artifact - dual| allowed (default 0.001)")
+    c.add_argument("--promote", default=None, metavar="ALIAS",
+                   help="gated alias (needs --register and --eval-data): moves to the new version only if the "
+                        "equivalence check and every evaluated artifact passed, mAP@0.5:0.95 >= --min-map, and it is "
+                        "not worse than the version holding ALIAS by more than --max-regression on the same dataset; "
+                        "otherwise the version is registered but held. --alias moves ungated, as before")
+    c.add_argument("--min-map", type=float, default=None, help="gate: lowest mAP@0.5:0.95 to promote (0-1)")
+    c.add_argument("--max-regression", type=float, default=0.0,
+                   help="gate: how much lower than the current holder's mAP@0.5:0.95 may be (default 0)")
+    c.add_argument("--hold-alias", default=None, metavar="ALIAS",
+                   help="alias set on a version the gates held (e.g. challenger)")
     _state_dict_args(c)
 
     i = sub.add_parser("inspect", help="show what a checkpoint holds, without converting")
@@ -269,6 +280,7 @@ def _human_summary(report: dict[str, Any]) -> str:
             f"{report.get('deploy_sha256')}); nothing new was created",
             f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
             *([f"  updated tags: {', '.join(reg['updated_tags'])}"] if reg.get("updated_tags") else []),
+            *_promotion_line(report),
         ])
     lines = [
         f"reparam {report['reparam_version']}: {report['source']['uri']}",
@@ -308,6 +320,7 @@ def _human_summary(report: dict[str, Any]) -> str:
                         and reg["promotion_skipped"] != "no alias requested" else ""))
         if reg.get("updated_tags"):
             lines.append(f"  updated tags: {', '.join(reg['updated_tags'])}")
+    lines.extend(_promotion_line(report))
     lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
     return "\n".join(lines)
 
@@ -332,6 +345,15 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
             "bytesBefore": report.get("bytes", {}).get("before"),
             "bytesAfter": report.get("bytes", {}).get("after"),
         })
+        ev = report.get("evaluation") or {}
+        promo = report.get("promotion") or {}
+        if ev.get("dual") or promo.get("map50_95") is not None:
+            s["metrics"] = {"map50_95": promo.get("map50_95", (ev.get("dual") or {}).get("map50_95")),
+                            "map50": (ev.get("dual") or {}).get("map50"),
+                            "datasetDigest": promo.get("compared_on_digest") or (ev.get("dataset") or {}).get("digest")}
+        if promo:
+            s["promotion"] = {"alias": promo.get("alias"), "decision": promo.get("decision"),
+                              "reason": promo.get("reason"), "previousVersion": promo.get("previous_version")}
     return s
 
 
@@ -342,6 +364,66 @@ def _write_termination(path: str | None, summary: dict[str, Any]) -> None:
         Path(path).write_text(summary_mod.dumps(summary))
     except OSError as exc:
         _eprint(f"reparam: warning: cannot write termination log {path}: {exc}")
+
+
+def _check_promotion(args: argparse.Namespace) -> None:
+    """Refuse inconsistent ``--promote`` options before anything is fetched."""
+    gated_opts = args.min_map is not None or args.max_regression != 0.0 or args.hold_alias
+    if args.promote is None:
+        if gated_opts:
+            raise InvalidInputError("--min-map, --max-regression and --hold-alias need --promote ALIAS")
+        return
+    if not args.register:
+        raise InvalidInputError("--promote needs --register NAME")
+    if not args.eval_data:
+        raise InvalidInputError("--promote needs --eval-data DATA: the gates compare mAP on your validation set")
+    try:
+        spec.check_aliases([args.promote] + ([args.hold_alias] if args.hold_alias else []))
+    except spec.SpecError as err:
+        raise InvalidInputError(f"--promote/--hold-alias: {err}") from None
+    if args.promote in args.alias or args.hold_alias == args.promote:
+        raise InvalidInputError(f"alias {args.promote!r} is both gated (--promote) and ungated (--alias/--hold-alias)")
+    if args.min_map is not None and not 0.0 <= args.min_map <= 1.0:
+        raise InvalidInputError(f"--min-map must be between 0 and 1, got {args.min_map:g}")
+    if not 0.0 <= args.max_regression <= 1.0:
+        raise InvalidInputError(f"--max-regression must be between 0 and 1, got {args.max_regression:g}")
+
+
+def _move_promotion(report: dict[str, Any]) -> None:
+    """The gated decision goes to the report's top-level ``promotion`` (absent without ``--promote``)."""
+    promo = report["registry"].pop("promotion", None)
+    if promo is not None:
+        report["promotion"] = promo
+
+
+def _promotion_line(report: dict[str, Any]) -> list[str]:
+    p = report.get("promotion")
+    if not p:
+        return []
+    m = f"mAP@0.5:0.95 {p['map50_95']:.4f}" if isinstance(p.get("map50_95"), float) else "no mAP"
+    prev = (f" vs version {p['previous_version']}" + (f" ({p['previous_map50_95']:.4f})"
+            if isinstance(p.get("previous_map50_95"), float) else "")) if p.get("previous_version") else " (first holder)"
+    return [f"  promotion    @{p['alias']}: {p['decision'].upper()}, {m}{prev}"
+            + (f"; reason: {p['reason']}" if p.get("reason") else "")
+            + (f"; @{p['hold_alias']} set" if p.get("hold_alias") else "")]
+
+
+def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
+    """The ``gated`` argument of :func:`reparam.store.publish.register_conversion` for ``--promote``."""
+    if args.promote is None:
+        return None
+    from .evaluation import EvalSettings, evaluate_model, load_model
+    from .store.promotion import Gates, Measured
+
+    settings = EvalSettings(imgsz=args.eval_imgsz)
+
+    def evaluate(path: Path) -> Measured:
+        res = evaluate_model(load_model(path), dataset, settings, path=str(path), progress=False)
+        return Measured(res.dataset["digest"], args.eval_imgsz, float(res.map50_95), float(res.map50))
+
+    return {"alias": args.promote, "gates": Gates(args.min_map, args.max_regression), "hold_alias": args.hold_alias,
+            "evaluate": evaluate, "dataset_source": dataset.source,
+            "probe": Measured(dataset.digest, args.eval_imgsz, 0.0)}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -356,6 +438,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
         _check_registration(args.register, args.alias)
+        _check_promotion(args)
         if tags:
             from .store.registry import check_user_tags
 
@@ -391,8 +474,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 say(f"{args.source} was already converted with these settings: "
                     f"{args.register} version {previous['version']}; nothing to convert")
                 report = {"reparam_version": __version__, "status": "succeeded", "source": info,
-                          **publish.summary_from_tags(previous), "timing": {},
-                          "registry": publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say)}
+                          **publish.summary_from_tags(previous), "timing": {}}
+                report["registry"] = publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say,
+                                                   gated=_gated_request(args, eval_dataset))
+                _move_promotion(report)
             else:
                 try:
                     report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset)
@@ -405,8 +490,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     report["registry"] = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
-                        wait_s=args.registry_wait,
+                        wait_s=args.registry_wait, gated=_gated_request(args, eval_dataset),
                     )
+                    _move_promotion(report)
                     report["outputs_kept"] = bool(args.output)
                     finish_report(out, report)
         report["timing"]["total_s"] = time.perf_counter() - t0

@@ -16,6 +16,9 @@ Fields (all optional except ``outcome``)::
     message        one line for humans (a failure's error message)
     modelName, version, modelUri, aliases      registry result (when registered)
     deploySha256, paramsBefore, paramsAfter, maxAbsDiff, bytesBefore, bytesAfter
+    metrics        {map50_95, map50, datasetDigest} (``--eval-data``; map50_95 is the gated deploy .pt's when
+                   ``--promote`` ran, else the dual model's)
+    promotion      {alias, decision: "promoted"|"held", reason, previousVersion} (``--promote``)
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ _RESULT_KEYS = (
     "maxAbsDiff",
     "bytesBefore",
     "bytesAfter",
+    "metrics",
+    "promotion",
 )
 
 
@@ -56,6 +61,9 @@ def dumps(summary: dict[str, Any]) -> str:
         data["message"] = data["message"][: max(0, len(data["message"]) // 2 - 3)] + "..."
         if len(data["message"]) <= 3:
             data.pop("message")
+        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+    if len(text.encode()) > MAX_BYTES and (data.get("promotion") or {}).get("reason"):
+        data["promotion"] = {**data["promotion"], "reason": data["promotion"]["reason"][:200]}
         text = json.dumps(data, separators=(",", ":"), sort_keys=True)
     if len(text.encode()) > MAX_BYTES:
         data.pop("aliases", None)

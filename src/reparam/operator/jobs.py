@@ -109,6 +109,7 @@ def validate_spec(spec: dict[str, Any]) -> None:
             problem = grammar.tag_key_problem(key)
             if problem:
                 problems.append(f"spec.registry.tags: {problem}")
+    problems += _evaluation_problems(spec)
     job = spec.get("job") or {}
     for field in ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished"):
         value = job.get(field)
@@ -180,6 +181,28 @@ def labels(meta: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _evaluation_problems(spec: dict[str, Any]) -> list[str]:
+    """``spec.evaluation`` / ``spec.promotion`` checks (the CLI's ``--eval-*`` / ``--promote`` rules)."""
+    problems: list[str] = []
+    ev, promo = spec.get("evaluation"), spec.get("promotion")
+    if ev is not None and not (ev.get("data") or ""):
+        problems.append("spec.evaluation.data must name the validation set (s3://, runs:/ or models:/ URI)")
+    if promo is None:
+        return problems
+    if ev is None or spec.get("registry") is None:
+        problems.append("spec.promotion needs spec.evaluation (the gates compare mAP) and spec.registry")
+    for field in ("alias", "holdAlias"):
+        if promo.get(field) is not None:
+            problem = grammar.alias_problem(promo[field])
+            if problem:
+                problems.append(f"spec.promotion.{field}: {problem}")
+    if promo.get("alias") and promo.get("alias") in ((spec.get("registry") or {}).get("aliases") or []):
+        problems.append("spec.promotion.alias is also in spec.registry.aliases (gated and ungated at once)")
+    if promo.get("holdAlias") and promo.get("holdAlias") == promo.get("alias"):
+        problems.append("spec.promotion.holdAlias must differ from spec.promotion.alias")
+    return problems
+
+
 def command(spec: dict[str, Any]) -> list[str]:
     """The ``reparam convert`` command line of the container, from the spec.
 
@@ -205,6 +228,22 @@ def command(spec: dict[str, Any]) -> list[str]:
             cmd += ["--alias", alias]
         for key, value in sorted((reg.get("tags") or {}).items()):
             cmd += ["--tag", f"{key}={value}"]
+    ev = spec.get("evaluation")
+    if ev:
+        cmd += ["--eval-data", ev["data"]]
+        if ev.get("imgsz") is not None:
+            cmd += ["--eval-imgsz", str(int(ev["imgsz"]))]
+        if ev.get("atol") is not None:
+            cmd += ["--eval-atol", repr(float(ev["atol"]))]
+    promo = spec.get("promotion")
+    if promo:
+        cmd += ["--promote", promo["alias"]]
+        if promo.get("minMap") is not None:
+            cmd += ["--min-map", repr(float(promo["minMap"]))]
+        if promo.get("maxRegression") is not None:
+            cmd += ["--max-regression", repr(float(promo["maxRegression"]))]
+        if promo.get("holdAlias"):
+            cmd += ["--hold-alias", promo["holdAlias"]]
     cmd += ["--termination-log", TERMINATION_LOG, "--json"]
     return cmd
 

@@ -58,15 +58,31 @@ class Metrics:
         self.last_success = Gauge(
             "reparam_last_success_timestamp_seconds", "Unix time of the last succeeded conversion (0: none yet).",
             registry=reg)
+        self.promotions_total = Counter(
+            "reparam_promotions_total", "Gated promotions (spec.promotion) by decision.", ["decision"], registry=reg)
+        self.last_map = Gauge(
+            "reparam_last_map50_95", "mAP@0.5:0.95 of the last succeeded evaluated conversion, by registered model.",
+            ["model"], registry=reg)
         # the baseline for "no success for a long time" alerts while no conversion has succeeded yet
         self.started = Gauge(
             "reparam_operator_start_time_seconds", "Unix time this operator process started.", registry=reg)
         self.started.set_to_current_time()
         for outcome in OUTCOMES:
             self.conversions_total.labels(outcome=outcome)
+        for decision in ("promoted", "held"):
+            self.promotions_total.labels(decision=decision)
         for op in ("register", "promote"):
             for result in ("success", "failure"):
                 self.registry_ops.labels(operation=op, result=result)
+
+    def record_result(self, result: dict) -> None:
+        """Count a gated promotion and keep the last mAP of a succeeded conversion's ``status.result``."""
+        decision = (result.get("promotion") or {}).get("decision")
+        if decision in ("promoted", "held"):
+            self.promotions_total.labels(decision=decision).inc()
+        m = (result.get("metrics") or {}).get("map50_95")
+        if isinstance(m, (int, float)) and not isinstance(m, bool):
+            self.last_map.labels(model=str(result.get("modelName") or "")).set(float(m))
 
     def set_slots(self, running: int, waiting: int) -> None:
         """Update the in-progress and queued gauges from the slot queue."""

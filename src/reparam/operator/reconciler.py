@@ -425,6 +425,7 @@ class Reconciler:
             if outcome == "succeeded":
                 self.metrics.last_success.set(now.timestamp())
                 res = new.get("result") or {}
+                self.metrics.record_result(res)
                 msg = (f"registered {res.get('modelName')} version {res.get('version')}" if res.get("version")
                        else "converted and validated")
                 await self.event(body, "Normal", "Succeeded", msg)

@@ -17,6 +17,19 @@ version only when every rule passes; otherwise nothing changes. Aliases, not sta
 
 :func:`decide` returns a :class:`Decision` (aliases to set, or the reason none is set, and which rule said so);
 further gates are further entries of :data:`RULES` (each a pure function of a :class:`Candidate`).
+
+Gated promotion (``reparam convert --promote ALIAS``, issue #11): for a :class:`Candidate` with ``gates`` set, the
+alias moves only if additionally
+
+5. ``evaluated``: the conversion was evaluated (``--eval-data``),
+6. ``artifacts``: every evaluated deploy artifact passed (its mAP within ``--eval-atol`` of the dual model's),
+7. ``min_map``: its mAP@0.5:0.95 >= ``--min-map`` (when given),
+8. ``regression``: when another version holds the alias, that version's mAP@0.5:0.95 measured on the **same
+   dataset digest and image size** exceeds ours by at most ``--max-regression`` (default 0: not worse). A holder
+   without metrics for this dataset refuses with rule ``champion_unmeasured`` (the caller evaluates it first).
+
+The first version of a model (no holder) passes rule 8. The mAP compared is the deploy ``.pt``'s (what a champion
+is re-evaluated from), else the dual model's.
 """
 
 from __future__ import annotations
@@ -55,6 +68,39 @@ def version_problem(status: str | None, tags: Mapping[str, str] | None) -> str |
 
 
 @dataclasses.dataclass(frozen=True)
+class Measured:
+    """One model's evaluation as the gates compare it.
+
+    Attributes:
+        digest: the dataset's sha256 digest (:mod:`reparam.evaluation.dataset`).
+        imgsz: the evaluation image size in pixels.
+        map50_95, map50: COCO mAP@0.5:0.95 and mAP@0.5, in [0, 1].
+    """
+
+    digest: str
+    imgsz: int
+    map50_95: float
+    map50: float | None = None
+
+    def same_data(self, other: "Measured | None") -> bool:
+        """Whether ``other`` was measured on the same dataset digest and image size."""
+        return other is not None and other.digest == self.digest and int(other.imgsz) == int(self.imgsz)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """The gates of ``--promote`` (rules 5-8 of the module docstring).
+
+    Attributes:
+        min_map: lowest mAP@0.5:0.95 allowed, or None.
+        max_regression: how much lower than the holder's mAP@0.5:0.95 ours may be (>= 0).
+    """
+
+    min_map: float | None = None
+    max_regression: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Candidate:
     """What the promotion rule reads about one model version (no registry access).
 
@@ -63,12 +109,23 @@ class Candidate:
         validation_passed: the conversion's equivalence check passed.
         version_status: MLflow's ``ModelVersion.status`` string.
         version_tags: the version's tags.
+        gates: the ``--promote`` gates, or None for an ungated alias (rules 5-8 then do not apply).
+        measured: this version's evaluation (None: not evaluated).
+        artifacts_passed: every evaluated artifact passed.
+        holder: the version holding the alias now (None: nobody), and ``holder_measured`` its evaluation on
+            this dataset (None: not measured on it).
     """
 
     aliases: tuple[str, ...]
     validation_passed: bool
     version_status: str | None
     version_tags: Mapping[str, str]
+    gates: Gates | None = None
+    measured: Measured | None = None
+    artifacts_passed: bool = True
+    holder: str | None = None
+    holder_measured: Measured | None = None
+    version: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +159,58 @@ def _version_complete(c: Candidate) -> str | None:
     return version_problem(c.version_status, c.version_tags)
 
 
+def _evaluated(c: Candidate) -> str | None:
+    if c.gates is None or c.measured is not None:
+        return None
+    return "not evaluated (gated promotion needs --eval-data)"
+
+
+def _artifacts(c: Candidate) -> str | None:
+    if c.gates is None or c.artifacts_passed:
+        return None
+    return "an evaluated deploy artifact failed (its mAP differs from the dual model's by more than --eval-atol)"
+
+
+def _min_map(c: Candidate) -> str | None:
+    if c.gates is None or c.gates.min_map is None or c.measured is None:
+        return None
+    if c.measured.map50_95 >= c.gates.min_map:
+        return None
+    return f"min_map: mAP@0.5:0.95 {c.measured.map50_95:.4f} is below --min-map {c.gates.min_map:g}"
+
+
+def _holder_measured(c: Candidate) -> str | None:
+    if c.gates is None or c.holder is None or c.holder == c.version or c.measured is None:
+        return None
+    if c.measured.same_data(c.holder_measured):
+        return None
+    return (f"version {c.holder} holds the alias and has no evaluation on dataset {c.measured.digest[:12]} "
+            f"at {c.measured.imgsz} px")
+
+
+def _regression(c: Candidate) -> str | None:
+    if c.gates is None or c.holder is None or c.holder == c.version or c.measured is None:
+        return None
+    held = c.holder_measured
+    assert held is not None  # _holder_measured ran first
+    if c.measured.map50_95 >= held.map50_95 - c.gates.max_regression:
+        return None
+    return (f"regression: mAP@0.5:0.95 {c.measured.map50_95:.4f} is below version {c.holder}'s "
+            f"{held.map50_95:.4f} by {held.map50_95 - c.measured.map50_95:.4f} "
+            f"(> --max-regression {c.gates.max_regression:g}) on dataset {c.measured.digest[:12]}")
+
+
 #: The rules, in order: (name, rule, whether it reads the version's status/tags); the first rule that returns a
 #: reason refuses the promotion.
 RULES: tuple[tuple[str, Callable[[Candidate], str | None], bool], ...] = (
     ("requested", _requested, False),
     ("validation", _validated, False),
+    ("evaluated", _evaluated, False),
+    ("artifacts", _artifacts, False),
+    ("min_map", _min_map, False),
     ("version_complete", _version_complete, True),
+    ("champion_unmeasured", _holder_measured, True),
+    ("regression", _regression, True),
 )
 
 @dataclasses.dataclass
@@ -141,16 +244,22 @@ def check_aliases(aliases: Iterable[str] | None) -> list[str]:
 
 
 def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None,
-           version_known: bool = True) -> Decision:
+           version_known: bool = True, gates: Gates | None = None, measured: Measured | None = None,
+           artifacts_passed: bool = True, holder: str | None = None, holder_measured: Measured | None = None,
+           version: str | None = None) -> Decision:
     """The promotion rule (pure): a :class:`Decision` from the :data:`RULES`.
 
-    With ``version_known=False`` only the rules that do not read the version run (so a caller can refuse before
-    reading the registry); an allowed decision then means "read the version and decide again".
+    With ``version_known=False`` only the rules that do not read the registry (the version, the alias holder) run,
+    so a caller can refuse before reading it; an allowed decision then means "read the registry and decide again".
+    ``gates`` (None: an ungated ``--alias``) switches on rules 5-8; ``holder`` is the version holding the alias now
+    and ``version`` the candidate's own number (a holder equal to it is no competitor).
 
     Raises:
         InvalidInputError: a malformed alias name (:func:`check_aliases`).
     """
-    cand = Candidate(tuple(check_aliases(aliases)), bool(validation_passed), version_status, dict(version_tags or {}))
+    cand = Candidate(tuple(check_aliases(aliases)), bool(validation_passed), version_status, dict(version_tags or {}),
+                     gates, measured, bool(artifacts_passed), None if holder is None else str(holder), holder_measured,
+                     None if version is None else str(version))
     for name, rule, reads_version in RULES:
         if reads_version and not version_known:
             continue

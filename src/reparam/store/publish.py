@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from . import promotion, registry, tracking
+from ..errors import RegistryError
+from . import champion, promotion, registry, tracking
+from .uris import redact
 
 
 def _quick_failures() -> None:
@@ -47,6 +49,41 @@ def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: s
     return registry.find_existing(model_name, key, tracking_uri, log=log)
 
 
+def _gated(name: str, version: Any, report: dict[str, Any], gated: dict[str, Any] | None, tracking_uri: str | None,
+           log: Callable[[str], None], *, existing: bool = False) -> dict[str, Any] | None:
+    """Run :func:`champion.promote_gated` for ``gated`` (keys alias, gates, hold_alias, evaluate, dataset_source,
+    probe: a :class:`promotion.Measured` naming the dataset digest and image size); None without ``gated``."""
+    if not gated:
+        return None
+    measured = None
+    if existing:  # nothing was converted: this version's own evaluation on this dataset (tags, else evaluate it)
+        try:
+            client = tracking.client(tracking_uri)
+            measured = champion.holder_measured(client, name, str(version), gated["probe"], gated["evaluate"],
+                                                gated.get("dataset_source"), log, tracking_uri)
+        except RegistryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
+            raise RegistryError(redact(f"promote {name} v{version}: measure this version failed: "
+                                       f"{tracking.describe_error(err)}")) from None
+    return champion.promote_gated(name, version, gated["alias"], report, gated["gates"], evaluate=gated["evaluate"],
+                                  tracking_uri=tracking_uri, hold_alias=gated.get("hold_alias"),
+                                  dataset_source=gated.get("dataset_source"), log=log, measured=measured).to_dict()
+
+
+def _add_gated(out: dict[str, Any], promo: dict[str, Any] | None) -> None:
+    """Put the gated outcome in ``out['promotion']``; a promoted alias (and a held version's hold alias) also joins
+    ``aliases``/``previous_aliases`` like an ungated one."""
+    out["promotion"] = promo
+    if not promo:
+        return
+    moved = promo["alias"] if promo["decision"] == "promoted" else promo.get("hold_alias")
+    if moved and moved not in out["aliases"]:
+        out["aliases"].append(moved)
+        if promo["decision"] == "promoted":
+            out["previous_aliases"][moved] = promo.get("previous_version")
+
+
 def _result(model_name: str, version: Any, model_uri: str | None, promo: promotion.Promotion | None,
             *, existing: bool, run_id: str | None = None, updated_tags: list[str] | None = None) -> dict[str, Any]:
     return {
@@ -71,17 +108,22 @@ def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: d
 
 
 def reuse(existing: dict, aliases: list[str], tracking_uri: str | None, *, tags: dict[str, str] | None = None,
-          log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+          log: Callable[[str], None] = lambda _m: None, gated: dict[str, Any] | None = None,
+          report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Report an existing version instead of registering a new one: set the ``tags`` it lacks (or has with another
-    value; ``updated_tags`` in the result lists them), then point ``aliases`` at it.
+    value; ``updated_tags`` in the result lists them), then point ``aliases`` at it, and with ``gated`` (see
+    :func:`register_conversion`) decide the gated alias for it (its evaluation read from its tags, or evaluated).
 
     Raises InvalidInputError for a reserved tag, RegistryError when a tag or an alias cannot be set.
     """
     name, version = existing["model_name"], existing["version"]
     changed = _apply_tags(name, version, tags, existing.get("tags"), tracking_uri, log)
     promo = promotion.promote(name, version, aliases, True, tracking_uri) if aliases else None
-    return _result(name, version, existing.get("model_uri"), promo, existing=True, run_id=existing.get("run_id"),
-                   updated_tags=changed)
+    out = _result(name, version, existing.get("model_uri"), promo, existing=True, run_id=existing.get("run_id"),
+                  updated_tags=changed)
+    _add_gated(out, _gated(name, version, {"validation": {"passed": True}, **(report or {})}, gated, tracking_uri,
+                           log, existing=True))
+    return out
 
 
 def register_conversion(
@@ -96,8 +138,14 @@ def register_conversion(
     tracking_uri: str | None,
     log: Callable[[str], None] = lambda _m: None,
     wait_s: float = tracking.REGISTRY_WAIT_S,
+    gated: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Register the validated outputs in ``out_dir`` and promote them; returns ``report['registry']``.
+
+    ``aliases`` move by the promotion rule alone; ``gated`` (``--promote``: keys ``alias``, ``gates``
+    (:class:`promotion.Gates`), ``hold_alias``, ``evaluate`` (:data:`champion.Evaluator`), ``dataset_source``,
+    ``probe``) moves one alias by the gates and the race protocol of :mod:`reparam.store.champion`; its outcome is
+    ``result['promotion']``.
 
     Raises RegistryError (naming the failed step) from :func:`registry.register` / :func:`promotion.promote`; a
     failed registration leaves no version that looks good and moves no alias.
@@ -114,8 +162,10 @@ def register_conversion(
         log(f"aliases {', '.join(promo.aliases)} -> version {reg.version}")
     elif promo and promo.skipped_reason:
         log(f"no alias moved: {promo.skipped_reason}")
-    return _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id,
-                   updated_tags=changed)
+    out = _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id,
+                  updated_tags=changed)
+    _add_gated(out, _gated(model_name, reg.version, report, gated, tracking_uri, log))
+    return out
 
 
 def summary_from_tags(existing: dict) -> dict[str, Any]:

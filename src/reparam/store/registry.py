@@ -99,10 +99,16 @@ def _as_dict(mv) -> dict:
         "version": str(mv.version),
         "model_uri": f"models:/{mv.name}/{mv.version}",
         "run_id": mv.run_id or None,
-        "model_id": getattr(mv, "model_id", None) or _model_id_from_source(mv.source),
+        "model_id": model_id_of(mv),
         "tags": dict(mv.tags or {}),
         "aliases": list(getattr(mv, "aliases", None) or []),
     }
+
+
+def model_id_of(mv) -> str | None:
+    """The MLflow 3 logged model id of a model version (``mv.model_id``, else from its ``models:/m-...`` source;
+    a server's reply may leave ``model_id`` empty), or None."""
+    return getattr(mv, "model_id", None) or _model_id_from_source(mv.source)
 
 
 def _model_id_from_source(source: str | None) -> str | None:
