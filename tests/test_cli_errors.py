@@ -233,7 +233,9 @@ def test_directory_sources(tmp_path: Path, fixtures: Path) -> None:
     cands = sorted(p.name for p in (fixtures / "ckpt").glob("*.pt"))
     assert len(cands) >= 2
     assert proc.returncode == exitcodes.INVALID_INPUT
-    assert f"{len(cands)} candidates ({', '.join(cands)})" in one_error_line(proc)
+    line = one_error_line(proc)
+    shown = ", ".join(repr(c) for c in cands[:3])
+    assert f"holds {len(cands)} checkpoints (e.g. {shown}); name one, e.g. {fixtures / 'ckpt'}/{cands[0]}" in line
 
 
 def test_usage_errors_are_one_line() -> None:

@@ -18,7 +18,7 @@ import pytest
 from test_registry_e2e import cli_env, one_error_line, reparam
 from reparam import exitcodes
 from reparam.store import champion, registry
-from reparam.store.promotion import Gates, Measured
+from reparam.store.promotion import Gates
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 

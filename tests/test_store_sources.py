@@ -184,9 +184,10 @@ def test_model_missing_version_and_alias(mlflow_sources, tmp_path):
 def test_model_with_several_checkpoints_lists_them(mlflow_sources, tmp_path):
     m = mlflow_sources
     uri = f"models:/{m['name']}/{m['multi_version']}"
-    with pytest.raises(InvalidInputError, match="2 candidates") as ei:
+    with pytest.raises(InvalidInputError, match="holds 2 checkpoints") as ei:
         fetch(uri, tmp_path, tracking_uri=m["tracking_uri"])
     assert "best.pt" in str(ei.value) and "last.pt" in str(ei.value)
+    assert f"name one, e.g. {uri}/best.pt" in str(ei.value)  # the URI filled in, ready to paste
     got = fetch(uri + "/last.pt", tmp_path, tracking_uri=m["tracking_uri"])  # naming one resolves it
     assert got.sha256 == CKPT_SHA and got.lineage["source_artifact_path"] == "last.pt"
 

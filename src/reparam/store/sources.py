@@ -157,8 +157,8 @@ def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
             raise InvalidInputError(f"{shown} holds no files; expected one *.pt checkpoint")
         raise InvalidInputError(f"{shown} holds no *.pt checkpoint; it has {count_of(sorted(names), 'files', examples=3)}")
     raise InvalidInputError(
-        f"fetch {shown}: pick checkpoint failed: {count_of(cands, 'candidates', examples=3)}; "
-        f"name one, e.g. <uri>/{cands[0]}"
+        f"{shown} holds {count_of(cands, 'checkpoints', examples=3)}; name one, e.g. "
+        f"{shown.rstrip('/')}/{cands[0]}"
     )
 
 
