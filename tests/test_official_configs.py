@@ -79,3 +79,14 @@ def test_gelan_s_matches_official_converted_keys(fixtures: Path) -> None:
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == {
         k: v["shape"] for k, v in ref["state_dict"].items()}
     assert list(model.state_dict()) == list(ref["state_dict"])
+
+
+def test_cli_help_names_the_shipped_configs() -> None:
+    """The --cfg help lists the published configs without importing torch; it must name exactly the shipped ones."""
+    from reparam.cli import build_parser
+
+    parser = build_parser()
+    convert = parser._subparsers._group_actions[0].choices["convert"]  # type: ignore[union-attr]
+    help_text = next(a.help for a in convert._actions if "--cfg" in a.option_strings)
+    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e" in help_text
+    assert set(published_names()) == {f"{family}-{v}" for family in ("yolov9", "gelan") for v in "tsmce"}

@@ -228,11 +228,12 @@ def _names_arg(text: str) -> tuple[str, ...]:
 
 
 def _state_dict_args(p: argparse.ArgumentParser) -> None:
-    from .models.published import published_names
-
+    # the help names the published configs without importing reparam.models (torch): the parser is built by
+    # `reparam operator` too, which must stay torch-free
     p.add_argument("--cfg", default=None, metavar="NAME|FILE",
                    help="the source is a bare state_dict ({key: tensor}); build this architecture for it: a "
-                        f"published config ({', '.join(published_names())}) or a model yaml in the official format")
+                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e; the yaml files in "
+                        "reparam/models/configs) or a model yaml in the official format")
     p.add_argument("--nc", type=int, default=None,
                    help="with --cfg: number of classes (default: from the weights' head, which must agree)")
     p.add_argument("--names", type=_names_arg, default=None,
