@@ -48,8 +48,6 @@ from .uris import redact
 TAG_KEY = "reparam.idempotency_key"
 TAG_PREFIX = "reparam."
 DEFAULT_EXPERIMENT = "reparam"
-#: deploy output formats uploaded with the model (report "artifacts"[].format)
-FORMATS = ("pt", "safetensors", "onnx", "torchscript", "report")
 
 
 @dataclasses.dataclass
