@@ -31,7 +31,7 @@ from typing import Any
 import kopf
 
 from . import jobs, metrics as metrics_mod, status as st
-from .kube import ApiError, KubeClient, path
+from .kube import ApiError, KubeClient
 from .queue import SlotQueue
 from .settings import Settings
 
@@ -59,14 +59,6 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         elif value != before or key not in old:
             patch[key] = value
     return patch
-
-
-def _mc_path(namespace: str, name: str | None = None, sub: str | None = None) -> str:
-    return path(jobs.GROUP, jobs.VERSION, jobs.PLURAL, namespace, name, sub)
-
-
-def _job_path(namespace: str, name: str | None = None) -> str:
-    return path("batch", "v1", "jobs", namespace, name)
 
 
 class Reconciler:
@@ -104,12 +96,7 @@ class Reconciler:
         return (meta.get("creationTimestamp") or "", meta.get("namespace") or "", meta["name"])
 
     async def _get_mc(self, key: Key) -> dict[str, Any] | None:
-        try:
-            return await self.client.get(_mc_path(*key))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self.client.get_conversion(*key)
 
     async def update_status(self, key: Key, compute: Callable[[dict[str, Any]], dict[str, Any]]
                             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -124,7 +111,7 @@ class Reconciler:
             patch = merge_patch(old, new)
             if patch:
                 try:
-                    await self.client.merge_patch(_mc_path(*key, sub="status"), {"status": patch})
+                    await self.client.patch_conversion_status(*key, {"status": patch})
                 except ApiError as exc:
                     if exc.status != 404:
                         raise
@@ -149,7 +136,7 @@ class Reconciler:
             "reportingComponent": f"{jobs.GROUP}/operator", "reportingInstance": jobs.MANAGER,
         }
         try:
-            await self.client.create(path("", "v1", "events", meta["namespace"]), ev)
+            await self.client.create_event(meta["namespace"], ev)
         except ApiError as exc:
             logger.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
@@ -167,10 +154,8 @@ class Reconciler:
         mcs: list[dict[str, Any]] = []
         job_list: list[dict[str, Any]] = []
         for ns in namespaces:
-            mcs += await self.client.list(
-                path(jobs.GROUP, jobs.VERSION, jobs.PLURAL, ns))
-            job_list += await self.client.list(path("batch", "v1", "jobs", ns),
-                                               {jobs.LABEL_MANAGED_BY: jobs.MANAGER})
+            mcs += await self.client.list_conversions(ns)
+            job_list += await self.client.list_jobs(ns, {jobs.LABEL_MANAGED_BY: jobs.MANAGER})
         by_uid = {m["metadata"].get("uid"): m for m in mcs if self._watched(m["metadata"].get("namespace", ""))}
         for job in job_list:
             uid = (job["metadata"].get("labels") or {}).get(jobs.LABEL_UID)
@@ -252,27 +237,18 @@ class Reconciler:
                              f"waiting for a free slot ({self.queue.running} of {self.queue.limit} running)")
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.client.get(_job_path(namespace, name))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self.client.get_job(namespace, name)
 
     async def _delete_stale_jobs(self, body: dict[str, Any], gen: int) -> None:
         if gen <= 1:
             return  # generation 1 has no older Jobs (a re-created resource has another uid)
         meta = body["metadata"]
-        owned = await self.client.list(_job_path(meta["namespace"]), {jobs.LABEL_UID: meta["uid"]})
+        owned = await self.client.list_jobs(meta["namespace"], {jobs.LABEL_UID: meta["uid"]})
         for job in owned:
             jgen = jobs.generation_of(job)
             if jgen is None or jgen >= gen or st.read_job(job).state in ("complete", "failed"):
                 continue
-            try:
-                await self.client.delete(_job_path(meta["namespace"], job["metadata"]["name"]), "Background")
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+            if not await self.client.delete_job(meta["namespace"], job["metadata"]["name"], "Background"):
                 continue
             await self.event(body, "Normal", "JobReplaced",
                              f"deleted Job {job['metadata']['name']} of generation {jgen}: the spec changed")
@@ -282,7 +258,7 @@ class Reconciler:
         manifest = jobs.build_job(body, self.settings.image, dict(self.settings.job_defaults))
         name = manifest["metadata"]["name"]
         try:
-            job = await self.client.create(_job_path(meta["namespace"]), manifest)
+            job = await self.client.create_job(meta["namespace"], manifest)
             created = True
         except ApiError as exc:
             if exc.status != 409:
@@ -372,8 +348,7 @@ class Reconciler:
         view = st.read_job(job)
         pods: list[dict[str, Any]] = []
         if view.state in ("complete", "failed"):
-            pods = await self.client.list(path("", "v1", "pods", key[0]),
-                                          {"batch.kubernetes.io/job-name": job["metadata"]["name"]})
+            pods = await self.client.list_pods(key[0], {"batch.kubernetes.io/job-name": job["metadata"]["name"]})
             job_uid = job["metadata"].get("uid")
             if job_uid:
                 pods = [p for p in pods if jobs.owned_by(p, job_uid)] or pods
