@@ -237,6 +237,10 @@ class KubeClient:
             pending = self.core.list_namespaced_pod(namespace, label_selector=sel, **self._opts())
         return list((await self._call(pending)).get("items") or [])
 
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod, or ``None`` when it does not exist."""
+        return await self._maybe(self.core.read_namespaced_pod(name, namespace, **self._opts()))
+
     # --------------------------------------------------------------------- events
     async def create_event(self, namespace: str, event: dict[str, Any]) -> dict[str, Any]:
         """Create a ``core/v1`` Event."""

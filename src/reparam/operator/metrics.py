@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
+from . import termination
+
 #: Conversion durations: 30 s to 8 h.
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800)
 #: Queue time of a Job (created to running).
@@ -67,6 +69,17 @@ class Metrics:
         self.started = Gauge(
             "reparam_operator_start_time_seconds", "Unix time this operator process started.", registry=reg)
         self.started.set_to_current_time()
+        self.failures_total = Counter(
+            "reparam_conversion_failures_total",
+            "Failed conversions by status.lastFailure.reason (the bounded set of termination.FAILURE_REASONS, "
+            "else Other).", ["reason"], registry=reg)
+        self.retries_total = Counter(
+            "reparam_conversion_retries_total",
+            "Converter pods that failed or were disrupted while the Job retried them, by reason.",
+            ["reason"], registry=reg)
+        for reason in (*termination.FAILURE_REASONS, termination.OTHER):
+            self.failures_total.labels(reason=reason)
+            self.retries_total.labels(reason=reason)
         for outcome in OUTCOMES:
             self.conversions_total.labels(outcome=outcome)
         for decision in ("promoted", "held"):
@@ -83,6 +96,14 @@ class Metrics:
         m = (result.get("metrics") or {}).get("map50_95")
         if isinstance(m, (int, float)) and not isinstance(m, bool):
             self.last_map.labels(model=str(result.get("modelName") or "")).set(float(m))
+
+    def failure(self, reason: str | None) -> None:
+        """Count a failed conversion by its ``lastFailure.reason`` (bounded by :func:`.termination.metric_reason`)."""
+        self.failures_total.labels(reason=termination.metric_reason(reason)).inc()
+
+    def retry(self, reason: str | None) -> None:
+        """Count a pod the Job retries, by reason (bounded as :meth:`failure`)."""
+        self.retries_total.labels(reason=termination.metric_reason(reason)).inc()
 
     def set_slots(self, running: int, waiting: int) -> None:
         """Update the in-progress and queued gauges from the slot queue."""

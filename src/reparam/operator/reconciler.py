@@ -11,8 +11,15 @@ ends), so running one twice changes nothing:
 * :meth:`Reconciler.job_event` (a labelled Job changed): read the Job and its pods,
   move the resource's status on (:mod:`.status`), free the slot when it ended and
   start whoever was waiting;
-* :meth:`Reconciler.resource_gone` (resource deleted): free its slot or queue place;
-  the garbage collector removes its Job through the owner reference.
+* :meth:`Reconciler.pod_event` (a labelled pod changed): map what the kubelet and the
+  scheduler report (:func:`.termination.pod_problem`) to the status while the Job runs:
+  an image that cannot be pulled or a pod unschedulable past its time-out fails the
+  conversion and deletes the Job; a disruption or a failed attempt is noted as retried;
+* :meth:`Reconciler.resource_gone` (resource deleted): free its slot or queue place and
+  delete its Jobs with propagation ``Background`` (the GPU pod stops at once).
+
+A Job with a Kueue queue (``spec.job.queueName`` or the operator's default) is created
+suspended and takes no slot: Kueue's quota is the limit, and Kueue un-suspends it.
 
 Status writes for one resource are serialised by a per-resource lock and always
 computed from a fresh read, so a slow handler never overwrites a newer state.
@@ -24,13 +31,12 @@ import asyncio
 import datetime
 import fnmatch
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 
-from . import jobs, metrics as metrics_mod, status as st
+from . import events as events_mod, jobs, metrics as metrics_mod, status as st, termination
 from .kube import ApiError, KubeClient
 from .queue import SlotQueue
 from .settings import Settings
@@ -74,6 +80,8 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[Key] = set()
+        self._limiter = events_mod.EventLimiter()
+        self._rechecks: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------- helpers
     def _lock(self, key: Key) -> asyncio.Lock:
@@ -118,25 +126,14 @@ class Reconciler:
             return old, new, body
 
     async def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about the resource (best effort: failures are logged)."""
+        """Post a core/v1 Event about the resource (rate-limited and redacted by :mod:`.events`; best effort:
+        failures are logged)."""
         meta = body["metadata"]
-        now = st.timestamp(self.clock())
-        ev = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name'][:200]}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": jobs.API_VERSION, "kind": jobs.KIND, "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": type_, "reason": reason, "message": message[:1024],
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-            "source": {"component": jobs.MANAGER},
-            "reportingComponent": f"{jobs.GROUP}/operator", "reportingInstance": jobs.MANAGER,
-        }
+        now = self.clock()
+        if not self._limiter.allow(str(meta.get("uid") or meta["name"]), reason, message, now):
+            return
         try:
-            await self.client.create_event(meta["namespace"], ev)
+            await self.client.create_event(meta["namespace"], events_mod.body(meta, type_, reason, message, now))
         except ApiError as exc:
             logger.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
@@ -162,16 +159,29 @@ class Reconciler:
             mc = by_uid.get(uid)
             if mc is None or jobs.generation_of(job) != int(mc["metadata"].get("generation") or 1):
                 continue
+            if jobs.kueue_managed(job):
+                continue  # Kueue's quota, not a slot
             if st.read_job(job).state in ("pending", "running"):
                 self.queue.occupy((mc["metadata"]["namespace"], mc["metadata"]["name"]))
         for mc in by_uid.values():
             meta = mc["metadata"]
             key = (meta["namespace"], meta["name"])
             gen = int(meta.get("generation") or 1)
+            if self._queue_name(mc):
+                continue
             if not st.is_terminal(mc.get("status") or {}, gen) and not self.queue.holds(key):
                 self.queue.enqueue(key, self._order(mc))
         self._gauges()
         logger.info("seeded: %d conversions running, %d waiting", self.queue.running, self.queue.waiting)
+
+    def _job_spec(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``spec.job`` with the operator's defaults filled in."""
+        spec = jobs.with_defaults(body.get("spec") or {}, dict(self.settings.job_defaults))
+        return dict(spec.get("job") or {})
+
+    def _queue_name(self, body: dict[str, Any]) -> str:
+        """The Kueue queue of the resource (``spec.job.queueName`` or the operator's default), ``""`` for none."""
+        return jobs.queue_name(self._job_spec(body))
 
     # ----------------------------------------------------------------- reconcile
     async def reconcile(self, body: dict[str, Any]) -> None:
@@ -201,6 +211,7 @@ class Reconciler:
         if cur is not None and old.get("phase") != "Failed":
             await self.event(cur, "Warning", "InvalidSpec", message)
             self.metrics.conversions_total.labels(outcome="failed").inc()
+            self.metrics.failure("InvalidSpec")
 
     async def _reconcile(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -222,6 +233,13 @@ class Reconciler:
         job = await self._read_job(meta["namespace"], name)
         if job is not None:
             await self._adopt(body, job)
+            return
+        if self._queue_name(body):
+            # Kueue decides when it runs: no slot of ours (a spec change may have moved it onto a queue)
+            if self.queue.holds(key) or self.queue.position(key):
+                self._dispatch(self.queue.release(key))
+                self._gauges()
+            await self._create_job(body)
             return
         admitted = self.queue.request(key, self._order(body))
         self._gauges()
@@ -274,7 +292,10 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         gen = int(meta.get("generation") or 1)
         await self.update_status(key, lambda b: st.job_created(b.get("status") or {}, gen, name, self.clock()))
-        await self.event(body, "Normal", "JobCreated", f"created Job {name} for generation {gen}")
+        queue = (manifest["metadata"].get("labels") or {}).get(jobs.LABEL_KUEUE_QUEUE)
+        await self.event(body, "Normal", "JobCreated", f"created Job {name} for generation {gen}"
+                         + (f", suspended until Kueue admits it (queue {queue})" if queue else ""))
+        await self._observe(key, job)
 
     async def _adopt(self, body: dict[str, Any], job: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -285,7 +306,7 @@ class Reconciler:
             await self._mark_invalid(body, msg)
             raise kopf.PermanentError(msg)
         key = (meta["namespace"], meta["name"])
-        if st.read_job(job).state in ("pending", "running"):
+        if st.read_job(job).state in ("pending", "running") and not jobs.kueue_managed(job):
             self.queue.occupy(key)
             self._gauges()
         await self._observe(key, job)
@@ -367,7 +388,7 @@ class Reconciler:
         gen = int(body["metadata"].get("generation") or 1)
         if jobs.generation_of(job) != gen:
             return
-        if view.state in ("pending", "running") and not st.is_terminal(new, gen):
+        if view.state in ("pending", "running") and not st.is_terminal(new, gen) and not jobs.kueue_managed(job):
             if not self.queue.holds(key):
                 self.queue.occupy(key)
                 self._gauges()
@@ -386,6 +407,14 @@ class Reconciler:
         now = self.clock()
         created = st.parse_time(job["metadata"].get("creationTimestamp"))
         jname = job["metadata"]["name"]
+        was_waiting = (st.get_condition(old, "Succeeded") or {}).get("reason") == "WaitingForAdmission"
+        if after == "Queued" and (st.get_condition(new, "Succeeded") or {}).get("reason") == "WaitingForAdmission":
+            queue = (job["metadata"].get("labels") or {}).get(jobs.LABEL_KUEUE_QUEUE, "")
+            await self.event(body, "Normal", "WaitingForAdmission",
+                             f"Job {jname} waits for Kueue to admit it (queue {queue})")
+            return
+        if was_waiting and after != "Queued":
+            await self.event(body, "Normal", "Admitted", f"Kueue admitted Job {jname}")
         if after == "Running":
             if created is not None:
                 self.metrics.queue_seconds.observe(max(0.0, (now - created).total_seconds()))
@@ -397,6 +426,7 @@ class Reconciler:
             if created is not None:
                 self.metrics.duration.labels(outcome=outcome).observe(max(0.0, (end - created).total_seconds()))
             self._registry_metrics(body, new)
+            await self._stage_events(body, new)
             if outcome == "succeeded":
                 self.metrics.last_success.set(now.timestamp())
                 res = new.get("result") or {}
@@ -406,7 +436,16 @@ class Reconciler:
                 await self.event(body, "Normal", "Succeeded", msg)
             else:
                 fail = new.get("lastFailure") or {}
+                self.metrics.failure(fail.get("reason"))
                 await self.event(body, "Warning", fail.get("reason") or "Failed", fail.get("message") or "failed")
+
+    async def _stage_events(self, body: dict[str, Any], new: dict[str, Any]) -> None:
+        """One Normal Event per stage the ended conversion reached (Converted, Registered, Promoted)."""
+        gen = new.get("observedGeneration")
+        for type_ in ("Converted", "Registered", "Promoted"):
+            c = st.get_condition(new, type_) or {}
+            if c.get("status") == "True" and c.get("observedGeneration") == gen:
+                await self.event(body, "Normal", type_, c.get("message") or type_)
 
     def _registry_metrics(self, body: dict[str, Any], new: dict[str, Any]) -> None:
         if not (body.get("spec") or {}).get("registry"):
@@ -426,13 +465,99 @@ class Reconciler:
 
     # ------------------------------------------------------------------ deletion
     async def resource_gone(self, body: dict[str, Any]) -> None:
-        """The resource was deleted: free its slot or queue place."""
+        """The resource was deleted: free its slot or queue place, and delete its Jobs with propagation
+        ``Background`` so their pods stop now rather than when the garbage collector gets to them."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         released = self.queue.release(key)
         self._locks.pop(key, None)
+        self._limiter.forget(str(meta.get("uid") or meta["name"]))
         self._gauges()
         self._dispatch(released)
+        if meta.get("uid"):
+            for job in await self.client.list_jobs(meta["namespace"], {jobs.LABEL_UID: meta["uid"]}):
+                if st.read_job(job).state not in ("complete", "failed"):
+                    await self.client.delete_job(meta["namespace"], job["metadata"]["name"], "Background")
+
+    # ------------------------------------------------------------------ pod events
+    async def pod_event(self, event_type: str, pod: dict[str, Any]) -> None:
+        """A labelled converter pod changed: act on what :func:`.termination.pod_problem` finds.
+
+        Pods are read through their Job (owner reference) and the Job's owner. Raises :class:`ApiError` for
+        API errors (kopf logs them; the next pod event or the re-check retries).
+        """
+        if event_type == "DELETED":
+            return
+        pmeta = pod.get("metadata") or {}
+        ns = pmeta.get("namespace") or ""
+        owner = next((r for r in pmeta.get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+        if owner is None or not self._watched(ns):
+            return
+        # a first look with no time-out: most pods have nothing to report and cost no API call
+        if termination.pod_problem(pod, jobs.CONTAINER, self.clock(), 1e9) is None:
+            return
+        job = await self._read_job(ns, owner["name"])
+        if job is None or job["metadata"].get("uid") != owner.get("uid"):
+            return
+        if st.read_job(job).state in ("complete", "failed"):
+            return  # the Job's own end decides (its event follows)
+        mc_ref = next((r for r in job["metadata"].get("ownerReferences") or []
+                       if r.get("kind") == jobs.KIND and r.get("controller")), None)
+        if mc_ref is None:
+            return
+        key: Key = (ns, mc_ref["name"])
+        body = await self._get_mc(key)
+        if body is None or body["metadata"].get("uid") != mc_ref.get("uid"):
+            return
+        gen = int(body["metadata"].get("generation") or 1)
+        if jobs.generation_of(job) != gen or st.is_terminal(body.get("status") or {}, gen):
+            return
+        timeout = jobs.schedule_timeout(self._job_spec(body), self.settings.schedule_timeout)
+        problem = termination.pod_problem(pod, jobs.CONTAINER, self.clock(), timeout)
+        if problem is None:
+            return
+        jname = job["metadata"]["name"]
+        old, new, cur = await self.update_status(
+            key, lambda b: st.pod_problem(b.get("status") or {}, gen, jname, problem, self.clock()))
+        if cur is None:
+            return
+        if problem.action == "wait" and problem.due is not None:
+            self._recheck(ns, pmeta.get("name", ""), pmeta.get("uid", ""), problem.due)
+        if old == new:
+            return
+        if problem.action == "fail":
+            await self.client.delete_job(ns, jname, "Background")
+            await self._transitions(cur, job, old, new)
+            self._dispatch(self.queue.release(key))
+            self._gauges()
+        elif problem.action == "retried":
+            self.metrics.retry(problem.reason)
+            await self.event(cur, "Warning", "Retried", f"{problem.reason}: {problem.message}")
+        else:  # waiting: the final reason comes with the failure, if the time-out passes
+            await self.event(cur, "Warning", "WaitingForNode", problem.message)
+
+    def _recheck(self, namespace: str, pod_name: str, pod_uid: str, due: datetime.datetime) -> None:
+        """Look at the pod again at ``due`` (a pod unschedulable the whole time sends no event)."""
+        if not pod_uid or pod_uid in self._rechecks:
+            return
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(max(0.0, (due - self.clock()).total_seconds()) + 0.05)
+                self._rechecks.pop(pod_uid, None)
+                pod = await self.client.get_pod(namespace, pod_name)
+                if pod is not None and (pod.get("metadata") or {}).get("uid") == pod_uid:
+                    await self.pod_event("MODIFIED", pod)
+            except ApiError as exc:
+                logger.warning("re-checking pod %s/%s failed: %s", namespace, pod_name, exc)
+            finally:
+                if self._rechecks.get(pod_uid) is asyncio.current_task():
+                    del self._rechecks[pod_uid]
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._rechecks[pod_uid] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---------------------------------------------------------------- dispatcher
     def _dispatch(self, keys: list[Key]) -> None:
