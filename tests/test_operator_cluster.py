@@ -261,6 +261,7 @@ def test_kueue_job_created_suspended_and_never_unsuspended_by_the_operator(env, 
     wait_for(lambda: status_of(env, ns, "queued-too").get("phase") == "Succeeded", 300, what="second Succeeded")
     assert sorted(runner.suspended_seen) == sorted(j["metadata"]["name"] for j in env.objects(JOBS, ns))
     assert runner.unsuspended_by_others == []
+    wait_for(lambda: "Succeeded" in reasons(env, ns, "queued"), 10, what="Succeeded event")
     got = reasons(env, ns, "queued")
     assert got.index("WaitingForAdmission") < got.index("Admitted") < got.index("Succeeded")
     m = op.metrics()

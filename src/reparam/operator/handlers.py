@@ -44,7 +44,7 @@ def configure(cfg: settings_mod.Settings) -> None:
 def reconciler() -> Reconciler:
     """The running operator's reconciler (after start-up)."""
     rec = _state.get("reconciler")
-    if rec is None:
+    if not isinstance(rec, Reconciler):
         raise kopf.TemporaryError("the operator is still starting", delay=1)
     return rec
 

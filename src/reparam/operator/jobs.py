@@ -116,7 +116,7 @@ def validate_spec(spec: dict[str, Any]) -> None:
         value = job.get(field)
         if value is not None and (not isinstance(value, int) or value < 0):
             problems.append(f"spec.job.{field} must be a non-negative integer")
-    problems += _cluster_problems(job)
+    problems += _cluster_problems(job) + cross_field_problems(spec)
     for env in job.get("env") or []:
         if "value" in env and _looks_secret(env.get("name", "")):
             problems.append(
@@ -448,6 +448,17 @@ def cpu_threads(quantity: Any) -> int | None:
         return None
     cpus = float(match.group(1)) / (1000 if match.group(2) else 1)
     return max(1, math.ceil(cpus - 1e-9)) if cpus > 0 else None
+
+
+def cross_field_problems(spec: dict[str, Any]) -> list[str]:
+    """The CRD's cross-field CEL rules (:mod:`reparam.spec`), checked again here for API servers without CEL
+    (before Kubernetes 1.25) and for resources applied before the CRD had them."""
+    problems: list[str] = []
+    source = spec.get("source") or {}
+    problem = grammar.sha256_pin_problem(source.get("uri"), source.get("sha256"))
+    if problem:
+        problems.append(problem)
+    return problems
 
 
 def _cluster_problems(job: dict[str, Any]) -> list[str]:

@@ -8,6 +8,9 @@ number of ModelConversions.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
@@ -88,7 +91,7 @@ class Metrics:
             for result in ("success", "failure"):
                 self.registry_ops.labels(operation=op, result=result)
 
-    def record_result(self, result: dict) -> None:
+    def record_result(self, result: dict[str, Any]) -> None:
         """Count a gated promotion and keep the last mAP of a succeeded conversion's ``status.result``."""
         decision = (result.get("promotion") or {}).get("decision")
         if decision in ("promoted", "held"):
@@ -110,7 +113,7 @@ class Metrics:
         self.in_progress.set(running)
         self.queued.set(waiting)
 
-    def serve(self, host: str, port: int):  # pragma: no cover - trivial wrapper
+    def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:  # pragma: no cover - trivial wrapper
         """Start the ``/metrics`` HTTP server in a thread; returns ``(server, thread)``."""
         return start_http_server(port, addr=host, registry=self.registry)
 

@@ -76,7 +76,7 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
-        self.queue = SlotQueue(settings.max_concurrent)
+        self.queue: SlotQueue[Key] = SlotQueue(settings.max_concurrent)
         self._locks: dict[Key, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[Key] = set()
@@ -275,6 +275,7 @@ class Reconciler:
         meta = body["metadata"]
         manifest = jobs.build_job(body, self.settings.image, dict(self.settings.job_defaults))
         name = manifest["metadata"]["name"]
+        job: dict[str, Any] | None
         try:
             job = await self.client.create_job(meta["namespace"], manifest)
             created = True

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import InvalidInputError, brief, count_of
 from .jobs import DEFAULT_SCHEDULE_TIMEOUT
@@ -55,7 +56,7 @@ class Settings:
     scanning: bool = True
     peering: str | None = None
     verbose: bool = False
-    job_defaults: Mapping = dataclasses.field(default_factory=dict)
+    job_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: Seconds a converter pod may stay unschedulable before the conversion fails (``spec.job.scheduleTimeoutSeconds``
     #: overrides it per resource); the default queue of Kueue is ``job_defaults["job"]["queueName"]``.
     schedule_timeout: float = float(DEFAULT_SCHEDULE_TIMEOUT)
@@ -97,7 +98,7 @@ def _float(text: str, name: str) -> float:
         raise InvalidInputError(f"{name} must be a number of seconds, got {brief(text)}") from None
 
 
-def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict:
+def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict[str, Any]:
     """Parse the Job defaults JSON (``{"job": {...}, "registry": {"trackingUri": ...}}``).
 
     Raises InvalidInputError for bad JSON, a non-object, or keys the operator does not default.
@@ -152,7 +153,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         kw["schedule_timeout"] = _float(env["REPARAM_SCHEDULE_TIMEOUT"], "REPARAM_SCHEDULE_TIMEOUT")
     if env.get("REPARAM_JOB_DEFAULTS"):
         kw["job_defaults"] = parse_job_defaults(env["REPARAM_JOB_DEFAULTS"])
-    return Settings(**kw)  # type: ignore[arg-type]
+    return Settings(**kw)  # type: ignore[arg-type]  # kw holds each field's own type (parsed above); mypy sees object
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any
+from typing import Any, cast
 
 from .. import exitcodes
 from .. import summary as summary_mod
@@ -57,7 +57,7 @@ def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     """The condition of ``type_`` (selected by type, never by list position)."""
     for cond in status.get("conditions") or []:
         if cond.get("type") == type_:
-            return cond
+            return cast(dict[str, Any], cond)
     return None
 
 
@@ -180,19 +180,22 @@ def read_job(job: dict[str, Any]) -> JobView:
     """Summarise a Job's ``status`` into a :class:`JobView`."""
     st = job.get("status") or {}
     attempts = int(st.get("failed") or 0) + int(st.get("succeeded") or 0) + int(st.get("active") or 0)
-    kw = {"attempts": attempts, "start_time": st.get("startTime"), "completion_time": st.get("completionTime")}
+    start, end = st.get("startTime"), st.get("completionTime")
+
+    def view(state: str, reason: str = "", message: str = "") -> JobView:
+        return JobView(state, reason, message, attempts, start, end)
     for cond in st.get("conditions") or []:
         if cond.get("status") != "True":
             continue
         if cond.get("type") == "Complete":
-            return JobView("complete", cond.get("reason") or "Completed", cond.get("message") or "", **kw)
+            return view("complete", cond.get("reason") or "Completed", cond.get("message") or "")
         if cond.get("type") == "Failed":
-            return JobView("failed", cond.get("reason") or "Failed", cond.get("message") or "", **kw)
+            return view("failed", cond.get("reason") or "Failed", cond.get("message") or "")
     if int(st.get("ready") or 0) > 0 or (int(st.get("active") or 0) > 0 and st.get("ready") is None):
-        return JobView("running", **kw)
+        return view("running")
     if (job.get("spec") or {}).get("suspend") is True:
-        return JobView("suspended", **kw)
-    return JobView("pending", **kw)
+        return view("suspended")
+    return view("pending")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +385,8 @@ def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, 
     else:
         by_job_late = None
     killed = None if summ else (by_job or termination.explain(pod.exit_code, pod.reason, pod.memory_limit))
-    reason = (summ.get("reason") or (killed.reason if killed else None) or exitcodes.REASONS.get(code)
+    reason = (summ.get("reason") or (killed.reason if killed else None)
+              or (exitcodes.REASONS.get(int(code)) if code is not None else None)
               or (by_job_late.reason if by_job_late else None) or pod.reason or view.reason or "Failed")
     message = summ.get("message") or (killed.message if killed else None) or (
         by_job_late.message if by_job_late and reason == by_job_late.reason else None) or view.message or (

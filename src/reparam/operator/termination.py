@@ -201,7 +201,7 @@ def pod_problem(pod: dict[str, Any], container: str, now: datetime.datetime,
 def _image(pod: dict[str, Any], container: str) -> str | None:
     for c in (pod.get("spec") or {}).get("containers") or []:
         if c.get("name") == container:
-            return c.get("image")
+            return str(c["image"]) if c.get("image") else None
     return None
 
 
