@@ -28,7 +28,8 @@ keyed by the ``ModelConversion``'s name, one fate per pod in order; then the con
 * ``"preempted"``: the pod runs, then the scheduler preempts it: ``DisruptionTarget=True`` (reason
   ``PreemptionByScheduler``), the container ends with SIGTERM (143), the pod fails; the ``podFailurePolicy``
   rule ``Ignore`` on ``DisruptionTarget`` makes the Job controller retry it without counting it;
-* ``"hang"``: the container runs until it is killed.
+* ``"hang"``: the container runs until it is killed;
+* ``"run"``: the container runs as without a fate (to give a later pod a fate).
 
 The Job controller's ``activeDeadlineSeconds`` is played for every Job (the pod is killed, the Job fails with
 ``DeadlineExceeded``). Kueue is played for a Job created suspended with the ``kueue.x-k8s.io/queue-name`` label:
@@ -74,7 +75,7 @@ Executor = Callable[[ContainerRun], Awaitable[tuple[int, str]]]
 #: The scheduler's message for a GPU pod that fits no node (format of kube-scheduler's FitError).
 NO_GPU = "0/5 nodes are available: 5 Insufficient nvidia.com/gpu. preemption: 0/5 nodes are available: " \
          "5 No preemption victims found for incoming pod."
-FATES = ("oom", "image-pull", "unschedulable", "preempted", "hang")
+FATES = ("run", "oom", "image-pull", "unschedulable", "preempted", "hang")
 
 
 class SubprocessExecutor:
@@ -406,6 +407,7 @@ class JobRunner:
                                Path(_map(container.get("workingDir") or "/", mapping)), term_path)
             run.workdir.mkdir(parents=True, exist_ok=True)
             fate = fates.pop(0) if fates else None
+            fate = None if fate == "run" else fate
             term_reason, pod_conditions = "", None
 
             async def attempt() -> tuple[int, str]:

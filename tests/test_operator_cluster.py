@@ -267,3 +267,33 @@ def test_kueue_job_created_suspended_and_never_unsuspended_by_the_operator(env, 
     m = op.metrics()
     assert metric(m, "reparam_conversions_queued") == 0 and metric(m, "reparam_conversions_in_progress") == 0
     assert metric(m, "reparam_conversions_total", outcome="succeeded") == 2
+
+
+def test_new_generation_keeps_the_result_in_force_and_delete_stops_the_job(env, ns, real, make_runner,
+                                                                           start_operator) -> None:
+    make_runner(fates={"live": ["run", "hang"]})  # generation 1 converts for real; generation 2's pod hangs
+    start_operator()
+    created = create(env, conversion(real, "live", ns))
+    wait_for(lambda: status_of(env, ns, "live").get("phase") == "Succeeded", 300, what="g1 Succeeded")
+    g1 = status_of(env, ns, "live")["result"]
+    assert g1["generation"] == 1 and g1["version"]
+    status, data = env.request("PATCH", mc_path(ns, "live"), {"spec": {"conversion": {"atol": 5e-4}}})
+    assert status == 200 and data["metadata"]["generation"] == 2
+    g2 = jobs.job_name("live", created["metadata"]["uid"], 2)
+    wait_for(lambda: status_of(env, ns, "live").get("phase") == "Running"
+             and status_of(env, ns, "live")["observedGeneration"] == 2, 30, what="g2 Running")
+    st = status_of(env, ns, "live")
+    # the registry still serves generation 1's version: the status says so until generation 2 ends
+    assert st["result"] == g1
+    assert cond(st, "Registered")["status"] == "True" and cond(st, "Registered")["observedGeneration"] == 1
+    assert cond(st, "Succeeded")["observedGeneration"] == 2 and cond(st, "Converted") == {}
+    # deleting the resource deletes the running Job itself, propagation Background (not only the GC's cascade)
+    assert env.get(JOBS, ns, g2) is not None
+    env.call(lambda: setattr(env.emulator, "gc_delay", 30.0))  # a slow garbage collector
+    try:
+        status, _ = env.request("DELETE", mc_path(ns, "live"))
+        assert status == 200
+        wait_for(lambda: env.get(JOBS, ns, g2) is None, 10, what="g2 Job gone before the GC")
+    finally:
+        env.call(lambda: setattr(env.emulator, "gc_delay", 0.0))
+    assert ("jobs", ns, g2, "Background") in env.call(lambda: list(env.emulator.deletions))
