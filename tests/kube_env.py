@@ -229,6 +229,10 @@ class KubeEnv:
 
     def stop(self) -> None:
         async def _astop() -> None:
+            pending = list(getattr(self.emulator, "_gc_tasks", ()))  # delayed garbage collections
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             if self.server is not None:
                 await self.server.__aexit__(None, None, None)
             if self.emulator is not None:

@@ -190,3 +190,18 @@ def test_event_body_carries_no_credentials() -> None:
                                     "name": "traffic-v7", "namespace": "vision", "uid": "mc-uid",
                                     "resourceVersion": None}
     assert ev["firstTimestamp"] == "2025-03-01T12:00:00Z" and ev["type"] == "Warning"
+
+
+def test_operator_and_converter_extras_share_one_environment_without_torch_in_the_operator() -> None:
+    """This venv holds the converter, operator and dev extras together (kubernetes_asyncio next to botocore's
+    python-dateutil pin): pip finds no broken requirement, and importing the operator loads no torch."""
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys, reparam.operator, kubernetes_asyncio; "
+                            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')))"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"
