@@ -223,7 +223,8 @@ def test_preempted_once_is_retried_without_counting_then_succeeds(env, ns, real,
     retried = [e for e in events(env, ns, "spot") if e["reason"] == "Retried"]
     assert len(retried) == 1 and "PreemptionByScheduler" in retried[0]["message"]
     assert "backoffLimit" in retried[0]["message"]
-    assert {"JobCreated", "Started", "Converted", "Registered", "Succeeded"} <= set(reasons(env, ns, "spot"))
+    wait_for(lambda: {"JobCreated", "Started", "Converted", "Registered", "Succeeded"} <= set(reasons(env, ns, "spot")),
+             10, what="the story in Events")
     m = op.metrics()
     assert metric(m, "reparam_conversion_retries_total", reason="Disrupted") == 1
     assert metric(m, "reparam_conversions_total", outcome="succeeded") == 1

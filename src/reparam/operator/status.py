@@ -380,16 +380,14 @@ def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, 
     code = summ.get("exitCode", pod.exit_code)
     by_job = termination.job_failure(view.reason, view.message, job.get("spec") or {},
                                      int((job.get("status") or {}).get("failed") or 0))
-    if by_job is not None and by_job.reason != "DeadlineExceeded":
-        by_job_late, by_job = by_job, None
-    else:
-        by_job_late = None
-    killed = None if summ else (by_job or termination.explain(pod.exit_code, pod.reason, pod.memory_limit))
+    deadline = by_job if by_job is not None and by_job.reason == "DeadlineExceeded" else None
+    backoff = by_job if by_job is not None and deadline is None else None
+    killed = None if summ else (deadline or termination.explain(pod.exit_code, pod.reason, pod.memory_limit))
     reason = (summ.get("reason") or (killed.reason if killed else None)
               or (exitcodes.REASONS.get(int(code)) if code is not None else None)
-              or (by_job_late.reason if by_job_late else None) or pod.reason or view.reason or "Failed")
+              or (backoff.reason if backoff else None) or pod.reason or view.reason or "Failed")
     message = summ.get("message") or (killed.message if killed else None) or (
-        by_job_late.message if by_job_late and reason == by_job_late.reason else None) or view.message or (
+        backoff.message if backoff and reason == backoff.reason else None) or view.message or (
         f"container exited with code {code}" if code is not None else f"Job failed: {view.reason}")
     new["phase"] = "Failed"
     result = _result(summ, gen) if summ else {}
