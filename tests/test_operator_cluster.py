@@ -137,7 +137,8 @@ def test_oom_killed_every_attempt_ends_out_of_memory(env, ns, real, make_runner,
     create(env, conversion(real, "hungry", ns, backoffLimit=1,
                            resources={"limits": {"nvidia.com/gpu": 1, "memory": "6Gi"}}))
     st = failed_with(env, ns, "hungry", "OutOfMemory")
-    assert "(6Gi)" in st["lastFailure"]["message"] and "spec.job.resources.limits.memory" in st["lastFailure"]["message"]
+    message = st["lastFailure"]["message"]
+    assert "(6Gi)" in message and "spec.job.resources.limits.memory" in message
     assert st["lastFailure"]["exitCode"] == 137 and "retried" not in st["lastFailure"]
     assert len(env.objects(PODS, ns)) == 2  # backoffLimit 1: the Job controller retried once
     # the first attempt was reported while the Job retried it
@@ -223,8 +224,8 @@ def test_preempted_once_is_retried_without_counting_then_succeeds(env, ns, real,
     retried = [e for e in events(env, ns, "spot") if e["reason"] == "Retried"]
     assert len(retried) == 1 and "PreemptionByScheduler" in retried[0]["message"]
     assert "backoffLimit" in retried[0]["message"]
-    wait_for(lambda: {"JobCreated", "Started", "Converted", "Registered", "Succeeded"} <= set(reasons(env, ns, "spot")),
-             10, what="the story in Events")
+    story = {"JobCreated", "Started", "Converted", "Registered", "Succeeded"}
+    wait_for(lambda: story <= set(reasons(env, ns, "spot")), 10, what="the story in Events")
     m = op.metrics()
     assert metric(m, "reparam_conversion_retries_total", reason="Disrupted") == 1
     assert metric(m, "reparam_conversions_total", outcome="succeeded") == 1
