@@ -15,6 +15,27 @@ Secret references resolved, and the emptyDir / termination paths mapped to a tem
 dir) returning ``(exit_code, logs)``. :class:`SubprocessExecutor` runs the command
 as a local process (``reparam`` -> ``[sys.executable, "-m", "reparam.cli"]``).
 :class:`Gate` wraps an executor to hold runs until a test releases them.
+
+Failure modes of a real cluster are played per pod by *fates* (``JobRunner(fates={conversion: [fate, ...]})``,
+keyed by the ``ModelConversion``'s name, one fate per pod in order; then the container runs):
+
+* ``"oom"``: the container is killed by the OOM killer (``terminated.reason: OOMKilled``, exit 137): a failed
+  attempt, counted against ``backoffLimit`` like the kubelet reports it;
+* ``"image-pull"``: the kubelet cannot pull the image: the container waits with ``ErrImagePull`` then
+  ``ImagePullBackOff`` (message as the kubelet's) and never starts;
+* ``"unschedulable"``: the scheduler finds no node: ``PodScheduled=False``, reason ``Unschedulable``, message
+  :data:`NO_GPU`; the pod stays Pending;
+* ``"preempted"``: the pod runs, then the scheduler preempts it: ``DisruptionTarget=True`` (reason
+  ``PreemptionByScheduler``), the container ends with SIGTERM (143), the pod fails; the ``podFailurePolicy``
+  rule ``Ignore`` on ``DisruptionTarget`` makes the Job controller retry it without counting it;
+* ``"hang"``: the container runs until it is killed;
+* ``"run"``: the container runs as without a fate (to give a later pod a fate).
+
+The Job controller's ``activeDeadlineSeconds`` is played for every Job (the pod is killed, the Job fails with
+``DeadlineExceeded``). Kueue is played for a Job created suspended with the ``kueue.x-k8s.io/queue-name`` label:
+after ``kueue_delay`` seconds (``None``: never) the runner admits it by setting ``spec.suspend: false``, as Kueue's
+controller does; ``suspended_seen`` records every Job the runner saw suspended, and ``unsuspended_by_others``
+every one that was un-suspended before the runner's Kueue admitted it.
 """
 
 from __future__ import annotations
@@ -50,6 +71,11 @@ class ContainerRun:
 
 
 Executor = Callable[[ContainerRun], Awaitable[tuple[int, str]]]
+
+#: The scheduler's message for a GPU pod that fits no node (format of kube-scheduler's FitError).
+NO_GPU = "0/5 nodes are available: 5 Insufficient nvidia.com/gpu. preemption: 0/5 nodes are available: " \
+         "5 No preemption victims found for incoming pod."
+FATES = ("run", "oom", "image-pull", "unschedulable", "preempted", "hang")
 
 
 class SubprocessExecutor:
@@ -128,7 +154,16 @@ class JobRunner:
     """Finds Jobs in ``env`` and runs them (see module docstring). Start with
     :meth:`start` (from the test thread); :meth:`stop` cancels everything."""
 
-    def __init__(self, env: KubeEnv, executor: Executor, namespace: str | None = None, poll: float = 0.02) -> None:
+    def __init__(self, env: KubeEnv, executor: Executor, namespace: str | None = None, poll: float = 0.02,
+                 fates: dict[str, list[str]] | None = None, kueue_delay: float | None = 1.0) -> None:
+        for fate in [f for fs in (fates or {}).values() for f in fs]:
+            if fate not in FATES:
+                raise ValueError(f"unknown fate {fate!r}; one of {FATES}")
+        self.fates = {k: list(v) for k, v in (fates or {}).items()}
+        self.kueue_delay = kueue_delay
+        self.suspended_seen: list[str] = []
+        self.unsuspended_by_others: list[str] = []
+        self._admitted: set[str] = set()
         self.env = env
         self.namespace = namespace
         self.executor = executor
@@ -229,10 +264,105 @@ class JobRunner:
         except Exception as exc:  # pragma: no cover - surfaced by tests through .errors
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
+    def _current(self, ns: str, name: str) -> dict[str, Any] | None:
+        emu = self.env.emulator
+        assert emu is not None
+        for (res, obj_ns, obj_name), obj in list(emu.objects.items()):
+            if res.plural == "jobs" and res.group == "batch" and obj_ns == ns and obj_name == name and not obj.deleted:
+                return obj.raw
+        return None
+
+    async def _kueue(self, ns: str, name: str) -> None:
+        """Kueue: admit a suspended, queue-labelled Job by un-suspending it after ``kueue_delay`` seconds."""
+        if self.kueue_delay is None:
+            return
+        await asyncio.sleep(self.kueue_delay)
+        current = self._current(ns, name)
+        if current is None:
+            return
+        self._admitted.add(name)
+        await self._api("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{name}", {"spec": {"suspend": False}})
+
+    async def _wait_admitted(self, job: dict[str, Any]) -> None:
+        """Play the Job controller for a suspended Job: no pod until ``spec.suspend`` is false."""
+        meta = job["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if not (job.get("spec") or {}).get("suspend"):
+            return
+        self.suspended_seen.append(name)
+        jpath = f"/apis/batch/v1/namespaces/{ns}/jobs/{name}"
+        await self._api("PATCH", jpath + "/status", {"status": {"conditions": [
+            {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
+             "lastTransitionTime": now_iso()}]}})
+        if (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
+            asyncio.get_running_loop().create_task(self._kueue(ns, name))
+        while True:
+            await asyncio.sleep(self.poll)
+            current = self._current(ns, name)
+            if current is None:
+                raise LookupError(f"Job {ns}/{name} deleted while suspended")
+            if not (current.get("spec") or {}).get("suspend"):
+                if name not in self._admitted:
+                    self.unsuspended_by_others.append(name)
+                await self._api("PATCH", jpath + "/status", {"status": {"conditions": [
+                    {"type": "Suspended", "status": "False", "reason": "JobResumed", "message": "Job resumed",
+                     "lastTransitionTime": now_iso()}]}})
+                return
+
+    async def _fail_job(self, jpath: str, reason: str, msg: str, failed: int, at: str) -> None:
+        await self._api("PATCH", jpath + "/status", {"status": {
+            "active": 0, "ready": 0, "failed": failed, "conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": reason, "message": msg,
+                 "lastTransitionTime": at},
+                {"type": "Failed", "status": "True", "reason": reason, "message": msg,
+                 "lastTransitionTime": at}]}})
+
+    async def _fate(self, fate: str, ppath: str, pod_name: str, container: dict[str, Any], jpath: str,
+                    started: str) -> tuple[int, str, str, list[dict[str, Any]]] | None:
+        """Play ``fate`` on a created pod. Returns the container's end ``(exit code, reason, message, pod
+        conditions)`` for a pod that ended, or never returns (the pod stays stuck until its Job goes)."""
+        cname, image = container["name"], container.get("image", "")
+        if fate == "unschedulable":
+            await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": NO_GPU,
+                 "lastTransitionTime": now_iso()}]}})
+            await asyncio.Event().wait()
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()}
+        if fate == "image-pull":
+            for reason, msg in (("ErrImagePull", f'failed to pull and unpack image "{image}": not found'),
+                                ("ImagePullBackOff", f'Back-off pulling image "{image}"')):
+                await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
+                    "phase": "Pending", "conditions": [scheduled],
+                    "containerStatuses": [{"name": cname, "ready": False, "image": image,
+                                           "state": {"waiting": {"reason": reason, "message": msg}}}]}})
+                await asyncio.sleep(0.3)
+            await asyncio.Event().wait()
+        await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
+            "phase": "Running", "startTime": now_iso(), "conditions": [scheduled],
+            "containerStatuses": [{"name": cname, "ready": True, "image": image,
+                                   "state": {"running": {"startedAt": now_iso()}}}]}})
+        await self._api("PATCH", jpath + "/status", {"status": {"active": 1, "ready": 1}})
+        await asyncio.sleep(0.3)
+        if fate == "oom":
+            return 137, "OOMKilled", "", [scheduled]
+        if fate == "preempted":
+            return 143, "Error", "", [scheduled, {
+                "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                "message": "default-scheduler: preempting to accommodate a higher priority pod",
+                "lastTransitionTime": now_iso()}]
+        await asyncio.Event().wait()  # hang
+        return None
+
     async def _run_job_inner(self, job: dict[str, Any]) -> None:
+        await self._wait_admitted(job)
+        job = self._current(job["metadata"]["namespace"], job["metadata"]["name"]) or job
         meta, spec = job["metadata"], job["spec"]
         ns, name = meta["namespace"], meta["name"]
         jpath = f"/apis/batch/v1/namespaces/{ns}/jobs/{name}"
+        fates = self.fates.get((meta.get("labels") or {}).get(jobs_mod.LABEL_CONVERSION, ""), [])
+        deadline = spec.get("activeDeadlineSeconds")
+        loop = asyncio.get_running_loop()
+        t_start = loop.time()
         template = spec["template"]
         container = template["spec"]["containers"][0]
         backoff = int(spec.get("backoffLimit", 6))
@@ -241,6 +371,10 @@ class JobRunner:
             codes = rule.get("onExitCodes")
             if rule.get("action") == "FailJob" and codes and codes.get("operator") == "In":
                 fail_codes |= set(codes.get("values") or [])
+        ignore_disruptions = any(
+            rule.get("action") == "Ignore" and any(c.get("type") == "DisruptionTarget"
+                                                   for c in rule.get("onPodConditions") or [])
+            for rule in (spec.get("podFailurePolicy") or {}).get("rules") or [])
         started = now_iso()
         failed = 0
         await self._api("PATCH", jpath + "/status", {"status": {"startTime": started, "active": 1, "ready": 0}})
@@ -272,21 +406,53 @@ class JobRunner:
             run = ContainerRun(ns, name, pod_name, [_map(a, mapping) for a in container["command"]], env,
                                Path(_map(container.get("workingDir") or "/", mapping)), term_path)
             run.workdir.mkdir(parents=True, exist_ok=True)
-            await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
-                "phase": "Running", "startTime": now_iso(),
-                "containerStatuses": [{"name": container["name"], "ready": True,
-                                       "state": {"running": {"startedAt": now_iso()}}}]}})
-            await self._api("PATCH", jpath + "/status", {"status": {"active": 1, "ready": 1}})
-            code, logs = await self.executor(run)
-            message = term_path.read_text()
-            if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            fate = fates.pop(0) if fates else None
+            fate = None if fate == "run" else fate
+            term_reason, pod_conditions = "", None
+
+            async def attempt() -> tuple[int, str]:
+                nonlocal term_reason, pod_conditions
+                if fate is not None:
+                    ended = await self._fate(fate, ppath, pod_name, container, jpath, started)
+                    assert ended is not None
+                    code_, term_reason, message_, pod_conditions = ended
+                    return code_, message_
+                await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
+                    "phase": "Running", "startTime": now_iso(),
+                    "containerStatuses": [{"name": container["name"], "ready": True,
+                                           "state": {"running": {"startedAt": now_iso()}}}]}})
+                await self._api("PATCH", jpath + "/status", {"status": {"active": 1, "ready": 1}})
+                return await self.executor(run)
+
+            try:
+                left = None if deadline is None else max(0.0, float(deadline) - (loop.time() - t_start))
+                code, logs = await asyncio.wait_for(attempt(), left)
+            except TimeoutError:  # activeDeadlineSeconds: the Job controller fails the Job, then kills the pod
+                finished = now_iso()
+                await self._fail_job(jpath, "DeadlineExceeded", "Job was active longer than specified deadline",
+                                     failed + 1, finished)
+                await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
+                    "phase": "Failed", "containerStatuses": [{"name": container["name"], "ready": False,
+                                                              "state": {"terminated": {
+                                                                  "exitCode": 143, "reason": "Error",
+                                                                  "startedAt": started, "finishedAt": finished}}}]}})
+                return
+            message = logs if fate is not None else term_path.read_text()
+            if fate is None and not message and code != 0 and \
+                    container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
                 message = "\n".join(logs.splitlines()[-80:])[-2048:]
             finished = now_iso()
-            await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": {
+            pod_status: dict[str, Any] = {
                 "phase": "Succeeded" if code == 0 else "Failed",
                 "containerStatuses": [{"name": container["name"], "ready": False, "state": {"terminated": {
-                    "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                    "message": message[:4096], "startedAt": started, "finishedAt": finished}}}]}})
+                    "exitCode": code, "reason": term_reason or ("Completed" if code == 0 else "Error"),
+                    "message": message[:4096], "startedAt": started, "finishedAt": finished}}}]}
+            if pod_conditions is not None:
+                pod_status["conditions"] = pod_conditions
+            await self._api("PATCH", f"{ppath}/{pod_name}/status", {"status": pod_status})
+            if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in pod_conditions or []) \
+                    and ignore_disruptions:
+                continue  # podFailurePolicy Ignore: not counted, a new pod
             if code == 0:
                 await self._api("PATCH", jpath + "/status", {"status": {
                     "active": 0, "ready": 0, "succeeded": 1, "completionTime": finished, "conditions": [
@@ -301,12 +467,7 @@ class JobRunner:
                 msg = (f"Container {container['name']} for pod {ns}/{pod_name} failed with exit code {code} "
                        f"matching FailJob rule at index 0") if code in fail_codes else \
                     "Job has reached the specified backoff limit"
-                await self._api("PATCH", jpath + "/status", {"status": {
-                    "active": 0, "ready": 0, "failed": failed, "conditions": [
-                        {"type": "FailureTarget", "status": "True", "reason": reason, "message": msg,
-                         "lastTransitionTime": finished},
-                        {"type": "Failed", "status": "True", "reason": reason, "message": msg,
-                         "lastTransitionTime": finished}]}})
+                await self._fail_job(jpath, reason, msg, failed, finished)
                 return
             await self._api("PATCH", jpath + "/status", {"status": {"failed": failed, "active": 1, "ready": 0}})
 

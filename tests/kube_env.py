@@ -12,7 +12,10 @@ rule documented where it is:
   the main endpoint of a resource with a status subresource ignore ``status``;
 * ``labelSelector`` on list (equality terms), which kmock ignores;
 * background garbage collection: deleting an object deletes every object with
-  an ``ownerReference`` to its uid (the garbage collector's job in a cluster);
+  an ``ownerReference`` to its uid (the garbage collector's job in a cluster), at once or, with
+  ``gc_delay`` seconds set, later (a cluster's garbage collector works asynchronously);
+* a log of client deletions (``deletions``: plural, namespace, name, ``propagationPolicy``), so tests can
+  tell a client's delete from the garbage collector's;
 * no request log (kmock's log makes long runs quadratic, see ``_forget``).
 
 :class:`KubeEnv` runs the emulator's HTTP server in a thread with its own event
@@ -74,6 +77,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = itertools.count(1000)
+        self.deletions: list[tuple[str, str | None, str, str | None]] = []
+        self.gc_delay = 0.0
 
     def _has_status(self, resource: Any) -> bool:
         try:
@@ -115,6 +120,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 data["metadata"]["resourceVersion"] = str(next(self._rv))
         deleted_uid = None
         if res is not None and request.action == kmock.action.DELETE and request.name is not None:
+            policy = (data.get("propagationPolicy") if isinstance(data, dict) else None) or \
+                (request.params or {}).get("propagationPolicy")
+            self.deletions.append((res.plural, request.namespace, request.name, policy))
             key = (res, request.namespace, request.name)
             if key in self._objects and not self._objects[key].deleted:
                 deleted_uid = (self._objects[key].raw.get("metadata") or {}).get("uid")
@@ -122,7 +130,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             response = await super()._handle(request)
         finally:
             self._forget(request)
-        if deleted_uid:
+        if deleted_uid and self.gc_delay > 0:
+            async def later(uid: str = deleted_uid) -> None:
+                await asyncio.sleep(self.gc_delay)
+                await self._collect_garbage({uid})
+            task = asyncio.get_running_loop().create_task(later())
+            self._gc_tasks = getattr(self, "_gc_tasks", set())
+            self._gc_tasks.add(task)
+            task.add_done_callback(self._gc_tasks.discard)
+        elif deleted_uid:
             await self._collect_garbage({deleted_uid})
         return response
 
@@ -213,6 +229,10 @@ class KubeEnv:
 
     def stop(self) -> None:
         async def _astop() -> None:
+            pending = list(getattr(self.emulator, "_gc_tasks", ()))  # delayed garbage collections
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             if self.server is not None:
                 await self.server.__aexit__(None, None, None)
             if self.emulator is not None:

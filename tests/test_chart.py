@@ -309,6 +309,25 @@ def test_operator_settings_from_the_rendered_environment(chart, case: str) -> No
     assert cfg.scanning is False  # no cluster-wide CRD/namespace reads
     assert cfg.peering == (values["operator"]["peering"] or None)
     assert cfg.retry_delay == values["operator"]["retryDelay"]
+    assert cfg.schedule_timeout == values["operator"]["scheduleTimeoutSeconds"]
+
+
+def test_kueue_queue_and_priority_reach_the_jobs(chart) -> None:
+    """jobDefaults.queueName / priorityClassName become the operator's defaults for spec.job, and the Job it
+    builds for a resource naming neither goes to that Kueue queue, suspended, with that priority."""
+    values = {"jobDefaults": {"queueName": "gpu-team-a", "priorityClassName": "batch-low"},
+              "operator": {"scheduleTimeoutSeconds": 120}}
+    env = container_env(one(render(chart, values), "Deployment"))
+    cfg = settings_mod.from_env(env)
+    assert cfg.schedule_timeout == 120
+    assert cfg.job_defaults["job"]["queueName"] == "gpu-team-a"
+    body = {"metadata": {"name": "m", "namespace": "ml", "uid": "u", "generation": 1},
+            "spec": {"source": {"uri": "models:/m/1"}}}
+    job = jobs.build_job(body, cfg.image, dict(cfg.job_defaults))
+    assert job["metadata"]["labels"][jobs.LABEL_KUEUE_QUEUE] == "gpu-team-a" and job["spec"]["suspend"] is True
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == "batch-low"
+    with pytest.raises(Exception, match="queueName"):
+        render(chart, {"jobDefaults": {"queueName": "Not A Queue"}})
 
 
 def test_job_defaults_are_a_valid_partial_spec(chart) -> None:
@@ -338,7 +357,7 @@ EXPECTED_RULES = {
     ("reparam.dev", "modelconversions"): {"get", "list", "watch", "patch"},
     ("reparam.dev", "modelconversions/status"): {"get", "patch"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-    ("", "pods"): {"get", "list"},
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
 

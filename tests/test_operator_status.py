@@ -136,7 +136,10 @@ def test_terminal_is_final_for_its_generation_and_older_jobs_ignored() -> None:
     assert st.observe(done, SPEC, 2, job(gen=1, **COMPLETE), [], T1) is done
     s2 = st.job_created(done, 2, "traffic-v7-g2-abcdef", T1)
     assert s2["phase"] == "Pending" and s2["observedGeneration"] == 2
-    assert "result" not in s2 and cond(s2, "Converted") == ("-", "-")
+    # issue #12.7: the version in force (generation 1's result, Registered, Promoted) stays until generation 2 ends
+    assert s2["result"]["version"] == "4" and s2["result"]["generation"] == 1
+    assert cond(s2, "Converted") == ("-", "-") and cond(s2, "Registered") == ("True", "Registered")
+    assert st.get_condition(s2, "Registered")["observedGeneration"] == 1
 
 
 def test_invalid_spec() -> None:

@@ -204,6 +204,30 @@ CLUSTER_SOURCE_URI_PATTERN = f"^(?:{_models(False)}|{_runs(False)}|{_s3(False)})
 #: The CRD's CEL rule on ``spec.source.uri``: no reserved alias after ``@`` (:data:`ALIAS_RESERVED_PATTERN`).
 CLUSTER_SOURCE_URI_RULE = f"!self.matches('^models:/[^/@]+@{_RESERVED}(?:/.*)?$')"
 
+# --- cross-field rules of a ModelConversion (issue #12): the CRD's CEL rules and the operator's own checks ------
+
+#: A ``models:/NAME@ALIAS`` source moves when the alias moves, so a pinned ``sha256`` would break at the next
+#: promotion: a digest needs a pinned source (a version, a run or an object).
+MOVING_SOURCE_PATTERN = r"^models:/[^/@]+@"
+#: CEL on ``spec.source`` (:data:`MOVING_SOURCE_PATTERN`).
+SHA256_PINNED_RULE = f"!(has(self.sha256) && self.sha256 != '' && self.uri.matches('{MOVING_SOURCE_PATTERN}'))"
+#: CEL on ``spec``: a gated promotion compares mAP (needs evaluation) and moves a registry alias.
+PROMOTION_NEEDS_RULE = "!has(self.promotion) || (has(self.evaluation) && has(self.registry))"
+#: CEL on ``spec``: the gated alias is not also set ungated.
+PROMOTION_ALIAS_RULE = ("!has(self.promotion) || !has(self.registry) || !has(self.registry.aliases) || "
+                        "!(self.promotion.alias in self.registry.aliases)")
+#: CEL on ``spec.promotion``: the hold alias differs from the gated one.
+HOLD_ALIAS_RULE = "!has(self.holdAlias) || self.holdAlias != self.alias"
+
+
+def sha256_pin_problem(uri: object, sha256: object) -> str | None:
+    """Why a ``sha256`` cannot go with ``uri`` (:data:`SHA256_PINNED_RULE`), or None."""
+    if sha256 and isinstance(uri, str) and re.match(MOVING_SOURCE_PATTERN, uri):
+        return ("spec.source.sha256 needs a pinned source: models:/NAME@ALIAS moves with the alias; "
+                "use models:/NAME/VERSION or leave sha256 empty")
+    return None
+
+
 _MODELS_RE = re.compile(_models(True))
 _RUNS_RE = re.compile(_runs(True))
 _S3_RE = re.compile(_s3(True))

@@ -71,6 +71,8 @@ spec.registry.trackingUri, used where a resource leaves them empty.
 {{- $envFrom := list }}
 {{- range $d.envFromSecrets }}{{ $envFrom = append $envFrom (dict "secretRef" (dict "name" .)) }}{{ end }}
 {{- with $envFrom }}{{ $_ := set $job "envFrom" . }}{{ end }}
+{{- with $d.queueName }}{{ $_ := set $job "queueName" . }}{{ end }}
+{{- with $d.priorityClassName }}{{ $_ := set $job "priorityClassName" . }}{{ end }}
 {{- $out := dict "job" $job }}
 {{- with $d.mlflow.trackingUri }}{{ $_ := set $out "registry" (dict "trackingUri" .) }}{{ end }}
 {{- toJson $out }}

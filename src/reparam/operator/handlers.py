@@ -7,7 +7,9 @@ Importing this module registers, in kopf's default registry:
 * ``ModelConversion`` create / update of ``spec`` / resume -> ``reconcile``;
 * ``ModelConversion`` DELETED events -> free the slot (no finalizer: the Job goes
   with its owner through the garbage collector);
-* events of Jobs labelled ``app.kubernetes.io/managed-by=reparam-operator``.
+* events of Jobs labelled ``app.kubernetes.io/managed-by=reparam-operator``;
+* events of pods with that label (the Job copies it from its template): image pulls,
+  scheduling, disruptions and failed attempts while the Job runs.
 
 Each handler is timed and counted in :mod:`.metrics` by handler and result.
 """
@@ -42,7 +44,7 @@ def configure(cfg: settings_mod.Settings) -> None:
 def reconciler() -> Reconciler:
     """The running operator's reconciler (after start-up)."""
     rec = _state.get("reconciler")
-    if rec is None:
+    if not isinstance(rec, Reconciler):
         raise kopf.TemporaryError("the operator is still starting", delay=1)
     return rec
 
@@ -137,6 +139,12 @@ async def resource_deleted(body: kopf.Body, **_: Any) -> None:
 @instrumented("job_event")
 async def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
     await reconciler().job_event(type or "ADDED", _plain(body))
+
+
+@kopf.on.event("", "v1", "pods", labels={jobs.LABEL_MANAGED_BY: jobs.MANAGER}, id="pod-events")
+@instrumented("pod_event")
+async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    await reconciler().pod_event(type or "ADDED", _plain(body))
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -115,6 +116,7 @@ def validate_spec(spec: dict[str, Any]) -> None:
         value = job.get(field)
         if value is not None and (not isinstance(value, int) or value < 0):
             problems.append(f"spec.job.{field} must be a non-negative integer")
+    problems += _cluster_problems(job) + cross_field_problems(spec)
     for env in job.get("env") or []:
         if "value" in env and _looks_secret(env.get("name", "")):
             problems.append(
@@ -258,7 +260,7 @@ def _limits(job_spec: dict[str, Any]) -> dict[str, Any]:
 
 #: ``spec.job`` fields the operator-wide defaults may fill (Helm value ``jobDefaults``).
 DEFAULTABLE_JOB_FIELDS = ("resources", "nodeSelector", "tolerations", "envFrom", "serviceAccountName",
-                          "imagePullSecrets")
+                          "imagePullSecrets", *("queueName", "priorityClassName", "scheduleTimeoutSeconds"))
 
 
 def with_defaults(spec: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
@@ -360,7 +362,7 @@ def build_job(body: dict[str, Any], default_image: str, defaults: dict[str, Any]
     if job_spec.get("imagePullSecrets"):
         pod_spec["imagePullSecrets"] = [dict(s) for s in job_spec["imagePullSecrets"]]
 
-    return {
+    manifest = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
@@ -390,6 +392,7 @@ def build_job(body: dict[str, Any], default_image: str, defaults: dict[str, Any]
             "template": {"metadata": {"labels": dict(lbl)}, "spec": pod_spec},
         },
     }
+    return _cluster_fields(manifest, job_spec)
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -404,3 +407,93 @@ def generation_of(job: dict[str, Any]) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Real-cluster fields (issue #12): Kueue, priority, scheduling time-out, thread counts, clean-up. Kept in one block.
+
+#: The label Kueue reads to put a Job in a LocalQueue (Kueue docs, "Run a Job": ``kueue.x-k8s.io/queue-name``).
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+#: Seconds a pod may stay unschedulable when neither the spec nor the operator says (15 minutes).
+DEFAULT_SCHEDULE_TIMEOUT = 900
+#: Thread-count variables set from the container's CPUs: OpenMP's (torch's intra-op pool reads it at start) and
+#: the BLAS libraries' (MKL, OpenBLAS); the converter also lowers torch's threads to its cgroup quota.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_QUEUE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label: Kueue LocalQueue names
+_CPU = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m?)$")
+
+
+def queue_name(job_spec: dict[str, Any]) -> str:
+    """The Kueue LocalQueue of ``spec.job`` (after :func:`with_defaults`), ``""`` for the operator's own slots."""
+    return str(job_spec.get("queueName") or "")
+
+
+def kueue_managed(job: dict[str, Any]) -> bool:
+    """Whether a Job goes through Kueue (it carries :data:`LABEL_KUEUE_QUEUE`): Kueue's quota limits it, the
+    operator neither counts it in its slots nor ever un-suspends it."""
+    return bool(((job.get("metadata") or {}).get("labels") or {}).get(LABEL_KUEUE_QUEUE))
+
+
+def schedule_timeout(job_spec: dict[str, Any], default: float) -> float:
+    """Seconds a pod may stay unschedulable: ``spec.job.scheduleTimeoutSeconds`` or the operator's ``default``."""
+    value = job_spec.get("scheduleTimeoutSeconds")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else float(default)
+
+
+def cpu_threads(quantity: Any) -> int | None:
+    """Threads for a CPU quantity (``2``, ``"1500m"``, ``"0.5"``): rounded up, at least 1, as the converter's
+    own cgroup rule (``reparam.converter.cpus``); ``None`` for what is not a plain CPU quantity."""
+    match = _CPU.match(str(quantity).strip())
+    if not match:
+        return None
+    cpus = float(match.group(1)) / (1000 if match.group(2) else 1)
+    return max(1, math.ceil(cpus - 1e-9)) if cpus > 0 else None
+
+
+def cross_field_problems(spec: dict[str, Any]) -> list[str]:
+    """The CRD's cross-field CEL rules (:mod:`reparam.spec`), checked again here for API servers without CEL
+    (before Kubernetes 1.25) and for resources applied before the CRD had them."""
+    problems: list[str] = []
+    source = spec.get("source") or {}
+    problem = grammar.sha256_pin_problem(source.get("uri"), source.get("sha256"))
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _cluster_problems(job: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    name = job.get("queueName")
+    if name is not None and (not isinstance(name, str) or (name and (len(name) > 63 or not _QUEUE_NAME.match(name)))):
+        problems.append("spec.job.queueName must be a Kueue LocalQueue name (lowercase DNS label, at most 63)")
+    value = job.get("scheduleTimeoutSeconds")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        problems.append("spec.job.scheduleTimeoutSeconds must be a positive integer")
+    return problems
+
+
+def _cluster_fields(manifest: dict[str, Any], job_spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the real-cluster fields to a Job manifest built by :func:`build_job` (returns it).
+
+    * ``spec.job.queueName``: the Kueue label on the Job and ``spec.suspend: true`` (Kueue admits a Job by
+      un-suspending it; a Job created running would bypass its quota);
+    * ``spec.job.priorityClassName`` on the pod (Kueue and the scheduler read it there);
+    * thread counts (:data:`THREAD_ENV`) from the container's CPU limit, else its request, unless ``spec.job.env``
+      sets them: torch sizes its pools from the node's cores, not the pod's limit.
+    """
+    spec = manifest["spec"]
+    pod = spec["template"]["spec"]
+    queue = queue_name(job_spec)
+    if queue:
+        manifest["metadata"]["labels"][LABEL_KUEUE_QUEUE] = queue
+        spec["suspend"] = True
+    if job_spec.get("priorityClassName"):
+        pod["priorityClassName"] = str(job_spec["priorityClassName"])
+    container = pod["containers"][0]
+    resources = container.get("resources") or {}
+    cpu = ((resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu"))
+    threads = cpu_threads(cpu) if cpu is not None else None
+    if threads is not None:
+        given = {e.get("name") for e in container["env"]}
+        container["env"] += [{"name": var, "value": str(threads)} for var in THREAD_ENV if var not in given]
+    return manifest

@@ -1,27 +1,36 @@
-"""A small asynchronous Kubernetes API client over aiohttp, for the handlers.
+"""The operator's Kubernetes calls, made with the official client's async build (``kubernetes_asyncio``).
 
-kopf talks to the API for its own watching and patching but exposes no client
-for other objects; the operator needs a few calls (Jobs, pods, status patches,
-Events). Credentials come from kopf's own login helpers
-(:func:`kopf.login_with_service_account`, :func:`kopf.login_with_kubeconfig`), so
-the operator and kopf use the same identity. Objects are plain dicts.
+kopf watches and patches the ``ModelConversion`` itself but exposes no client for other objects; the
+operator needs a few calls (Jobs, pods, status patches, Events). They go through ``kubernetes_asyncio``'s
+typed APIs (``BatchV1Api``, ``CoreV1Api``, ``CustomObjectsApi``), which run on aiohttp in kopf's event loop.
+Credentials come from kopf's own login (:func:`kopf.login_with_service_account`,
+:func:`kopf.login_with_kubeconfig`), so the operator and kopf use the same identity.
 
-Errors: :class:`ApiError` with the HTTP ``status`` (404, 409, ...). Connection
-failures raise :class:`ApiError` with status 0; callers treat 0, 429 and 5xx as
-transient (:meth:`ApiError.transient`).
+Objects are the API server's JSON as plain dicts (``_preload_content=False``: nothing is re-serialised
+through the client's models, so times and unknown fields stay exactly as the server wrote them).
+
+Errors: :class:`ApiError` with the HTTP ``status`` (404, 409, ...), the ``reason`` and ``message`` of the
+server's ``Status`` object. Connection failures and time-outs raise :class:`ApiError` with status 0;
+callers treat 0, 429 and 5xx as transient (:meth:`ApiError.transient`).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
-import ssl
 import tempfile
+from collections.abc import Awaitable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import kopf
+from kubernetes_asyncio import client as k8s
+
+from . import jobs
+
+#: Seconds one API call may take (connect + read); the default of the client is no limit.
+REQUEST_TIMEOUT = 30
 
 
 class ApiError(Exception):
@@ -39,20 +48,6 @@ class ApiError(Exception):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
 
-def path(group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None,
-         subresource: str | None = None) -> str:
-    """The REST path of a resource collection or object (core group: ``group=""``)."""
-    base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
-    if namespace:
-        base += f"/namespaces/{quote(namespace)}"
-    base += f"/{plural}"
-    if name:
-        base += f"/{quote(name)}"
-    if subresource:
-        base += f"/{subresource}"
-    return base
-
-
 def _decode(data: str | bytes) -> bytes:
     raw = data.encode() if isinstance(data, str) else data
     try:
@@ -61,45 +56,73 @@ def _decode(data: str | bytes) -> bytes:
         return raw
 
 
+def _status_error(status: int, reason: str, text: str) -> ApiError:
+    """An :class:`ApiError` from an error response; reason/message from its ``Status`` body when it has one."""
+    message = text[:500]
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        data = {}
+    if isinstance(data, dict):
+        reason = str(data.get("reason") or reason)
+        message = str(data.get("message") or message)
+    return ApiError(status, reason, message)
+
+
+def selector(labels: Mapping[str, str]) -> str:
+    """An equality-based label selector (``k=v,k2=v2``), as the API's ``labelSelector`` parameter."""
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
 class KubeClient:
-    """An aiohttp session bound to one API server and identity."""
+    """One ``kubernetes_asyncio`` API client bound to one API server and identity."""
 
     def __init__(self, info: kopf.ConnectionInfo) -> None:
         self.info = info
-        self.server = info.server.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
         self._tmp: list[str] = []
+        self.api = k8s.ApiClient(self._configuration(info))
+        self.api.user_agent = "reparam-operator"
+        self.batch = k8s.BatchV1Api(self.api)
+        self.core = k8s.CoreV1Api(self.api)
+        self.custom = k8s.CustomObjectsApi(self.api)
 
     @classmethod
     def login(cls, settings: kopf.OperatorSettings | None = None) -> "KubeClient":
-        """Log in as kopf does without extra libraries: in-cluster service account,
-        else ``$KUBECONFIG`` / ``~/.kube/config``. Raises :class:`kopf.LoginError`."""
+        """Log in as kopf does: in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``.
+
+        Raises :class:`kopf.LoginError` when neither is there.
+        """
         st = settings or kopf.OperatorSettings()
         info = kopf.login_with_service_account(settings=st) or kopf.login_with_kubeconfig(settings=st)
         if info is None:
             raise kopf.LoginError("no service account and no kubeconfig: cannot reach the Kubernetes API")
         return cls(info)
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        info = self.info
-        if not self.server.startswith("https"):
-            return False
-        if info.insecure:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
-            cadata = _decode(info.ca_data).decode() if info.ca_data else None
-            ctx = ssl.create_default_context(cafile=os.fspath(info.ca_path) if info.ca_path else None,
-                                             cadata=cadata)
-        cert, key = info.certificate_path, info.private_key_path
-        if info.certificate_data:
-            cert = self._tempfile(_decode(info.certificate_data))
-        if info.private_key_data:
-            key = self._tempfile(_decode(info.private_key_data))
-        if cert:
-            ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
-        return ctx
+    def _configuration(self, info: kopf.ConnectionInfo) -> k8s.Configuration:
+        """kopf's :class:`kopf.ConnectionInfo` as the client's ``Configuration`` (token or basic auth, TLS)."""
+        cfg = k8s.Configuration(host=info.server.rstrip("/"))
+        if info.token:
+            cfg.api_key = {"authorization": info.token}
+            cfg.api_key_prefix = {"authorization": info.scheme or "Bearer"}
+        elif info.username and info.password:
+            basic = base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
+            cfg.api_key = {"authorization": basic}
+            cfg.api_key_prefix = {"authorization": "Basic"}
+        cfg.verify_ssl = not info.insecure
+        if info.ca_path:
+            cfg.ssl_ca_cert = os.fsdecode(info.ca_path)
+        elif info.ca_data:
+            cfg.ssl_ca_cert = self._tempfile(_decode(info.ca_data))
+        if info.certificate_path:
+            cfg.cert_file = os.fsdecode(info.certificate_path)
+        elif info.certificate_data:
+            cfg.cert_file = self._tempfile(_decode(info.certificate_data))
+        if info.private_key_path:
+            cfg.key_file = os.fsdecode(info.private_key_path)
+        elif info.private_key_data:
+            cfg.key_file = self._tempfile(_decode(info.private_key_data))
+        cfg.client_side_validation = False  # the server validates; bodies are plain dicts
+        return cfg
 
     def _tempfile(self, data: bytes) -> str:
         fd, name = tempfile.mkstemp(prefix="reparam-kube-")
@@ -108,24 +131,9 @@ class KubeClient:
         self._tmp.append(name)
         return name
 
-    async def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"User-Agent": "reparam-operator"}
-            if self.info.token:
-                headers["Authorization"] = f"{self.info.scheme or 'Bearer'} {self.info.token}"
-            auth = None
-            if self.info.username and self.info.password:
-                auth = aiohttp.BasicAuth(self.info.username, self.info.password)
-            self._session = aiohttp.ClientSession(
-                headers=headers, auth=auth, connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
-                timeout=aiohttp.ClientTimeout(total=30),
-            )
-        return self._session
-
     async def close(self) -> None:
-        """Close the session and remove temporary certificate files."""
-        if self._session is not None:
-            await self._session.close()
+        """Close the client's connections and remove temporary certificate files."""
+        await self.api.close()
         for name in self._tmp:
             try:
                 os.unlink(name)
@@ -133,52 +141,113 @@ class KubeClient:
                 pass
         self._tmp.clear()
 
-    async def request(self, method: str, url_path: str, *, body: Any = None, params: dict[str, str] | None = None,
-                      content_type: str = "application/json") -> dict[str, Any]:
-        """One API call; returns the decoded JSON object. Raises :class:`ApiError`."""
-        session = await self._get_session()
+    async def _call(self, pending: Awaitable[Any]) -> dict[str, Any]:
+        """Await a typed API call made with ``_preload_content=False``; the response's JSON object.
+
+        Raises :class:`ApiError` (status 0 for a connection failure or time-out).
+        """
         try:
-            async with session.request(method, self.server + url_path, json=body, params=params,
-                                       headers={"Content-Type": content_type} if body is not None else None) as rsp:
+            rsp = await pending
+            async with rsp:
                 text = await rsp.text()
                 if rsp.status >= 400:
-                    reason, message = rsp.reason or "", text[:500]
-                    try:
-                        data = await rsp.json(content_type=None)
-                        reason = data.get("reason") or reason
-                        message = data.get("message") or message
-                    except (ValueError, aiohttp.ContentTypeError):
-                        pass
-                    raise ApiError(rsp.status, str(reason), str(message))
-                return await rsp.json(content_type=None) if text else {}
+                    raise _status_error(rsp.status, rsp.reason or "", text)
+        except k8s.ApiException as exc:
+            body = exc.body.decode() if isinstance(exc.body, bytes) else str(exc.body or "")
+            raise _status_error(int(exc.status or 0), str(exc.reason or ""), body) from exc
         except aiohttp.ClientError as exc:
             raise ApiError(0, type(exc).__name__, str(exc)) from exc
         except TimeoutError as exc:
-            raise ApiError(0, "Timeout", f"{method} {url_path} timed out") from exc
+            raise ApiError(0, "Timeout", "the API call timed out") from exc
+        if not text:
+            return {}
+        data = json.loads(text)
+        return data if isinstance(data, dict) else {}
 
-    async def get(self, url_path: str) -> dict[str, Any]:
-        return await self.request("GET", url_path)
+    @staticmethod
+    def _opts() -> dict[str, Any]:
+        return {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
 
-    async def list(self, url_path: str, label_selector: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """List a collection; ``label_selector`` (equality terms) is sent to the server and
-        also applied here, so a server that ignores it gives the same answer."""
-        params = None
-        if label_selector:
-            params = {"labelSelector": ",".join(f"{k}={v}" for k, v in label_selector.items())}
-        data = await self.request("GET", url_path, params=params)
-        items = data.get("items") or []
-        if label_selector:
-            items = [i for i in items if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v
-                                             for k, v in label_selector.items())]
-        return items
+    async def _maybe(self, pending: Awaitable[Any]) -> dict[str, Any] | None:
+        """:meth:`_call`, with ``None`` for 404 Not Found."""
+        try:
+            return await self._call(pending)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
-    async def create(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", url_path, body=body)
+    # -------------------------------------------------------------- ModelConversions
+    async def get_conversion(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ``ModelConversion``, or ``None`` when it does not exist."""
+        return await self._maybe(self.custom.get_namespaced_custom_object(
+            jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL, name, **self._opts()))
 
-    async def merge_patch(self, url_path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("PATCH", url_path, body=body, content_type="application/merge-patch+json")
+    async def list_conversions(self, namespace: str | None) -> list[dict[str, Any]]:
+        """All ``ModelConversions`` of ``namespace`` (``None``: every namespace)."""
+        if namespace is None:
+            pending = self.custom.list_cluster_custom_object(jobs.GROUP, jobs.VERSION, jobs.PLURAL, **self._opts())
+        else:
+            pending = self.custom.list_namespaced_custom_object(jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL,
+                                                                **self._opts())
+        return list((await self._call(pending)).get("items") or [])
 
-    async def delete(self, url_path: str, propagation: str = "Background") -> dict[str, Any]:
-        return await self.request("DELETE", url_path,
-                                  body={"kind": "DeleteOptions", "apiVersion": "v1",
-                                        "propagationPolicy": propagation})
+    async def patch_conversion_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """JSON merge patch (RFC 7386) of the status subresource; ``patch`` is ``{"status": {...}}``.
+
+        Custom resources accept no strategic merge patch (Kubernetes API conventions), so the content type
+        is forced to ``application/merge-patch+json``.
+        """
+        # why the ignore below: the generated method takes _content_type through **kwargs (its docstring lists it);
+        # the typed signature names only the API's own parameters
+        await self._call(self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+            jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL, name, patch,
+            _content_type="application/merge-patch+json", **self._opts()))
+
+    # ----------------------------------------------------------------------- Jobs
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ``batch/v1`` Job, or ``None`` when it does not exist."""
+        return await self._maybe(self.batch.read_namespaced_job(name, namespace, **self._opts()))
+
+    async def list_jobs(self, namespace: str | None, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Jobs matching the equality ``labels`` in ``namespace`` (``None``: every namespace)."""
+        sel = selector(labels)
+        if namespace is None:
+            pending = self.batch.list_job_for_all_namespaces(label_selector=sel, **self._opts())
+        else:
+            pending = self.batch.list_namespaced_job(namespace, label_selector=sel, **self._opts())
+        return list((await self._call(pending)).get("items") or [])
+
+    async def create_job(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create the Job; :class:`ApiError` 409 when one of that name exists."""
+        # why the ignore below: bodies are plain dicts (the client serialises dicts as they are, see
+        # ApiClient.sanitize_for_serialization); the stub names only the model class
+        return await self._call(self.batch.create_namespaced_job(namespace, manifest,  # type: ignore[arg-type]
+                                                                 **self._opts()))
+
+    async def delete_job(self, namespace: str, name: str, propagation: str = "Background") -> bool:
+        """Delete the Job with ``propagationPolicy`` (``Background``: its pods go at once, without waiting for
+        the garbage collector's foreground pass); ``False`` when it was already gone."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        return await self._maybe(self.batch.delete_namespaced_job(
+            name, namespace, body=body, **self._opts())) is not None  # type: ignore[arg-type]  # dict body, as above
+
+    # ----------------------------------------------------------------------- pods
+    async def list_pods(self, namespace: str | None, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods matching the equality ``labels`` in ``namespace`` (``None``: every namespace)."""
+        sel = selector(labels)
+        if namespace is None:
+            pending = self.core.list_pod_for_all_namespaces(label_selector=sel, **self._opts())
+        else:
+            pending = self.core.list_namespaced_pod(namespace, label_selector=sel, **self._opts())
+        return list((await self._call(pending)).get("items") or [])
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod, or ``None`` when it does not exist."""
+        return await self._maybe(self.core.read_namespaced_pod(name, namespace, **self._opts()))
+
+    # --------------------------------------------------------------------- events
+    async def create_event(self, namespace: str, event: dict[str, Any]) -> dict[str, Any]:
+        """Create a ``core/v1`` Event."""
+        return await self._call(self.core.create_namespaced_event(
+            namespace, event, **self._opts()))  # type: ignore[arg-type]  # dict body, as create_job

@@ -8,8 +8,13 @@ number of ModelConversions.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+from . import termination
 
 #: Conversion durations: 30 s to 8 h.
 DURATION_BUCKETS = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800)
@@ -67,6 +72,17 @@ class Metrics:
         self.started = Gauge(
             "reparam_operator_start_time_seconds", "Unix time this operator process started.", registry=reg)
         self.started.set_to_current_time()
+        self.failures_total = Counter(
+            "reparam_conversion_failures_total",
+            "Failed conversions by status.lastFailure.reason (the bounded set of termination.FAILURE_REASONS, "
+            "else Other).", ["reason"], registry=reg)
+        self.retries_total = Counter(
+            "reparam_conversion_retries_total",
+            "Converter pods that failed or were disrupted while the Job retried them, by reason.",
+            ["reason"], registry=reg)
+        for reason in (*termination.FAILURE_REASONS, termination.OTHER):
+            self.failures_total.labels(reason=reason)
+            self.retries_total.labels(reason=reason)
         for outcome in OUTCOMES:
             self.conversions_total.labels(outcome=outcome)
         for decision in ("promoted", "held"):
@@ -75,7 +91,7 @@ class Metrics:
             for result in ("success", "failure"):
                 self.registry_ops.labels(operation=op, result=result)
 
-    def record_result(self, result: dict) -> None:
+    def record_result(self, result: dict[str, Any]) -> None:
         """Count a gated promotion and keep the last mAP of a succeeded conversion's ``status.result``."""
         decision = (result.get("promotion") or {}).get("decision")
         if decision in ("promoted", "held"):
@@ -84,12 +100,20 @@ class Metrics:
         if isinstance(m, (int, float)) and not isinstance(m, bool):
             self.last_map.labels(model=str(result.get("modelName") or "")).set(float(m))
 
+    def failure(self, reason: str | None) -> None:
+        """Count a failed conversion by its ``lastFailure.reason`` (bounded by :func:`.termination.metric_reason`)."""
+        self.failures_total.labels(reason=termination.metric_reason(reason)).inc()
+
+    def retry(self, reason: str | None) -> None:
+        """Count a pod the Job retries, by reason (bounded as :meth:`failure`)."""
+        self.retries_total.labels(reason=termination.metric_reason(reason)).inc()
+
     def set_slots(self, running: int, waiting: int) -> None:
         """Update the in-progress and queued gauges from the slot queue."""
         self.in_progress.set(running)
         self.queued.set(waiting)
 
-    def serve(self, host: str, port: int):  # pragma: no cover - trivial wrapper
+    def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:  # pragma: no cover - trivial wrapper
         """Start the ``/metrics`` HTTP server in a thread; returns ``(server, thread)``."""
         return start_http_server(port, addr=host, registry=self.registry)
 

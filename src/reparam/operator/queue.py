@@ -15,12 +15,13 @@ No I/O, no asyncio, no locks: the operator calls it from its event loop only.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-Key = Hashable
+#: A key: any hashable (the operator uses ``(namespace, name)``).
+Key = TypeVar("Key", bound=Hashable)
 
 
-class SlotQueue:
+class SlotQueue(Generic[Key]):
     """Slots held by running conversions plus an ordered waiting list."""
 
     def __init__(self, limit: int) -> None:

@@ -11,8 +11,15 @@ ends), so running one twice changes nothing:
 * :meth:`Reconciler.job_event` (a labelled Job changed): read the Job and its pods,
   move the resource's status on (:mod:`.status`), free the slot when it ended and
   start whoever was waiting;
-* :meth:`Reconciler.resource_gone` (resource deleted): free its slot or queue place;
-  the garbage collector removes its Job through the owner reference.
+* :meth:`Reconciler.pod_event` (a labelled pod changed): map what the kubelet and the
+  scheduler report (:func:`.termination.pod_problem`) to the status while the Job runs:
+  an image that cannot be pulled or a pod unschedulable past its time-out fails the
+  conversion and deletes the Job; a disruption or a failed attempt is noted as retried;
+* :meth:`Reconciler.resource_gone` (resource deleted): free its slot or queue place and
+  delete its Jobs with propagation ``Background`` (the GPU pod stops at once).
+
+A Job with a Kueue queue (``spec.job.queueName`` or the operator's default) is created
+suspended and takes no slot: Kueue's quota is the limit, and Kueue un-suspends it.
 
 Status writes for one resource are serialised by a per-resource lock and always
 computed from a fresh read, so a slow handler never overwrites a newer state.
@@ -24,14 +31,13 @@ import asyncio
 import datetime
 import fnmatch
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 import kopf
 
-from . import jobs, metrics as metrics_mod, status as st
-from .kube import ApiError, KubeClient, path
+from . import events as events_mod, jobs, metrics as metrics_mod, status as st, termination
+from .kube import ApiError, KubeClient
 from .queue import SlotQueue
 from .settings import Settings
 
@@ -61,14 +67,6 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-def _mc_path(namespace: str, name: str | None = None, sub: str | None = None) -> str:
-    return path(jobs.GROUP, jobs.VERSION, jobs.PLURAL, namespace, name, sub)
-
-
-def _job_path(namespace: str, name: str | None = None) -> str:
-    return path("batch", "v1", "jobs", namespace, name)
-
-
 class Reconciler:
     """Reconciles ModelConversions into Jobs; one per operator process."""
 
@@ -78,10 +76,12 @@ class Reconciler:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
-        self.queue = SlotQueue(settings.max_concurrent)
+        self.queue: SlotQueue[Key] = SlotQueue(settings.max_concurrent)
         self._locks: dict[Key, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: set[Key] = set()
+        self._limiter = events_mod.EventLimiter()
+        self._rechecks: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------- helpers
     def _lock(self, key: Key) -> asyncio.Lock:
@@ -104,12 +104,7 @@ class Reconciler:
         return (meta.get("creationTimestamp") or "", meta.get("namespace") or "", meta["name"])
 
     async def _get_mc(self, key: Key) -> dict[str, Any] | None:
-        try:
-            return await self.client.get(_mc_path(*key))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self.client.get_conversion(*key)
 
     async def update_status(self, key: Key, compute: Callable[[dict[str, Any]], dict[str, Any]]
                             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -124,32 +119,21 @@ class Reconciler:
             patch = merge_patch(old, new)
             if patch:
                 try:
-                    await self.client.merge_patch(_mc_path(*key, sub="status"), {"status": patch})
+                    await self.client.patch_conversion_status(*key, {"status": patch})
                 except ApiError as exc:
                     if exc.status != 404:
                         raise
             return old, new, body
 
     async def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about the resource (best effort: failures are logged)."""
+        """Post a core/v1 Event about the resource (rate-limited and redacted by :mod:`.events`; best effort:
+        failures are logged)."""
         meta = body["metadata"]
-        now = st.timestamp(self.clock())
-        ev = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name'][:200]}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": jobs.API_VERSION, "kind": jobs.KIND, "name": meta["name"],
-                "namespace": meta["namespace"], "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": type_, "reason": reason, "message": message[:1024],
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-            "source": {"component": jobs.MANAGER},
-            "reportingComponent": f"{jobs.GROUP}/operator", "reportingInstance": jobs.MANAGER,
-        }
+        now = self.clock()
+        if not self._limiter.allow(str(meta.get("uid") or meta["name"]), reason, message, now):
+            return
         try:
-            await self.client.create(path("", "v1", "events", meta["namespace"]), ev)
+            await self.client.create_event(meta["namespace"], events_mod.body(meta, type_, reason, message, now))
         except ApiError as exc:
             logger.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
@@ -167,26 +151,37 @@ class Reconciler:
         mcs: list[dict[str, Any]] = []
         job_list: list[dict[str, Any]] = []
         for ns in namespaces:
-            mcs += await self.client.list(
-                path(jobs.GROUP, jobs.VERSION, jobs.PLURAL, ns))
-            job_list += await self.client.list(path("batch", "v1", "jobs", ns),
-                                               {jobs.LABEL_MANAGED_BY: jobs.MANAGER})
+            mcs += await self.client.list_conversions(ns)
+            job_list += await self.client.list_jobs(ns, {jobs.LABEL_MANAGED_BY: jobs.MANAGER})
         by_uid = {m["metadata"].get("uid"): m for m in mcs if self._watched(m["metadata"].get("namespace", ""))}
         for job in job_list:
             uid = (job["metadata"].get("labels") or {}).get(jobs.LABEL_UID)
             mc = by_uid.get(uid)
             if mc is None or jobs.generation_of(job) != int(mc["metadata"].get("generation") or 1):
                 continue
+            if jobs.kueue_managed(job):
+                continue  # Kueue's quota, not a slot
             if st.read_job(job).state in ("pending", "running"):
                 self.queue.occupy((mc["metadata"]["namespace"], mc["metadata"]["name"]))
         for mc in by_uid.values():
             meta = mc["metadata"]
             key = (meta["namespace"], meta["name"])
             gen = int(meta.get("generation") or 1)
+            if self._queue_name(mc):
+                continue
             if not st.is_terminal(mc.get("status") or {}, gen) and not self.queue.holds(key):
                 self.queue.enqueue(key, self._order(mc))
         self._gauges()
         logger.info("seeded: %d conversions running, %d waiting", self.queue.running, self.queue.waiting)
+
+    def _job_spec(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``spec.job`` with the operator's defaults filled in."""
+        spec = jobs.with_defaults(body.get("spec") or {}, dict(self.settings.job_defaults))
+        return dict(spec.get("job") or {})
+
+    def _queue_name(self, body: dict[str, Any]) -> str:
+        """The Kueue queue of the resource (``spec.job.queueName`` or the operator's default), ``""`` for none."""
+        return jobs.queue_name(self._job_spec(body))
 
     # ----------------------------------------------------------------- reconcile
     async def reconcile(self, body: dict[str, Any]) -> None:
@@ -216,6 +211,7 @@ class Reconciler:
         if cur is not None and old.get("phase") != "Failed":
             await self.event(cur, "Warning", "InvalidSpec", message)
             self.metrics.conversions_total.labels(outcome="failed").inc()
+            self.metrics.failure("InvalidSpec")
 
     async def _reconcile(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -238,6 +234,13 @@ class Reconciler:
         if job is not None:
             await self._adopt(body, job)
             return
+        if self._queue_name(body):
+            # Kueue decides when it runs: no slot of ours (a spec change may have moved it onto a queue)
+            if self.queue.holds(key) or self.queue.position(key):
+                self._dispatch(self.queue.release(key))
+                self._gauges()
+            await self._create_job(body)
+            return
         admitted = self.queue.request(key, self._order(body))
         self._gauges()
         self._dispatch([k for k in admitted if k != key])
@@ -252,27 +255,18 @@ class Reconciler:
                              f"waiting for a free slot ({self.queue.running} of {self.queue.limit} running)")
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.client.get(_job_path(namespace, name))
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self.client.get_job(namespace, name)
 
     async def _delete_stale_jobs(self, body: dict[str, Any], gen: int) -> None:
         if gen <= 1:
             return  # generation 1 has no older Jobs (a re-created resource has another uid)
         meta = body["metadata"]
-        owned = await self.client.list(_job_path(meta["namespace"]), {jobs.LABEL_UID: meta["uid"]})
+        owned = await self.client.list_jobs(meta["namespace"], {jobs.LABEL_UID: meta["uid"]})
         for job in owned:
             jgen = jobs.generation_of(job)
             if jgen is None or jgen >= gen or st.read_job(job).state in ("complete", "failed"):
                 continue
-            try:
-                await self.client.delete(_job_path(meta["namespace"], job["metadata"]["name"]), "Background")
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+            if not await self.client.delete_job(meta["namespace"], job["metadata"]["name"], "Background"):
                 continue
             await self.event(body, "Normal", "JobReplaced",
                              f"deleted Job {job['metadata']['name']} of generation {jgen}: the spec changed")
@@ -281,8 +275,9 @@ class Reconciler:
         meta = body["metadata"]
         manifest = jobs.build_job(body, self.settings.image, dict(self.settings.job_defaults))
         name = manifest["metadata"]["name"]
+        job: dict[str, Any] | None
         try:
-            job = await self.client.create(_job_path(meta["namespace"]), manifest)
+            job = await self.client.create_job(meta["namespace"], manifest)
             created = True
         except ApiError as exc:
             if exc.status != 409:
@@ -298,7 +293,10 @@ class Reconciler:
         key = (meta["namespace"], meta["name"])
         gen = int(meta.get("generation") or 1)
         await self.update_status(key, lambda b: st.job_created(b.get("status") or {}, gen, name, self.clock()))
-        await self.event(body, "Normal", "JobCreated", f"created Job {name} for generation {gen}")
+        queue = (manifest["metadata"].get("labels") or {}).get(jobs.LABEL_KUEUE_QUEUE)
+        await self.event(body, "Normal", "JobCreated", f"created Job {name} for generation {gen}"
+                         + (f", suspended until Kueue admits it (queue {queue})" if queue else ""))
+        await self._observe(key, job)
 
     async def _adopt(self, body: dict[str, Any], job: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -309,7 +307,7 @@ class Reconciler:
             await self._mark_invalid(body, msg)
             raise kopf.PermanentError(msg)
         key = (meta["namespace"], meta["name"])
-        if st.read_job(job).state in ("pending", "running"):
+        if st.read_job(job).state in ("pending", "running") and not jobs.kueue_managed(job):
             self.queue.occupy(key)
             self._gauges()
         await self._observe(key, job)
@@ -372,8 +370,7 @@ class Reconciler:
         view = st.read_job(job)
         pods: list[dict[str, Any]] = []
         if view.state in ("complete", "failed"):
-            pods = await self.client.list(path("", "v1", "pods", key[0]),
-                                          {"batch.kubernetes.io/job-name": job["metadata"]["name"]})
+            pods = await self.client.list_pods(key[0], {"batch.kubernetes.io/job-name": job["metadata"]["name"]})
             job_uid = job["metadata"].get("uid")
             if job_uid:
                 pods = [p for p in pods if jobs.owned_by(p, job_uid)] or pods
@@ -392,7 +389,7 @@ class Reconciler:
         gen = int(body["metadata"].get("generation") or 1)
         if jobs.generation_of(job) != gen:
             return
-        if view.state in ("pending", "running") and not st.is_terminal(new, gen):
+        if view.state in ("pending", "running") and not st.is_terminal(new, gen) and not jobs.kueue_managed(job):
             if not self.queue.holds(key):
                 self.queue.occupy(key)
                 self._gauges()
@@ -411,6 +408,14 @@ class Reconciler:
         now = self.clock()
         created = st.parse_time(job["metadata"].get("creationTimestamp"))
         jname = job["metadata"]["name"]
+        was_waiting = (st.get_condition(old, "Succeeded") or {}).get("reason") == "WaitingForAdmission"
+        if after == "Queued" and (st.get_condition(new, "Succeeded") or {}).get("reason") == "WaitingForAdmission":
+            queue = (job["metadata"].get("labels") or {}).get(jobs.LABEL_KUEUE_QUEUE, "")
+            await self.event(body, "Normal", "WaitingForAdmission",
+                             f"Job {jname} waits for Kueue to admit it (queue {queue})")
+            return
+        if was_waiting and after != "Queued":
+            await self.event(body, "Normal", "Admitted", f"Kueue admitted Job {jname}")
         if after == "Running":
             if created is not None:
                 self.metrics.queue_seconds.observe(max(0.0, (now - created).total_seconds()))
@@ -422,6 +427,7 @@ class Reconciler:
             if created is not None:
                 self.metrics.duration.labels(outcome=outcome).observe(max(0.0, (end - created).total_seconds()))
             self._registry_metrics(body, new)
+            await self._stage_events(body, new)
             if outcome == "succeeded":
                 self.metrics.last_success.set(now.timestamp())
                 res = new.get("result") or {}
@@ -431,7 +437,16 @@ class Reconciler:
                 await self.event(body, "Normal", "Succeeded", msg)
             else:
                 fail = new.get("lastFailure") or {}
+                self.metrics.failure(fail.get("reason"))
                 await self.event(body, "Warning", fail.get("reason") or "Failed", fail.get("message") or "failed")
+
+    async def _stage_events(self, body: dict[str, Any], new: dict[str, Any]) -> None:
+        """One Normal Event per stage the ended conversion reached (Converted, Registered, Promoted)."""
+        gen = new.get("observedGeneration")
+        for type_ in ("Converted", "Registered", "Promoted"):
+            c = st.get_condition(new, type_) or {}
+            if c.get("status") == "True" and c.get("observedGeneration") == gen:
+                await self.event(body, "Normal", type_, c.get("message") or type_)
 
     def _registry_metrics(self, body: dict[str, Any], new: dict[str, Any]) -> None:
         if not (body.get("spec") or {}).get("registry"):
@@ -451,13 +466,99 @@ class Reconciler:
 
     # ------------------------------------------------------------------ deletion
     async def resource_gone(self, body: dict[str, Any]) -> None:
-        """The resource was deleted: free its slot or queue place."""
+        """The resource was deleted: free its slot or queue place, and delete its Jobs with propagation
+        ``Background`` so their pods stop now rather than when the garbage collector gets to them."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         released = self.queue.release(key)
         self._locks.pop(key, None)
+        self._limiter.forget(str(meta.get("uid") or meta["name"]))
         self._gauges()
         self._dispatch(released)
+        if meta.get("uid"):
+            for job in await self.client.list_jobs(meta["namespace"], {jobs.LABEL_UID: meta["uid"]}):
+                if st.read_job(job).state not in ("complete", "failed"):
+                    await self.client.delete_job(meta["namespace"], job["metadata"]["name"], "Background")
+
+    # ------------------------------------------------------------------ pod events
+    async def pod_event(self, event_type: str, pod: dict[str, Any]) -> None:
+        """A labelled converter pod changed: act on what :func:`.termination.pod_problem` finds.
+
+        Pods are read through their Job (owner reference) and the Job's owner. Raises :class:`ApiError` for
+        API errors (kopf logs them; the next pod event or the re-check retries).
+        """
+        if event_type == "DELETED":
+            return
+        pmeta = pod.get("metadata") or {}
+        ns = pmeta.get("namespace") or ""
+        owner = next((r for r in pmeta.get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+        if owner is None or not self._watched(ns):
+            return
+        # a first look with no time-out: most pods have nothing to report and cost no API call
+        if termination.pod_problem(pod, jobs.CONTAINER, self.clock(), 1e9) is None:
+            return
+        job = await self._read_job(ns, owner["name"])
+        if job is None or job["metadata"].get("uid") != owner.get("uid"):
+            return
+        if st.read_job(job).state in ("complete", "failed"):
+            return  # the Job's own end decides (its event follows)
+        mc_ref = next((r for r in job["metadata"].get("ownerReferences") or []
+                       if r.get("kind") == jobs.KIND and r.get("controller")), None)
+        if mc_ref is None:
+            return
+        key: Key = (ns, mc_ref["name"])
+        body = await self._get_mc(key)
+        if body is None or body["metadata"].get("uid") != mc_ref.get("uid"):
+            return
+        gen = int(body["metadata"].get("generation") or 1)
+        if jobs.generation_of(job) != gen or st.is_terminal(body.get("status") or {}, gen):
+            return
+        timeout = jobs.schedule_timeout(self._job_spec(body), self.settings.schedule_timeout)
+        problem = termination.pod_problem(pod, jobs.CONTAINER, self.clock(), timeout)
+        if problem is None:
+            return
+        jname = job["metadata"]["name"]
+        old, new, cur = await self.update_status(
+            key, lambda b: st.pod_problem(b.get("status") or {}, gen, jname, problem, self.clock()))
+        if cur is None:
+            return
+        if problem.action == "wait" and problem.due is not None:
+            self._recheck(ns, pmeta.get("name", ""), pmeta.get("uid", ""), problem.due)
+        if old == new:
+            return
+        if problem.action == "fail":
+            await self.client.delete_job(ns, jname, "Background")
+            await self._transitions(cur, job, old, new)
+            self._dispatch(self.queue.release(key))
+            self._gauges()
+        elif problem.action == "retried":
+            self.metrics.retry(problem.reason)
+            await self.event(cur, "Warning", "Retried", f"{problem.reason}: {problem.message}")
+        else:  # waiting: the final reason comes with the failure, if the time-out passes
+            await self.event(cur, "Warning", "WaitingForNode", problem.message)
+
+    def _recheck(self, namespace: str, pod_name: str, pod_uid: str, due: datetime.datetime) -> None:
+        """Look at the pod again at ``due`` (a pod unschedulable the whole time sends no event)."""
+        if not pod_uid or pod_uid in self._rechecks:
+            return
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(max(0.0, (due - self.clock()).total_seconds()) + 0.05)
+                self._rechecks.pop(pod_uid, None)
+                pod = await self.client.get_pod(namespace, pod_name)
+                if pod is not None and (pod.get("metadata") or {}).get("uid") == pod_uid:
+                    await self.pod_event("MODIFIED", pod)
+            except ApiError as exc:
+                logger.warning("re-checking pod %s/%s failed: %s", namespace, pod_name, exc)
+            finally:
+                if self._rechecks.get(pod_uid) is asyncio.current_task():
+                    del self._rechecks[pod_uid]
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._rechecks[pod_uid] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---------------------------------------------------------------- dispatcher
     def _dispatch(self, keys: list[Key]) -> None:

@@ -18,6 +18,7 @@ REPARAM_RETRY_DELAY            ``--retry-delay``        seconds before a transie
 REPARAM_SCANNING               ``--no-scanning``        "false": no CRD/namespace scanning
 REPARAM_PEERING                ``--peering NAME``       kopf peering (default: standalone)
 REPARAM_JOB_DEFAULTS           ``--job-defaults JSON``  defaults for spec.job / spec.registry.trackingUri
+REPARAM_SCHEDULE_TIMEOUT       ``--schedule-timeout``   seconds a pod may stay unschedulable (default 900)
 =============================  ======================  ==========================================
 """
 
@@ -27,8 +28,10 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import InvalidInputError, brief, count_of
+from .jobs import DEFAULT_SCHEDULE_TIMEOUT
 
 #: Image the Jobs run when neither the resource nor the operator names one.
 DEFAULT_IMAGE = "ghcr.io/reparam/reparam:0.1.0"
@@ -53,7 +56,10 @@ class Settings:
     scanning: bool = True
     peering: str | None = None
     verbose: bool = False
-    job_defaults: Mapping = dataclasses.field(default_factory=dict)
+    job_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Seconds a converter pod may stay unschedulable before the conversion fails (``spec.job.scheduleTimeoutSeconds``
+    #: overrides it per resource); the default queue of Kueue is ``job_defaults["job"]["queueName"]``.
+    schedule_timeout: float = float(DEFAULT_SCHEDULE_TIMEOUT)
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -63,6 +69,8 @@ class Settings:
         for port in (self.metrics_port, self.liveness_port):
             if not 0 <= port <= 65535:
                 raise InvalidInputError(f"port must be within 0..65535, got {port}")
+        if self.schedule_timeout <= 0:
+            raise InvalidInputError(f"schedule timeout must be positive seconds, got {self.schedule_timeout}")
         if self.retry_delay <= 0:
             raise InvalidInputError(f"retry delay must be positive seconds, got {self.retry_delay}")
 
@@ -90,7 +98,7 @@ def _float(text: str, name: str) -> float:
         raise InvalidInputError(f"{name} must be a number of seconds, got {brief(text)}") from None
 
 
-def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict:
+def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict[str, Any]:
     """Parse the Job defaults JSON (``{"job": {...}, "registry": {"trackingUri": ...}}``).
 
     Raises InvalidInputError for bad JSON, a non-object, or keys the operator does not default.
@@ -141,9 +149,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         kw["scanning"] = _bool(env["REPARAM_SCANNING"], "REPARAM_SCANNING")
     if env.get("REPARAM_PEERING"):
         kw["peering"] = env["REPARAM_PEERING"]
+    if env.get("REPARAM_SCHEDULE_TIMEOUT"):
+        kw["schedule_timeout"] = _float(env["REPARAM_SCHEDULE_TIMEOUT"], "REPARAM_SCHEDULE_TIMEOUT")
     if env.get("REPARAM_JOB_DEFAULTS"):
         kw["job_defaults"] = parse_job_defaults(env["REPARAM_JOB_DEFAULTS"])
-    return Settings(**kw)  # type: ignore[arg-type]
+    return Settings(**kw)  # type: ignore[arg-type]  # kw holds each field's own type (parsed above); mypy sees object
 
 
 def parser() -> argparse.ArgumentParser:
@@ -165,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--job-defaults", metavar="JSON",
                    help='defaults for empty spec.job fields and spec.registry.trackingUri, e.g. '
                         '\'{"job": {"nodeSelector": {"gpu": "h100"}}}\'')
+    p.add_argument("--schedule-timeout", type=float,
+                   help="seconds a converter pod may stay unschedulable before the conversion fails (default 900)")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p
 

@@ -9,19 +9,24 @@ lastTransitionTime, observedGeneration; ``lastTransitionTime`` changes only when
 Phases::
 
     Queued ──slot──▶ Pending ──pod running──▶ Running ──Job Complete──▶ Succeeded
-       (no Job yet)   (Job created)                    └─Job Failed────▶ Failed
+       (no Job yet)   (Job created)      │             └─Job Failed────▶ Failed
+    Queued/WaitingForAdmission           └─pod problem (image, unschedulable)─▶ Failed
+       (Kueue: Job created suspended, until Kueue admits it)
 
 A terminal phase comes only from the Job's ``Complete``/``Failed`` conditions
 (plus the converter's summary from the pod's termination message), never from
 "a pod exists". A new ``metadata.generation`` starts over; an older generation's
-observations are ignored.
+observations are ignored. The ``result`` of an older generation (with its
+``generation``) and its ``Registered``/``Promoted`` conditions stay until the new
+generation ends: the registry keeps serving that version during the run, as a
+Deployment's status keeps reporting the old ReplicaSet during a rollout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any
+from typing import Any, cast
 
 from .. import exitcodes
 from .. import summary as summary_mod
@@ -52,7 +57,7 @@ def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     """The condition of ``type_`` (selected by type, never by list position)."""
     for cond in status.get("conditions") or []:
         if cond.get("type") == type_:
-            return cond
+            return cast(dict[str, Any], cond)
     return None
 
 
@@ -90,13 +95,20 @@ def is_terminal(status: dict[str, Any], generation: int) -> bool:
     return status.get("phase") in TERMINAL and status.get("observedGeneration") == generation
 
 
+#: Conditions of an older generation kept while a new one runs: they describe what the registry serves now.
+KEPT_CONDITIONS = ("Registered", "Promoted")
+
+
 def _start(status: dict[str, Any], generation: int) -> dict[str, Any]:
-    """A copy of ``status``; a new generation drops the older generation's outcome."""
+    """A copy of ``status``; a new generation drops the older generation's job and failure, and keeps its
+    ``result`` (tagged with its ``generation``) and :data:`KEPT_CONDITIONS` until it ends (see module doc)."""
     new = {k: v for k, v in status.items()}
     if new.get("observedGeneration") != generation:
-        for key in ("result", "job", "lastFailure"):
+        for key in ("job", "lastFailure"):
             new.pop(key, None)
-        new["conditions"] = []
+        if new.get("result") and "generation" not in new["result"] and new.get("observedGeneration"):
+            new["result"] = {**new["result"], "generation": int(new["observedGeneration"])}
+        new["conditions"] = [c for c in new.get("conditions") or [] if c.get("type") in KEPT_CONDITIONS]
     new["observedGeneration"] = int(generation)
     return new
 
@@ -137,8 +149,8 @@ def job_created(status: dict[str, Any], generation: int, job_name: str, now: dat
 
 
 def invalid(status: dict[str, Any], generation: int, message: str, now: datetime.datetime) -> dict[str, Any]:
-    """The spec of ``generation`` cannot be converted: Failed at once, no Job."""
-    new = _start(status, generation)
+    """The spec of ``generation`` cannot be converted: Failed at once, no Job (an older result is dropped)."""
+    new = _end(_start(status, generation), generation)
     new["phase"] = "Failed"
     new["lastFailure"] = {"reason": "InvalidSpec", "message": message[:4000], "time": timestamp(now)}
     conds = set_condition(new.get("conditions"), "JobCreated", "False", "InvalidSpec", message, now, generation)
@@ -150,9 +162,10 @@ def invalid(status: dict[str, Any], generation: int, message: str, now: datetime
 class JobView:
     """What the operator needs from a Job's status (batch/v1 JobStatus).
 
-    ``state``: "pending" | "running" | "complete" | "failed". Only the ``Complete``
-    and ``Failed`` conditions with status "True" are terminal (``SuccessCriteriaMet``
-    and ``FailureTarget`` precede them and are not).
+    ``state``: "suspended" | "pending" | "running" | "complete" | "failed". Only the
+    ``Complete`` and ``Failed`` conditions with status "True" are terminal
+    (``SuccessCriteriaMet`` and ``FailureTarget`` precede them and are not);
+    "suspended" is a Job with ``spec.suspend`` (Kueue has not admitted it yet).
     """
 
     state: str
@@ -167,17 +180,22 @@ def read_job(job: dict[str, Any]) -> JobView:
     """Summarise a Job's ``status`` into a :class:`JobView`."""
     st = job.get("status") or {}
     attempts = int(st.get("failed") or 0) + int(st.get("succeeded") or 0) + int(st.get("active") or 0)
-    kw = {"attempts": attempts, "start_time": st.get("startTime"), "completion_time": st.get("completionTime")}
+    start, end = st.get("startTime"), st.get("completionTime")
+
+    def view(state: str, reason: str = "", message: str = "") -> JobView:
+        return JobView(state, reason, message, attempts, start, end)
     for cond in st.get("conditions") or []:
         if cond.get("status") != "True":
             continue
         if cond.get("type") == "Complete":
-            return JobView("complete", cond.get("reason") or "Completed", cond.get("message") or "", **kw)
+            return view("complete", cond.get("reason") or "Completed", cond.get("message") or "")
         if cond.get("type") == "Failed":
-            return JobView("failed", cond.get("reason") or "Failed", cond.get("message") or "", **kw)
+            return view("failed", cond.get("reason") or "Failed", cond.get("message") or "")
     if int(st.get("ready") or 0) > 0 or (int(st.get("active") or 0) > 0 and st.get("ready") is None):
-        return JobView("running", **kw)
-    return JobView("pending", **kw)
+        return view("running")
+    if (job.get("spec") or {}).get("suspend") is True:
+        return view("suspended")
+    return view("pending")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +273,13 @@ def observe(status: dict[str, Any], body_spec: dict[str, Any], generation: int, 
     if view.completion_time:
         jinfo["completionTime"] = view.completion_time
     new["job"] = jinfo
+    if view.state == "suspended":
+        queue = ((job.get("metadata") or {}).get("labels") or {}).get(jobs.LABEL_KUEUE_QUEUE, "")
+        new["phase"] = "Queued"
+        new["conditions"] = set_condition(new["conditions"], "Succeeded", "Unknown", "WaitingForAdmission",
+                                          f"Job {name} waits for Kueue to admit it (queue {queue})", now,
+                                          generation)
+        return new
     if view.state == "pending" and not pod.running:
         return new
     if view.state in ("pending", "running"):
@@ -264,20 +289,32 @@ def observe(status: dict[str, Any], body_spec: dict[str, Any], generation: int, 
         return new
     if view.state == "complete":
         return _succeeded(new, body_spec, generation, view, pod, now)
-    return _failed(new, body_spec, generation, view, pod, now)
+    return _failed(new, body_spec, generation, view, pod, now, job)
 
 
-def _result(summ: dict[str, Any]) -> dict[str, Any]:
-    """``status.result`` from a summary; ``version`` as a string (MLflow's API type)."""
+def _result(summ: dict[str, Any], generation: int) -> dict[str, Any]:
+    """``status.result`` from a summary; ``version`` as a string (MLflow's API type), ``generation`` the
+    resource generation that produced it."""
     result = summary_mod.result_fields(summ)
     if "version" in result:
         result["version"] = str(result["version"])
+    if result:
+        result["generation"] = int(generation)
     return result
+
+
+def _end(new: dict[str, Any], generation: int) -> dict[str, Any]:
+    """``new`` at the end of ``generation``: an older generation's result and conditions are no longer in force."""
+    if (new.get("result") or {}).get("generation") not in (None, generation):
+        new.pop("result", None)
+    new["conditions"] = [c for c in new.get("conditions") or [] if c.get("observedGeneration") == generation]
+    return new
 
 
 def _succeeded(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, pod: PodResult,
                now: datetime.datetime) -> dict[str, Any]:
     summ = pod.summary or {}
+    new = _end(new, gen)
     conds = new["conditions"]
     new["phase"] = "Succeeded"
     if not summ:
@@ -286,7 +323,7 @@ def _succeeded(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobVie
             conds = set_condition(conds, t, "Unknown", "SummaryMissing", msg, now, gen)
         new["conditions"] = set_condition(conds, "Succeeded", "True", "Completed", msg, now, gen)
         return new
-    result = _result(summ)
+    result = _result(summ, gen)
     new["result"] = result
     conds = set_condition(conds, "Converted", "True", "Converted", _params_message(result), now, gen)
     diff = result.get("maxAbsDiff")
@@ -334,16 +371,26 @@ def _registry_conditions(conds: list[dict[str, Any]], spec: dict[str, Any], resu
 
 
 def _failed(new: dict[str, Any], spec: dict[str, Any], gen: int, view: JobView, pod: PodResult,
-            now: datetime.datetime) -> dict[str, Any]:
+            now: datetime.datetime, job: dict[str, Any]) -> dict[str, Any]:
+    """Rules, first match wins: the converter's own summary; a Job deadline (its kill is a consequence);
+    a kill explained by :func:`.termination.explain` (OOM first); the exit code's reason; the Job's reason
+    explained by :func:`.termination.job_failure`; the Job's reason as is."""
     summ = pod.summary or {}
+    new = _end(new, gen)
     code = summ.get("exitCode", pod.exit_code)
-    killed = None if summ else termination.explain(pod.exit_code, pod.reason, pod.memory_limit)
-    reason = (summ.get("reason") or (killed.reason if killed else None) or exitcodes.REASONS.get(code)
-              or pod.reason or view.reason or "Failed")
-    message = summ.get("message") or (killed.message if killed else None) or view.message or (
+    by_job = termination.job_failure(view.reason, view.message, job.get("spec") or {},
+                                     int((job.get("status") or {}).get("failed") or 0))
+    deadline = by_job if by_job is not None and by_job.reason == "DeadlineExceeded" else None
+    backoff = by_job if by_job is not None and deadline is None else None
+    killed = None if summ else (deadline or termination.explain(pod.exit_code, pod.reason, pod.memory_limit))
+    reason = (summ.get("reason") or (killed.reason if killed else None)
+              or (exitcodes.REASONS.get(int(code)) if code is not None else None)
+              or (backoff.reason if backoff else None) or pod.reason or view.reason or "Failed")
+    message = summ.get("message") or (killed.message if killed else None) or (
+        backoff.message if backoff and reason == backoff.reason else None) or view.message or (
         f"container exited with code {code}" if code is not None else f"Job failed: {view.reason}")
     new["phase"] = "Failed"
-    result = _result(summ) if summ else {}
+    result = _result(summ, gen) if summ else {}
     if result:
         new["result"] = result
     failure: dict[str, Any] = {"reason": reason, "message": message[:4000], "time": timestamp(now)}
@@ -381,3 +428,44 @@ def outcome(status: dict[str, Any]) -> str | None:
             return "validation_failed"
         return "failed"
     return None
+
+
+def pod_problem(status: dict[str, Any], generation: int, job_name: str, problem: termination.PodProblem,
+                now: datetime.datetime) -> dict[str, Any]:
+    """The status after the operator saw ``problem`` on a pod of the Job of ``generation``.
+
+    ``fail``: phase Failed with ``lastFailure`` and the conditions of a conversion that did not finish (the
+    caller deletes the Job). ``retried``: ``lastFailure`` with ``retried: true``, the phase unchanged, the
+    ``Succeeded`` condition saying the Job retries and why. ``wait``: the ``Succeeded`` condition says what the
+    scheduler said. Terminal statuses and other generations are returned as they are.
+    """
+    if is_terminal(status, generation) or (status.get("observedGeneration") not in (None, generation)):
+        return status
+    if (status.get("job") or {}).get("name") not in (None, job_name):
+        return status  # a pod of another Job (a replaced one)
+    new = job_created(status, generation, job_name, now)
+    failure: dict[str, Any] = {"reason": problem.reason, "message": problem.message[:4000], "time": timestamp(now)}
+    if problem.exit_code is not None:
+        failure["exitCode"] = problem.exit_code
+    if problem.action == "fail":
+        new = _end(new, generation)
+        new["phase"] = "Failed"
+        new["lastFailure"] = failure
+        conds = set_condition(new["conditions"], "Converted", "False", problem.reason, problem.message, now,
+                              generation)
+        for t in ("Validated", "Registered", "Promoted"):
+            conds = set_condition(conds, t, "False", "NotAttempted", "conversion did not start", now, generation)
+        new["conditions"] = set_condition(conds, "Succeeded", "False", problem.reason, problem.message, now,
+                                          generation)
+        return new
+    if problem.action == "retried":
+        old = new.get("lastFailure") or {}
+        if old.get("reason") == problem.reason and old.get("message") == problem.message[:4000]:
+            return new  # seen already: keep its time
+        new["lastFailure"] = {**failure, "retried": True}
+        new["conditions"] = set_condition(new["conditions"], "Succeeded", "Unknown", "Retrying",
+                                          f"{problem.message}", now, generation)
+        return new
+    new["conditions"] = set_condition(new["conditions"], "Succeeded", "Unknown", problem.reason, problem.message,
+                                      now, generation)
+    return new
