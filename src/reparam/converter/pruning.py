@@ -147,17 +147,14 @@ def head_rule(head_name: str, branch: str | None = None) -> tuple[HeadRule, Bran
             ``DualDDetect`` checkpoint).
     """
     rule = MULTI_HEADS.get(head_name)
-    if rule is None:
-        if branch is not None:
-            raise InvalidInputError(f"--head {branch} selects a branch of a TripleDDetect head (yolov9-cf); this "
-                                    f"checkpoint's head is {head_name}: leave --head out")
-        return None
     if branch is None:
-        return rule, rule.branches[rule.default]
+        return None if rule is None else (rule, rule.branches[rule.default])
+    if rule is None or (len(rule.branches) == 1 and branch not in rule.branches):
+        raise InvalidInputError(f"--head {branch} selects a branch of a TripleDDetect head (yolov9-cf); this "
+                                f"checkpoint's head is {head_name}: leave --head out")
     if branch not in rule.branches:
         raise InvalidInputError(
-            f"--head {branch} does not name a branch of the {head_name} head: it has "
-            f"{', '.join(rule.branches)}" + ("; leave --head out" if len(rule.branches) == 1 else ""))
+            f"--head {branch} does not name a branch of the {head_name} head: it has {', '.join(sorted(rule.branches))}")
     return rule, rule.branches[branch]
 
 
