@@ -318,3 +318,50 @@ def test_cli_inspect_names_the_published_config_difference(tmp_path: Path) -> No
     line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("config"))
     assert "differs from the published gelan-c-dseg: deploy layer 22 (dual layer 41) RepNCSPELAN4" in line
     assert "no place for 36 of its tensors" in line
+
+
+# --- the official deploy format ---------------------------------------------------------------------------------
+
+def test_dual_segmentation_checkpoint_converts_to_the_official_format(tmp_path: Path) -> None:
+    """A pickled dual segmentation checkpoint (official class names, as train_dual.py's stripped best.pt) converts
+    to ``{'model': SegmentationModel with a DSegment head, ...}`` under the official names, with the head's
+    ``detect`` pickled as ``getattr(models.yolo.DDetect, 'forward')`` as in the official segmentation checkpoints;
+    the safetensors load back to an equal model."""
+    from reparam.converter.artifacts import load_safetensors
+    from reparam.converter.convert import ConvertOptions, convert
+    from reparam.converter.official_format import save_official
+    from reparam.converter.safe_load import MethodRef, load_pickle
+    from reparam.models import SegmentationModel
+
+    cfg = quarter(published_config("yolov9-c-dseg", nc=NC))
+    dual = build(cfg)
+    assert type(dual) is SegmentationModel
+    dual.names = dict(NAMES)
+    source = tmp_path / "yolov9-c-dseg-quarter.pt"
+    save_official(dual.half(), source)
+    dual_globals = load_pickle(source).globals
+    assert {"models.yolo.SegmentationModel", "models.yolo.DualDSegment", "models.yolo.DualDDetect",
+            "__builtin__.getattr"} <= set(dual_globals)
+
+    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=128))
+    assert report["status"] == "succeeded" and report["head"]["deploy"] == "DSegment"
+    assert report["validation"]["max_abs_diff"] <= 1e-5
+    assert set(report["validation"]["comparisons"][0]["parts"]) == {"boxes", "scores", "mask_coefficients",
+                                                                   "prototypes"}
+    converted = load_pickle(tmp_path / "out" / "yolov9-c-dseg-quarter-converted.pt")
+    assert {g for g in converted.globals if g.startswith("models.yolo.") or "getattr" in g} == {
+        "models.yolo.SegmentationModel", "models.yolo.DSegment", "models.yolo.DDetect", "__builtin__.getattr"}
+    model = converted.obj["model"]
+    assert model.cls == "models.yolo.SegmentationModel" and converted.obj["epoch"] == -1
+    head = model.state["_modules"]["model"].state["_modules"]["25"]
+    assert head.cls == "models.yolo.DSegment"
+    assert head.state["detect"] == MethodRef("models.yolo.DDetect", "forward")
+    assert (head.state["nc"], head.state["nm"], head.state["nl"]) == (NC, 32, 3)
+
+    loaded = load_safetensors(tmp_path / "out" / "yolov9-c-dseg-quarter-converted.safetensors")
+    assert type(loaded) is SegmentationModel and type(loaded.model[-1]) is DSegment
+    with torch.no_grad():
+        ref = unpack_output(main_branch_forward(dual.float(), X))
+        got = unpack_output(loaded(X))
+    assert (got.y - ref.y).abs().max().item() <= 1e-5
+    assert (got.prototypes - ref.prototypes).abs().max().item() <= 1e-5

@@ -343,6 +343,10 @@ class DSegment(DDetect):
     Output: training: ``(maps, mc, p)``; eval: ``(cat(y, mc) [B, 4+nc+nm, A], (maps, mc, p))``
     with ``mc [B, nm, A]`` and ``p [B, nm, H, W]`` (the prototype input's size);
     export: ``(cat(y, mc), p)``.
+
+    ``detect`` is ``DDetect.forward``, as the official head stores it (and calls it; ours does not): a pickled
+    deploy model then carries it as ``getattr(models.yolo.DDetect, 'forward')``, which the official ``forward``
+    needs.
     """
 
     def __init__(self, nc: int = 80, nm: int = 32, npr: int = 256, ch: Sequence[int] = (),
@@ -352,6 +356,7 @@ class DSegment(DDetect):
         self.nm = nm
         self.npr = npr
         self.proto = Conv(ch[-1], nm, 1)
+        self.detect = DDetect.forward
         c4 = max(ch[0] // 4, nm)
         self.cv4 = nn.ModuleList(_mask_branch(x, c4, nm) for x in ch[:-1])
 
@@ -379,7 +384,8 @@ class DualDSegment(DualDDetect):
         inplace: kept for compatibility (unused).
 
     Output: training: ``(d, mc, p)`` with two entries each; eval: branch 1 only,
-    ``(cat(y_1, mc_1) [B, 4+nc+nm, A], (maps_1, mc_1, p_1))``.
+    ``(cat(y_1, mc_1) [B, 4+nc+nm, A], (maps_1, mc_1, p_1))``. ``detect`` is ``DualDDetect.forward``, as in the
+    official head.
     """
 
     def __init__(self, nc: int = 80, nm: int = 32, npr: int = 256, ch: Sequence[int] = (),
@@ -391,6 +397,7 @@ class DualDSegment(DualDDetect):
         self.npr = npr
         self.proto = Conv(ch[-2], nm, 1)
         self.proto2 = Conv(ch[-1], nm, 1)
+        self.detect = DualDDetect.forward
         c6 = max(ch[0] // 4, nm)
         c7 = max(ch[nl] // 4, nm)
         self.cv6 = nn.ModuleList(_mask_branch(x, c6, nm) for x in ch[:nl])
