@@ -365,3 +365,51 @@ def test_dual_segmentation_checkpoint_converts_to_the_official_format(tmp_path: 
         got = unpack_output(loaded(X))
     assert (got.y - ref.y).abs().max().item() <= 1e-5
     assert (got.prototypes - ref.prototypes).abs().max().item() <= 1e-5
+
+
+def test_segmentation_onnx_has_output0_and_the_prototypes_output1(tmp_path: Path) -> None:
+    """ONNX of a segmentation model: output0 (boxes, scores, mask coefficients) and output1 (prototypes), names and
+    shapes declared, metadata task=segment; run through onnxruntime here, both outputs match the torch deploy model;
+    the TorchScript returns the same pair. --nms is refused before any work (exit 2, nothing written)."""
+    import onnx
+
+    from reparam.converter.artifacts import load_safetensors
+    from reparam.converter.convert import ConvertOptions, convert
+    from reparam.converter.export.onnx_graph import run_onnx
+    from reparam.converter.official_format import save_official
+
+    cfg = quarter(published_config("yolov9-c-dseg", nc=NC))
+    dual = build(cfg)
+    dual.names = dict(NAMES)
+    source = tmp_path / "seg.pt"
+    save_official(dual.half(), source)
+    out = tmp_path / "out"
+    report = convert(source, out, ConvertOptions(imgsz=128, formats=("safetensors", "onnx", "torchscript"),
+                                                 onnx={"dynamic": True}))
+    arts = {a["format"]: a for a in report["artifacts"]}
+    assert arts["onnx"]["outputs"] == [{"name": "output0", "shape": ["batch", 4 + NC + 32, "anchors"]},
+                                       {"name": "output1", "shape": ["batch", 32, "proto_height", "proto_width"]}]
+    for kind in ("onnx", "torchscript"):
+        check = arts[kind]["check"]
+        assert check["passed"] and all(len(r["output_max_abs_diff"]) == 2 for r in check["runs"])
+    proto = onnx.load(str(out / "seg-converted.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["task"] == "segment" and meta["nm"] == "32" and "output1 [batch, nm" in meta["output"]
+
+    deploy = load_safetensors(out / "seg-converted.safetensors")
+    x = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = unpack_output(deploy(x))
+    y, protos = run_onnx(out / "seg-converted.onnx", x)
+    assert y.shape == ref.y.shape == (2, 4 + NC + 32, 12 * 20 + 6 * 10 + 3 * 5)
+    assert protos.shape == ref.prototypes.shape == (2, 32, 24, 40)
+    assert (y - ref.y).abs().max().item() <= 1e-3 and (protos - ref.prototypes).abs().max().item() <= 1e-4
+    ts = torch.jit.load(str(out / "seg-converted.torchscript"))
+    with torch.no_grad():
+        ts_y, ts_p = ts(x)
+    assert (ts_y - ref.y).abs().max().item() <= 1e-3 and (ts_p - ref.prototypes).abs().max().item() <= 1e-4
+
+    refused = tmp_path / "refused"
+    with pytest.raises(InvalidInputError, match="--nms is not supported for segmentation models") as info:
+        convert(source, refused, ConvertOptions(imgsz=128, formats=("onnx",), onnx={"nms": True}))
+    assert info.value.exit_code == exitcodes.INVALID_INPUT and not refused.exists()

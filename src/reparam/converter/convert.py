@@ -286,6 +286,10 @@ def convert(
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
                    fits=ckpt.fits, phase=phase, stride=ckpt.stride, branch=options.head)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if {"onnx", "torchscript"} & set(options.formats):  # an export this model cannot have is refused before any work
+        from .export.modules import check_export_target
+
+        check_export_target(deploy, tuple(options.formats), bool(options.onnx.get("nms")))
     if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
         ckpt.stride = [float(s) for s in dual.stride.tolist()]
 

@@ -20,7 +20,23 @@ the first ``nl`` feed the auxiliary half (``cv2``/``cv3``/``dfl``), the last ``n
 5. the head becomes ``DDetect`` over the main inputs, with the same args; its ``cv2``/``cv3``/``dfl`` weights
    come from the dual head's ``cv4``/``cv5``/``dfl2``.
 
-A graph whose last layer is already ``DDetect`` (a gelan checkpoint from ``train.py``) passes through unchanged.
+The same rule covers the other multi-branch heads (:data:`MULTI_HEADS`), which differ only in which ``from``
+entries are "main":
+
+* ``DualDSegment`` (yolov9-c-dseg): ``[aux P3-P5, main P3-P5, aux proto input, main proto input]``; the deploy head
+  is ``DSegment`` over the main P3-P5 and the main proto input (``cv7`` -> ``cv4``, ``proto2`` -> ``proto``). The
+  kept prototype path is the one the dual model trained, so the derived config keeps its depth: the published
+  ``gelan-c-dseg.yaml`` has RepNCSP depth 1 at that layer (deploy 22, dual 41) where ``yolov9-c-dseg.yaml`` trains
+  depth 2; :func:`compare_with_published` reports such differences.
+* ``TripleDDetect`` (yolov9-cf): ``[aux, coarse, fine]`` groups of P3-P5; ``branch`` (``--head``) picks ``fine``
+  (default) or ``coarse``, which becomes the deploy ``DDetect``; the other two and the layers only they need are
+  dropped. The default is the branch the official ``detect.py`` (WongKinYiu/yolov9 at 5b1ea9a) uses: line 98
+  ``pred = model(im, ...)``, line 102 ``non_max_suppression(pred, ...)``, which takes ``prediction[0]``
+  (``utils/general.py`` lines 902-903) of the ``(y, d)`` that ``TripleDDetect``'s eval forward returns, and that
+  ``y`` is the third (fine) branch's.
+
+A graph whose last layer is already ``DDetect`` or ``DSegment`` (a gelan checkpoint from ``train.py``) passes
+through unchanged.
 The official notebook (``tools/reparameterization.ipynb``) hard-codes the resulting offsets per variant; here
 they are derived, so custom configs work too.
 """
@@ -102,8 +118,8 @@ _MAIN_DETECT = {"cv2": "cv4", "cv3": "cv5", "dfl": "dfl2"}
 #: ``cv6`` (aux) / ``cv7`` (main) and prototype convs ``proto`` (aux) / ``proto2`` (main) after them; ``TripleDDetect``
 #: (``models/detect/yolov9-cf.yaml``: "Auxiliary/Coarse(NMS-based)/Fine(NMS-free)") reads three groups,
 #: ``cv2``/``cv3``/``dfl``, ``cv4``/``cv5``/``dfl2``, ``cv6``/``cv7``/``dfl3``, and its eval forward returns the third
-#: (fine) one only, which is therefore what the official ``detect.py`` runs its NMS on (``pred = model(im)``, then
-#: ``non_max_suppression`` takes ``prediction[0]`` of the ``(y, d)`` tuple): the default here.
+#: (fine) one only, which is therefore what the official ``detect.py`` runs its NMS on (module docstring): the
+#: default here.
 MULTI_HEADS: dict[str, HeadRule] = {
     "DualDDetect": HeadRule(groups=2, protos=0, default="main", official_eval_branch=1,
                             order="auxiliary inputs first, main inputs second", branches={
