@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch of 2 with the whole dual model) or full (the whole dual model at full size and on a "
                         "half-size non-square batch of 2)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
+    _head_arg(c)
     d = EXPORT_DEFAULTS
     c.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
     c.add_argument("--dynamic", action="store_true",
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
+    _head_arg(i)
     _state_dict_args(i)
     _add_registry_wait(i)
 
@@ -227,13 +229,19 @@ def _names_arg(text: str) -> tuple[str, ...]:
     return names
 
 
+def _head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", choices=spec.TRIPLE_HEAD_BRANCHES, default=None,
+                   help="TripleDDetect (yolov9-cf) checkpoints: the branch that becomes the deploy DDetect (default "
+                        f"{spec.DEFAULT_TRIPLE_HEAD}, the one the official detect.py uses)")
+
+
 def _state_dict_args(p: argparse.ArgumentParser) -> None:
     # the help names the published configs without importing reparam.models (torch): the parser is built by
     # `reparam operator` too, which must stay torch-free
     p.add_argument("--cfg", default=None, metavar="NAME|FILE",
                    help="the source is a bare state_dict ({key: tensor}); build this architecture for it: a "
-                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e; the yaml files in "
-                        "reparam/models/configs) or a model yaml in the official format")
+                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg; "
+                        "the yaml files in reparam/models/configs) or a model yaml in the official format")
     p.add_argument("--nc", type=int, default=None,
                    help="with --cfg: number of classes (default: from the weights' head, which must agree)")
     p.add_argument("--names", type=_names_arg, default=None,
@@ -452,7 +460,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                   "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
             export_atol=args.export_atol,
             eval_data=args.eval_data, eval_imgsz=args.eval_imgsz, eval_atol=args.eval_atol,
-            cfg=args.cfg, nc=args.nc, names=args.names,
+            cfg=args.cfg, nc=args.nc, names=args.names, head=args.head,
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
@@ -521,7 +529,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             path, info = _fetch(args.source, Path(work), args)
             if args.cfg is None and (args.nc is not None or args.names is not None):
                 raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
-            desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names)
+            desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names, head=args.head)
             desc["source"] = info
         print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc))
         return exitcodes.OK

@@ -44,6 +44,7 @@ __all__ = [
     "MODEL_NAME_PATTERN", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
     "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem", "check_aliases",
     "model_name_problem", "parse_source_uri", "sha256_problem", "tag_key_problem",
+    "DEFAULT_TRIPLE_HEAD", "TRIPLE_HEAD_BRANCHES",
 ]
 
 
@@ -65,6 +66,11 @@ PRECISIONS = ("fp16", "fp32")
 DEFAULT_PRECISION = "fp16"
 #: Default tolerance of the equivalence check: max |deploy - dual main| in output units (pixels / probability).
 DEFAULT_ATOL = 1e-4
+#: Branches of a TripleDDetect head (yolov9-cf) that can become the deploy DDetect (CLI ``--head``): ``fine``
+#: (NMS-free) and ``coarse`` (NMS-based), as models/detect/yolov9-cf.yaml of WongKinYiu/yolov9 names them.
+TRIPLE_HEAD_BRANCHES = ("fine", "coarse")
+#: The default: the branch the official eval forward returns, which the official detect.py runs NMS on.
+DEFAULT_TRIPLE_HEAD = "fine"
 
 # --- names --------------------------------------------------------------------------------------------------
 

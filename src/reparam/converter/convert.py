@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import __version__
-from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS
+from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..hashing import hash_file
 from ..models import DetectionModel, fuse_model
@@ -28,7 +28,7 @@ from . import artifacts
 from .checkpoint import TRAINING_KEYS, compact, read_checkpoint, variant_of
 from .cpus import limit_threads
 from .export.options import EXPORT_DEFAULTS, check_export_options
-from .pruning import derive_deploy_plan
+from .pruning import compare_with_published, derive_deploy_plan
 from .transfer import transfer_weights
 from .validation import CHECK_LEVELS, check_conversion, count_params
 
@@ -58,6 +58,8 @@ class ConvertOptions:
             file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
         nc: with ``cfg``: the class count, checked against the weights (which decide it).
         names: with ``cfg``: class names, one per class (default ``class0`` ...).
+        head: the TripleDDetect branch to deploy (``--head``: ``fine``/``coarse``,
+            :data:`reparam.spec.TRIPLE_HEAD_BRANCHES`); None: the head's default (:func:`.pruning.head_rule`).
     """
 
     atol: float = DEFAULT_ATOL
@@ -77,6 +79,7 @@ class ConvertOptions:
     nc: int | None = None
     names: tuple[str, ...] | None = None
     check_level: str = "fast"
+    head: str | None = None
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
@@ -85,7 +88,8 @@ class ConvertOptions:
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
                     + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
                     + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ())
-                    + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ()))
+                    + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ())
+                    + ((("head", self.head),) if self.head is not None else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -108,6 +112,8 @@ class ConvertOptions:
                 raise InvalidInputError(f"--eval-atol must be > 0, got {self.eval_atol}")
             if not 32 <= self.eval_imgsz <= 4096:
                 raise InvalidInputError(f"--eval-imgsz must be between 32 and 4096 pixels, got {self.eval_imgsz}")
+        if self.head is not None and self.head not in TRIPLE_HEAD_BRANCHES:
+            raise InvalidInputError(f"--head must be one of {', '.join(TRIPLE_HEAD_BRANCHES)}, got {self.head!r}")
         if self.check_level not in CHECK_LEVELS:
             raise InvalidInputError(f"--check must be one of {', '.join(CHECK_LEVELS)}, got {self.check_level!r}")
         check_export_options(self)
@@ -192,23 +198,24 @@ class Pruned:
 
 def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
           what: str = "checkpoint", fits: str = "its config", phase: Callable[[str], Any] | None = None,
-          stride: list[float] | None = None) -> Pruned:
+          stride: list[float] | None = None, branch: str | None = None) -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). ``phase(name)``, when given, is a
     context manager timing the ``derive`` and ``transfer`` steps; ``stride``, when known (the checkpoint's), spares
-    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not fit the config
+    measuring it (see :func:`build_model`); ``branch`` picks a TripleDDetect branch (``--head``). Raises
+    InvalidInputError when the weights do not fit the config
     (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
     timed = phase or (lambda _name: contextlib.nullcontext())
     with timed("derive"):
-        plan = derive_deploy_plan(cfg)
+        plan = derive_deploy_plan(cfg, branch)
     with timed("transfer"):
         dual = build_model(cfg, nc, names, state, what=what, fits=fits, keep_dtype=True, stride=stride)
         with torch.device("meta"):
             skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc,
                                       stride=dual.model[-1].stride.tolist())
-        deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg)
+        deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg, branch)
         if not account.exact:
             raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
         skeleton.names = dict(names)
@@ -277,14 +284,19 @@ def convert(
     for note in (ckpt.origin or {}).get("notes", []):
         say(note)
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
-                   fits=ckpt.fits, phase=phase, stride=ckpt.stride)
+                   fits=ckpt.fits, phase=phase, stride=ckpt.stride, branch=options.head)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if {"onnx", "torchscript"} & set(options.formats):  # an export this model cannot have is refused before any work
+        from .export.modules import check_export_target
+
+        check_export_target(deploy, tuple(options.formats), bool(options.onnx.get("nms")))
     if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
         ckpt.stride = [float(s) for s in dual.stride.tolist()]
 
     with phase("validate"):
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
-        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level)
+        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level,
+                     branch=plan.branch)
         result, flops = check_conversion(dual, deploy, **check)
         fused_result = None
         fused = None
@@ -305,6 +317,7 @@ def convert(
             "gflops_imgsz": int(flops["imgsz"]),
         }
 
+    published = compare_with_published(ckpt.cfg, plan)  # where the derived config differs from the published one
     removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
     info = dict(source_info or {})
@@ -320,7 +333,8 @@ def convert(
         "variant": variant_of(ckpt),
         "model_class": ckpt.model_class,
         "package_prefix": ckpt.package_prefix,
-        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head},
+        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head,
+                 "branch": plan.branch, "inputs": plan.head_inputs, "renamed": dict(plan.head_rename)},
         "pruned": plan.pruned,
         "nc": ckpt.nc,
         "names": {str(k): v for k, v in ckpt.names.items()},
@@ -354,6 +368,7 @@ def convert(
                        if options.cfg is not None else {})},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
+        "published_config": published.to_dict() if published else None,
         "timing": timings,
         "threads": threads,
     }

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_checkpoint, short, variant_of
-from .pruning import derive_deploy_plan
+from .pruning import MULTI_HEADS, compare_with_published, derive_deploy_plan
 
 
 def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
-             names: tuple[str, ...] | None = None) -> dict[str, Any]:
+             names: tuple[str, ...] | None = None, head: str | None = None) -> dict[str, Any]:
     """A JSON-able description of the checkpoint at ``path`` (with ``cfg``: of a bare state_dict, see
     :func:`reparam.converter.checkpoint.read_state_dict`).
 
@@ -19,11 +19,16 @@ def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
     training args (``opt``) a dict), model_class, package_prefix (``""`` official layout, ``"yolov9."`` a pip fork),
     variant, head, nc, names, stride (``None`` for a state_dict: measured at conversion), weights
     (``ema``/``model``/``state_dict``), dtype, tensors, elements, layers (dual/deploy/dropped), globals, state_dict
-    (its origin, or ``None``).
+    (its origin, or ``None``), conversion (what a conversion keeps of the head: the deploy head, the branch kept
+    (``head``: TripleDDetect's ``fine``/``coarse``), the branches there are, the head inputs and sub-modules kept) and
+    published (:func:`.pruning.compare_with_published`: where the derived deploy config differs from the published
+    one, or ``None`` for a custom architecture).
     Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
     """
     ckpt = read_checkpoint(path, cfg=cfg, nc=nc, names=names)
-    plan = derive_deploy_plan(ckpt.cfg)
+    plan = derive_deploy_plan(ckpt.cfg, head)
+    published = compare_with_published(ckpt.cfg, plan)
+    rule = MULTI_HEADS.get(plan.dual_head)
     n_layers = len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"])
     return {
         "file": str(path),
@@ -48,6 +53,15 @@ def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
         },
         "globals": ckpt.globals,
         "state_dict": ckpt.origin,
+        "conversion": {
+            "deploy_head": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head,
+            "branch": plan.branch,
+            "branches": list(rule.branches) if rule else [],
+            "head_inputs": plan.head_inputs,
+            "head_modules": dict(plan.head_rename),
+        },
+        "published": published.to_dict() if published else None,
+        "published_summary": published.summary() if published else None,
     }
 
 
@@ -67,6 +81,15 @@ def format_description(desc: dict[str, Any]) -> str:
            else " (no auxiliary branch: nothing to prune)"),
         "  entries      " + (", ".join(f"{k}={short(v)}" for k, v in desc["top_level"].items()) or "none"),
     ]
+    conv = desc.get("conversion")
+    if conv and desc["layers"]["pruned"]:
+        kept = ", ".join(f"{k}<-{v}" for k, v in conv["head_modules"].items())
+        others = [b for b in conv["branches"] if b != conv["branch"]]
+        lines.insert(-1, f"  head         {desc['head']} -> {conv['deploy_head']} from the {conv['branch']} branch "
+                         f"(inputs {conv['head_inputs']} of its from-list; {kept})"
+                         + (f"; --head {'/'.join(others)} keeps the other" if others else ""))
+    if desc.get("published_summary"):
+        lines.insert(-1, f"  config       {desc['published_summary']}")
     if desc.get("package_prefix"):
         lines.insert(2, f"  package      official YOLOv9 classes under the prefix '{desc['package_prefix']}'")
     if desc.get("state_dict"):
