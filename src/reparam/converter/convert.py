@@ -402,7 +402,7 @@ def convert(
         artifacts.write_report_only(out, report, stem=path.stem)
         err = ValidationFailedError(
             f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}"
-            + (f"; {len(report['stale_outputs'])} deploy file(s) of an earlier run there are kept, stale"
+            + (f"; {len(report['stale_outputs'])} earlier deploy file(s) kept there, stale"
                if report.get("stale_outputs") else "") + "). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )

@@ -56,8 +56,8 @@ def check_output_dir(path: str | Path) -> None:
             break
         probe = parent
     if not probe.is_dir():
-        what = "is an existing file" if probe == out else f"is inside {probe}, which is a file"
-        raise InvalidInputError(f"-o {out} {what}, not a folder; choose a folder (it is created when missing)")
+        what = "is an existing file, not a folder" if probe == out else f"is inside {probe}, which is a file"
+        raise InvalidInputError(f"-o {out} {what}; choose a folder (it is created when missing)")
     try:
         made = tempfile.mkdtemp(prefix=".reparam-write-check-", dir=probe)
     except OSError as exc:
