@@ -283,7 +283,8 @@ def convert(
     phase = _phases(timings)
     threads = limit_threads()
     device = resolve_device(options.device)  # a missing CUDA device is refused before the checkpoint is read
-    check_device = resolve_device(options.check_device) if options.check_device is not None else None
+    check_device = (resolve_device(options.check_device, "--check-device") if options.check_device is not None
+                    else None)
     say(f"device {device.torch} ({device.name})" + (f"; the equivalence check also on {check_device.torch} "
                                                      f"({check_device.name})" if check_device else ""))
 

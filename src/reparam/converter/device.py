@@ -54,8 +54,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def resolve_device(requested: str | None = None) -> Device:
+def resolve_device(requested: str | None = None, flag: str = "--device") -> Device:
     """Resolve a device string (default :data:`reparam.spec.DEFAULT_DEVICE`) to the device torch will use.
+
+    ``flag`` names the option in error messages (``--device``, ``--check-device``).
 
     Raises:
         InvalidInputError: the string is outside the grammar, or names a CUDA device torch cannot see (no CUDA
@@ -64,18 +66,18 @@ def resolve_device(requested: str | None = None) -> Device:
     requested = spec.DEFAULT_DEVICE if requested is None else requested
     problem = spec.device_problem(requested)
     if problem:
-        raise InvalidInputError(f"--device: {problem}")
+        raise InvalidInputError(f"{flag}: {problem}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return Device(requested, torch.device("cpu"), _cpu_name())
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__}" + (" is a CPU-only build" if torch.version.cuda is None else
                                                 " finds no CUDA device (driver or GPU missing)")
-        raise InvalidInputError(f"--device {requested}: CUDA is not available here ({build}); use --device cpu or "
+        raise InvalidInputError(f"{flag} {requested}: CUDA is not available here ({build}); use --device cpu or "
                                 "auto, or run on a GPU node")
     index = int(requested.split(":")[1]) if ":" in requested else (0 if requested == "auto" else
                                                                      torch.cuda.current_device())
     count = torch.cuda.device_count()
     if index >= count:
-        raise InvalidInputError(f"--device {requested}: there is no CUDA device {index} (this machine has {count}: "
+        raise InvalidInputError(f"{flag} {requested}: there is no CUDA device {index} (this machine has {count}: "
                                 f"cuda:0..cuda:{count - 1})")
     return Device(requested, torch.device("cuda", index), torch.cuda.get_device_name(index))
