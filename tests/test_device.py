@@ -109,3 +109,19 @@ def test_check_device_cuda_without_cuda(tmp_path: Path, capsys) -> None:
         report = json.loads((tmp_path / "out" / "report.json").read_text())
         assert [d["used"] for d in report["validation"]["devices"]] == ["cpu", f"cuda:{torch.cuda.current_device()}"]
         assert all(d["passed"] for d in report["validation"]["devices"])
+
+
+def test_evaluate_device(fixtures: Path, capsys) -> None:
+    """``reparam evaluate --device``: refused at once without CUDA; with CUDA the mAP equals the CPU's."""
+    argv = ["evaluate", str(EXAMPLE), "--data", str(fixtures / "eval"), "--imgsz", "160", "--json", "-q"]
+    code = cli.main([*argv, "--device", "cuda"])
+    cap = capsys.readouterr()
+    if not CUDA:
+        assert code == exitcodes.INVALID_INPUT
+        assert cap.err.startswith("reparam: error: --device cuda: CUDA is not available here")
+        assert cap.err.count("\n") == 1 and cap.out == ""
+    else:
+        assert code == 0, cap.err
+        assert cli.main([*argv, "--device", "cpu"]) == 0
+        cpu = json.loads(capsys.readouterr().out)["evaluation"]["dual"]["map50_95"]
+        assert abs(json.loads(cap.out)["evaluation"]["dual"]["map50_95"] - cpu) <= 1e-3

@@ -11,6 +11,7 @@
                            [--promote ALIAS [--min-map X] [--max-regression X] [--hold-alias ALIAS]]
     reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam evaluate MODEL --data DATA [--imgsz N] [--batch N] [--conf X] [--iou X] [--max-det N] [--json]
+                           [--device DEVICE]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
 Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     e.add_argument("--sha256", default=None, help="expected sha256 of the model file")
+    e.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
+                   help="where a torch model computes (fp32): auto (default: CUDA when available, else CPU), cpu, "
+                        "cuda or cuda:N; ONNX runs on onnxruntime's CPU provider")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
     _add_registry_wait(e)
@@ -597,10 +601,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings = EvalSettings(imgsz=args.imgsz, batch=args.batch, conf=args.conf, iou=args.iou,
                                 max_det=args.max_det, split=args.split)
         settings.check()
+        from .converter.device import resolve_device
+
+        device = resolve_device(args.device).torch  # a missing CUDA device is refused before anything is fetched
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             dataset = open_dataset(args.data, Path(work) / "data", split=args.split, tracking_uri=args.tracking_uri)
             path, info = _fetch(args.model, Path(work) / "model", args)
-            model = load_model(path)
+            model = load_model(path, device=device)
             result = evaluate_model(model, dataset, settings, path=info["uri"], progress=None if not args.quiet else False)
         section = comparison(dataset, result, []) if result.form == "dual" else {
             "dataset": result.dataset, "settings": result.settings, "dual": None,
