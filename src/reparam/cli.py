@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--only", action="append", default=None, choices=spec.FORMATS, metavar="FORMAT",
                      help="write exactly these artifacts, not the defaults (repeatable; e.g. --only onnx)")
     c.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
-                   help="where the validation, fusion and export checks and the evaluation compute: auto (default: "
-                        "CUDA when available, else CPU), cpu, cuda or cuda:N; recorded in the report")
+                   help="where the equivalence and fusion checks and the evaluation compute: auto (default: CUDA "
+                        "when available, else CPU), cpu, cuda or cuda:N; recorded in the report (the ONNX/TorchScript "
+                        "export checks run on the CPU)")
     c.add_argument("--check-device", default=None, metavar="DEVICE",
                    help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
                         "on); a mismatch there fails the conversion")

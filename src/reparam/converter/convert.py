@@ -285,8 +285,6 @@ def convert(
     device = resolve_device(options.device)  # a missing CUDA device is refused before the checkpoint is read
     check_device = (resolve_device(options.check_device, "--check-device") if options.check_device is not None
                     else None)
-    say(f"device {device.torch} ({device.name})" + (f"; the equivalence check also on {check_device.torch} "
-                                                     f"({check_device.name})" if check_device else ""))
 
     with phase("load"):
         ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
@@ -299,6 +297,8 @@ def convert(
         + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
     for note in (ckpt.origin or {}).get("notes", []):
         say(note)
+    say(f"device {device.torch} ({device.name})" + (f"; the equivalence check also on {check_device.torch} "
+                                                     f"({check_device.name})" if check_device else ""))
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
                    fits=ckpt.fits, phase=phase, stride=ckpt.stride)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
