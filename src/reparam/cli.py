@@ -2,7 +2,8 @@
 
 ::
 
-    reparam convert SOURCE [-o OUT] [--json] [--atol X] [--fp32|--half] [--fuse] [--format F]...
+    reparam convert SOURCE [-o OUT] [--json] [--atol X] [--precision P] [--fuse] [--format F... | --only F...]
+                           [--device auto|cpu|cuda|cuda:N] [--check-device DEVICE]
                            [--cfg NAME|FILE [--nc N] [--names A,B,...]]
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
                            [--registry-wait SECONDS] [--termination-log PATH] [-v]
@@ -10,6 +11,7 @@
                            [--promote ALIAS [--min-map X] [--max-regression X] [--hold-alias ALIAS]]
     reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam evaluate MODEL --data DATA [--imgsz N] [--batch N] [--conf X] [--iou X] [--max-det N] [--json]
+                           [--device DEVICE]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
 Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
@@ -90,6 +92,31 @@ def _check_registration(model_name: str | None, aliases: Sequence[str]) -> None:
         raise InvalidInputError(f"--alias: {err}") from None
 
 
+def _precision(args: argparse.Namespace) -> spec.Precision:
+    """``--precision`` (or a deprecated ``--fp32``/``--half``, with a one-line note) as a :class:`spec.Precision`."""
+    for flag, value in (("fp32", "fp32"), ("half", "fp16")):
+        if getattr(args, flag):
+            _eprint(f"reparam: note: --{flag} is deprecated; use --precision {value}")
+            args.precision = value
+    try:
+        return spec.parse_precision(args.precision) if args.precision is not None else spec.OFFICIAL_PRECISION
+    except spec.SpecError as err:
+        raise InvalidInputError(f"--precision: {err}") from None
+
+
+def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
+    """The output folder can be written (``-o``, else the default ``./<stem>-deploy`` in the current folder):
+    checked before torch is imported or the source is read, and again once the default's name is known."""
+    from .converter.outdir import check_output_dir
+
+    if out is not None:
+        check_output_dir(out)
+    elif args.output:
+        check_output_dir(args.output)
+    elif not args.register:
+        check_output_dir(Path.cwd())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
 
@@ -133,12 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"max |diff| allowed between deploy and dual main output (fp32, output units; "
                         f"default {spec.DEFAULT_ATOL:g})")
     prec = c.add_mutually_exclusive_group()
-    prec.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16 like official deploy files)")
-    prec.add_argument("--half", action="store_true", help="fp16 weights in every artifact, ONNX/TorchScript included")
+    prec.add_argument("--precision", default=None, metavar="P",
+                      help="weight precision per artifact family: fp16 or fp32 for every artifact, or weights=P "
+                           "(.pt/.safetensors) and/or export=P (ONNX/TorchScript), comma-separated; default "
+                           f"{spec.OFFICIAL_PRECISION} as the official tools (deploy .pt fp16, export.py fp32). The "
+                           "checks compute in fp32 whatever is stored")
+    prec.add_argument("--fp32", action="store_true", help="deprecated: --precision fp32")
+    prec.add_argument("--half", action="store_true", help="deprecated: --precision fp16")
     c.add_argument("--fuse", action="store_true", help="fold BatchNorm and re-parameterize RepConvN before export")
-    c.add_argument("--format", action="append", dest="formats", default=None,
-                   choices=spec.FORMATS,
-                   help=f"artifact to write (repeatable; default: {' and '.join(spec.DEFAULT_FORMATS)})")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--format", action="append", dest="formats", default=None, choices=spec.FORMATS,
+                     help=f"also write this artifact (repeatable; added to the defaults, "
+                          f"{' and '.join(spec.DEFAULT_FORMATS)})")
+    fmt.add_argument("--only", action="append", default=None, choices=spec.FORMATS, metavar="FORMAT",
+                     help="write exactly these artifacts, not the defaults (repeatable; e.g. --only onnx)")
+    c.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
+                   help="where the equivalence and fusion checks and the evaluation compute: auto (default: CUDA "
+                        "when available, else CPU), cpu, cuda or cuda:N; recorded in the report (the ONNX/TorchScript "
+                        "export checks run on the CPU)")
+    c.add_argument("--check-device", default=None, metavar="DEVICE",
+                   help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
+                        "on); a mismatch there fails the conversion")
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--check", choices=["fast", "full"], default="fast",
@@ -213,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     e.add_argument("--sha256", default=None, help="expected sha256 of the model file")
+    e.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
+                   help="where a torch model computes (fp32): auto (default: CUDA when available, else CPU), cpu, "
+                        "cuda or cuda:N; ONNX runs on onnxruntime's CPU provider")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
     _add_registry_wait(e)
@@ -308,10 +353,19 @@ def _human_summary(report: dict[str, Any]) -> str:
         lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} ({change})")
     lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}, check {v.get('check', 'full')}) "
                  f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
+    if report.get("device"):
+        dev = report["device"]
+        lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(
+            f"; also checked on {d['used']}: max |diff| {d['max_abs_diff']:.3g} "
+            f"{'passed' if d['passed'] else 'FAILED'}" for d in v.get("devices", [])[1:]))
     for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
         check = a.get("check")
         extra = f", check max |diff| {check['max_abs_diff']:.3g}" if isinstance(check, dict) and "max_abs_diff" in check else ""
         lines.append(f"  wrote        {a['path']} ({a['bytes']:,} bytes{extra})")
+    stale = report.get("stale_outputs") if report.get("outputs_kept", True) else None
+    if stale:
+        lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
+                     f"report.json's artifacts): {', '.join(stale)}")
     ev = report.get("evaluation")
     if ev:
         d = ev["dataset"]
@@ -437,12 +491,13 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``reparam convert``; returns the exit code."""
-    from .converter.convert import ConvertOptions, convert
-
     say = (lambda m: None) if args.quiet else (lambda m: _eprint(f"reparam: {m}"))
     report: dict[str, Any] | None = None
     t0 = time.perf_counter()
     try:
+        _check_output(args)  # first: before torch is imported or the source is read
+        from .converter.convert import ConvertOptions, convert
+
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
@@ -452,9 +507,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from .store.registry import check_user_tags
 
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
+        precision = _precision(args)
+        try:
+            formats = spec.resolve_formats(args.formats, args.only)
+        except spec.SpecError as err:
+            raise InvalidInputError(str(err)) from None
         options = ConvertOptions(
-            atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
-            formats=tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS)), imgsz=args.imgsz, seed=args.seed,
+            atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
+            formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,
             prefer_ema=not args.no_ema, check_level=args.check,
             onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
                   "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
@@ -472,6 +532,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             path, info = _fetch(args.source, Path(work), args, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
+            _check_output(args, out)
             key = previous = None
             if args.register:
                 from .store import publish
@@ -549,10 +610,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings = EvalSettings(imgsz=args.imgsz, batch=args.batch, conf=args.conf, iou=args.iou,
                                 max_det=args.max_det, split=args.split)
         settings.check()
+        from .converter.device import resolve_device
+
+        device = resolve_device(args.device).torch  # a missing CUDA device is refused before anything is fetched
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             dataset = open_dataset(args.data, Path(work) / "data", split=args.split, tracking_uri=args.tracking_uri)
             path, info = _fetch(args.model, Path(work) / "model", args)
-            model = load_model(path)
+            model = load_model(path, device=device)
             result = evaluate_model(model, dataset, settings, path=info["uri"], progress=None if not args.quiet else False)
         section = comparison(dataset, result, []) if result.form == "dual" else {
             "dataset": result.dataset, "settings": result.settings, "dual": None,

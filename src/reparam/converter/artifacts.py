@@ -10,6 +10,8 @@ Artifacts of ``<stem>.pt``:
 
 Everything is written into a staging folder inside ``out_dir`` and moved into place (``os.replace``, atomic on one
 file system) only when every file was written; a failure removes the staging folder and leaves ``out_dir`` as it was.
+Nothing this run did not write is ever deleted: deploy files of the same checkpoint from earlier runs are kept and
+listed as ``stale_outputs`` (policy: :mod:`.outdir`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from ..errors import InvalidInputError, brief
 from ..hashing import hash_file
+from .outdir import artifact_names, stale_outputs
 
 if TYPE_CHECKING:
     from ..models import DetectionModel
@@ -59,27 +62,21 @@ def _publish(stage: Path, out: Path) -> None:
     stage.rmdir()
 
 
-def artifact_names(stem: str) -> list[str]:
-    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json``."""
-    base = f"{stem}-converted"
-    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript"]
+__all__ = ["artifact_names", "finish_report", "load_safetensors", "save_safetensors", "write_all",
+           "write_report_only"]
 
 
 def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None) -> Path:
     """Write just ``report.json`` (a failed conversion), atomically. Returns its path.
 
-    With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are removed first, so that
-    nothing in ``out`` looks like a good result of this (failed) conversion; the report lists them.
+    With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are listed in the report's
+    ``stale_outputs`` (they are kept: this run did not write them, and they are not its result).
     """
-    stale = [out / n for n in artifact_names(stem)] if stem else []
-    removed = [p.name for p in stale if p.is_file()]
-    if removed:
-        report["removed_stale_outputs"] = removed
+    if stem:
+        report["stale_outputs"] = stale_outputs(out, stem)
     stage = _staging(out)
     try:
         _write_json(stage / "report.json", report)
-        for p in stale:
-            p.unlink(missing_ok=True)
         _publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -208,6 +205,7 @@ def write_all(
         before = int(report["source"].get("bytes") or 0)
         after = int(main["bytes"]) if main else 0
         report["bytes"] = {"before": before, "after": after, "saved": before - after}
+        report["stale_outputs"] = stale_outputs(out, stem, [a["name"] for a in arts])
         report["status"] = "succeeded"
         _write_json(stage / "report.json", report)
         _publish(stage, out)

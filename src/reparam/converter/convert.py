@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
@@ -20,13 +21,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import __version__
-from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES
+from ..spec import DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision, device_problem
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..hashing import hash_file
 from ..models import DetectionModel, fuse_model
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, compact, read_checkpoint, variant_of
 from .cpus import limit_threads
+from .device import resolve_device
 from .export.options import EXPORT_DEFAULTS, check_export_options
 from .pruning import compare_with_published, derive_deploy_plan
 from .transfer import transfer_weights
@@ -39,8 +41,10 @@ class ConvertOptions:
 
     Attributes:
         atol: tolerance on max |deploy - dual main| in output units (pixels / probability), fp32.
-        fp32: keep fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints).
-        half: fp16 weights in every artifact, ONNX/TorchScript included.
+        fp32: fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints); the
+            ``weights`` family of ``--precision`` (:func:`reparam.spec.parse_precision`).
+        half: fp16 ONNX/TorchScript (weights and input; default fp32, as the official ``export.py``); the
+            ``export`` family of ``--precision``. Independent of ``fp32``.
         fuse: fold BatchNorm into convs and re-parameterize RepConvN before export.
         formats: artifacts to write, from :data:`reparam.spec.FORMATS`.
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
@@ -60,6 +64,11 @@ class ConvertOptions:
         names: with ``cfg``: class names, one per class (default ``class0`` ...).
         head: the TripleDDetect branch to deploy (``--head``: ``fine``/``coarse``,
             :data:`reparam.spec.TRIPLE_HEAD_BRANCHES`); None: the head's default (:func:`.pruning.head_rule`).
+        device: where the validation, the fusion check and the evaluation compute (:mod:`.device`; ``auto``: CUDA
+            when available, else CPU). Not part of :meth:`settings_key`: the artifacts do not depend on it.
+        check_device: a second device the equivalence check also runs on (``--check-device``; e.g. ``cuda``, the
+            device the model will serve on), or None. Its result goes to the report's ``validation.devices``; a
+            failure there fails the conversion.
     """
 
     atol: float = DEFAULT_ATOL
@@ -80,6 +89,13 @@ class ConvertOptions:
     names: tuple[str, ...] | None = None
     check_level: str = "fast"
     head: str | None = None
+    device: str = DEFAULT_DEVICE
+    check_device: str | None = None
+
+    @property
+    def precision(self) -> Precision:
+        """The precision of each artifact family (:class:`reparam.spec.Precision`)."""
+        return Precision("fp32" if self.fp32 else "fp16", "fp16" if self.half else "fp32")
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
@@ -97,8 +113,10 @@ class ConvertOptions:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad:
             raise InvalidInputError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
-        if self.fp32 and self.half:
-            raise InvalidInputError("--fp32 and --half contradict each other; pick one")
+        for flag, value in (("--device", self.device), ("--check-device", self.check_device)):
+            problem = device_problem(value) if value is not None else None
+            if problem:
+                raise InvalidInputError(f"{flag}: {problem}")
         if not (self.atol > 0):
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
         if self.cfg is None and (self.nc is not None or self.names is not None):
@@ -271,6 +289,9 @@ def convert(
     timings: dict[str, float] = {}
     phase = _phases(timings)
     threads = limit_threads()
+    device = resolve_device(options.device)  # a missing CUDA device is refused before the checkpoint is read
+    check_device = (resolve_device(options.check_device, "--check-device") if options.check_device is not None
+                    else None)
 
     with phase("load"):
         ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
@@ -283,6 +304,8 @@ def convert(
         + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
     for note in (ckpt.origin or {}).get("notes", []):
         say(note)
+    say(f"device {device.torch} ({device.name})" + (f"; the equivalence check also on {check_device.torch} "
+                                                     f"({check_device.name})" if check_device else ""))
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
                    fits=ckpt.fits, phase=phase, stride=ckpt.stride, branch=options.head)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
@@ -297,16 +320,29 @@ def convert(
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
         check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level,
                      branch=plan.branch)
-        result, flops = check_conversion(dual, deploy, **check)
+        result, flops = check_conversion(dual, deploy, **check, device=device.torch)
         fused_result = None
         fused = None
         if options.fuse:
             fused = fuse_model(copy.deepcopy(deploy).float()).eval()
-            fused_result, _ = check_conversion(dual, fused, **check)
+            fused_result, _ = check_conversion(dual, fused, **check, device=device.torch)
             if result.passed and not fused_result.passed:
                 result.passed = False
                 result.reason = f"fused model: {fused_result.reason}"
             result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
+        devices = [{**device.to_dict(), "max_abs_diff": result.max_abs_diff, "passed": result.passed}]
+        if check_device is not None:
+            extra, _ = check_conversion(dual, deploy, **check, device=check_device.torch)
+            if fused is not None:
+                extra_fused, _ = check_conversion(dual, fused, **check, device=check_device.torch)
+                extra.max_abs_diff = max(extra.max_abs_diff, extra_fused.max_abs_diff)
+                extra.passed = extra.passed and extra_fused.passed
+                extra.reason = extra.reason or (f"fused model: {extra_fused.reason}" if extra_fused.reason else "")
+            devices.append({**check_device.to_dict(), "max_abs_diff": extra.max_abs_diff, "passed": extra.passed})
+            if result.passed and not extra.passed:
+                result.passed = False
+                result.reason = f"on {check_device.torch}: {extra.reason}"
+            result.max_abs_diff = max(result.max_abs_diff, extra.max_abs_diff)
     say(f"validation ({options.check_level}): max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> "
         f"{'passed' if result.passed else 'FAILED'}")
 
@@ -352,13 +388,16 @@ def convert(
                     "main_branch": account.main_keys, "used_exactly_once": account.exact},
         **stats,
         "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
-        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed},
+        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed, "devices": devices},
+        "device": device.to_dict(),
         "fusion": None if fused_result is None else {
             "max_abs_diff_vs_dual": fused_result.max_abs_diff,
             "modules_before": sum(1 for _ in deploy.modules()),
             "modules_after": sum(1 for _ in fused.modules()),
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
+                    "precision": dataclasses.asdict(options.precision), "device": options.device,
+                    "check_device": options.check_device,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
                     "onnx": dict(options.onnx), "export_atol": options.export_atol, "check": options.check_level,
                     **({"eval_data": options.eval_data, "eval_imgsz": options.eval_imgsz,
@@ -378,7 +417,9 @@ def convert(
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
         err = ValidationFailedError(
-            f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}). "
+            f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}"
+            + (f"; {len(report['stale_outputs'])} earlier deploy file(s) kept there, stale"
+               if report.get("stale_outputs") else "") + "). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )
         err.report = report  # type: ignore[attr-defined]
@@ -394,7 +435,7 @@ def convert(
             try:
                 report["evaluation"] = evaluate_conversion(
                     eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
-                    options.eval_atol, say)
+                    options.eval_atol, say, device=device.torch)
             except ValidationFailedError as err:
                 report["evaluation"] = getattr(err, "evaluation", None)
                 raise

@@ -222,6 +222,23 @@ def computing_in_fp32(*models: nn.Module) -> Iterator[None]:
         stash.clear()
 
 
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """Within the block, CUDA convolutions and matmuls compute in true fp32 (TF32 off), as on the CPU.
+
+    TF32 (on by default for cuDNN convolutions on Ampere and newer GPUs) keeps 10 mantissa bits and would make the
+    equivalence check measure the GPU's rounding instead of the conversion. No effect on the CPU. The previous
+    settings are restored on exit.
+    """
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def main_branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = None) -> Any:
     """The kept branch's eval output of a multi-branch model, running only the layers that branch depends on.
 
@@ -344,9 +361,29 @@ def _stride_mismatch(x: torch.Tensor, out: Any, *models: nn.Module) -> str:
     return ""
 
 
+@contextmanager
+def models_on(device: torch.device | str | None, *models: nn.Module) -> Iterator[None]:
+    """Within the block, ``models`` live on ``device`` (weights keep their dtype); on exit they go back to the CPU.
+
+    ``None`` or the CPU leaves them where they are (no copy). Artifacts are always written from CPU tensors, so a
+    model moved to CUDA for a check is moved back, also after an exception.
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type == "cpu":
+        yield
+        return
+    try:
+        for m in models:
+            m.to(dev)
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def check_conversion(
     dual: nn.Module, deploy: nn.Module, *, imgsz: int, stride: int, seed: int = 0, atol: float = DEFAULT_ATOL,
-    level: str = "fast", branch: str | None = None,
+    level: str = "fast", branch: str | None = None, device: torch.device | str | None = None,
 ) -> tuple[ValidationResult, dict[str, float]]:
     """Prove that ``deploy`` computes the dual model's main branch; count both models' GFLOPs on the way.
 
@@ -358,6 +395,10 @@ def check_conversion(
         level: ``"fast"`` or ``"full"`` (see the module docstring).
         branch: the dual head's branch the deploy model was made from (TripleDDetect: ``"fine"``/``"coarse"``;
             None: the head's default, :func:`.pruning.head_rule`).
+        device: where both models and the inputs compute (``None``/CPU: where they are; CUDA: moved there for the
+            check and back to the CPU after, :func:`models_on`). The inputs are drawn on the CPU with the seed and
+            then moved, so every device sees the same numbers; the computation stays fp32 on every device (no TF32:
+            :func:`strict_fp32`).
 
     Returns:
         ``(result, gflops)``: ``gflops = {"before": dual, "after": deploy, "imgsz": s}``, GFLOPs of one
@@ -372,6 +413,8 @@ def check_conversion(
     dual.eval()
     deploy.eval()
     inputs = fast_inputs(imgsz, stride, seed) if level == "fast" else sample_inputs(imgsz, stride, seed)
+    if device is not None:
+        inputs = [x.to(device) for x in inputs]
     s = int(inputs[0].shape[-1])
     comps: list[Comparison] = []
     reasons: list[str] = []
@@ -391,7 +434,7 @@ def check_conversion(
         worst = max(worst, d)
         comps.append(Comparison(list(x.shape), list(ours.y.shape), d, how, parts))
 
-    with computing_in_fp32(dual, deploy), torch.inference_mode():
+    with models_on(device, dual, deploy), strict_fp32(), computing_in_fp32(dual, deploy), torch.inference_mode():
         big, small = inputs
         if level == "fast":
             record(big, main_branch_forward(dual, big, branch), deploy(big), "main-only")
