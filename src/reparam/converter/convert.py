@@ -425,9 +425,9 @@ def convert(
         err.report = report  # type: ignore[attr-defined]
         raise err
 
-    evaluate = None
+    evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None
     if eval_dataset is not None:
-        def evaluate(stage: Path, arts: list[dict[str, Any]]) -> None:
+        def evaluate_artifacts(stage: Path, arts: list[dict[str, Any]]) -> None:
             from ..evaluation import EvalSettings
             from ..evaluation.conversion import evaluate_conversion
 
@@ -441,6 +441,8 @@ def convert(
                 raise
             finally:
                 timings["evaluate_s"] = time.perf_counter() - t_eval
+
+        evaluate = evaluate_artifacts
 
     try:
         with phase("write"):
