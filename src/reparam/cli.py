@@ -429,12 +429,15 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``reparam convert``; returns the exit code."""
-    from .converter.convert import ConvertOptions, convert
-
     say = (lambda m: None) if args.quiet else (lambda m: _eprint(f"reparam: {m}"))
     report: dict[str, Any] | None = None
     t0 = time.perf_counter()
     try:
+        from .store.sources import check_local
+
+        check_local(args.source)  # a mistyped path is reported before torch is imported (seconds)
+        from .converter.convert import ConvertOptions, convert
+
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
@@ -514,9 +517,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``reparam inspect``: print what the checkpoint holds and what conversion would keep."""
-    from .converter.inspect import describe, format_description
-
     try:
+        from .store.sources import check_local
+
+        check_local(args.source)  # before torch is imported
+        from .converter.inspect import describe, format_description
+
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             path, info = _fetch(args.source, Path(work), args)
             if args.cfg is None and (args.nc is not None or args.names is not None):

@@ -66,3 +66,13 @@ class RegistryError(ReparamError):
     """Upload, registration or promotion in the MLflow Model Registry failed (exit 5)."""
 
     exit_code = exitcodes.REGISTRY_ERROR
+
+
+class IntegrityError(ReparamError):
+    """A local file's sha256 differs from the pinned one (``--sha256``): the wrong or a corrupted file (exit 6).
+
+    Not retryable, unlike :class:`SourceError`: the same file gives the same hash. A download whose hash differs
+    stays a :class:`SourceError` (a retry fetches the bytes again).
+    """
+
+    exit_code = exitcodes.INTEGRITY_ERROR

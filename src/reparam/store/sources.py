@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 from urllib.parse import quote, urlsplit
 
-from ..errors import InvalidInputError, ReparamError, SourceError, count_of
+from ..errors import IntegrityError, InvalidInputError, ReparamError, SourceError, count_of
 from ..hashing import CHUNK, hash_file
 from ..spec import SHA256_PATTERN
 from . import tracking
@@ -96,11 +96,12 @@ def fetch(
         :class:`FetchedSource`.
 
     Raises:
+        IntegrityError: a local file whose sha256 is not ``sha256`` (not retryable).
         InvalidInputError: malformed URI or malformed ``sha256``; a model version in ``FAILED_REGISTRATION`` or
             whose logged model is ``FAILED`` (retrying cannot help).
         SourceError: a model version (or its logged model) still pending after ``registry_wait``; unreachable
             store, bad credentials, missing object/run/version/alias, no or several checkpoint candidates in a
-            model version, sha256 mismatch. The message names the step and the
+            model version, sha256 mismatch of a download. The message names the step and the
             cause, never credentials.
     """
     ref = parse_source(uri)
@@ -118,22 +119,41 @@ def fetch(
                    "models": functools.partial(_fetch_model, wait_s=registry_wait)}[ref.kind]
         fetched = fetcher(ref, shown, workdir, tracking_uri, progress)
     if sha256 is not None and fetched.sha256 != sha256.strip().lower():
-        if ref.kind != "local":
-            fetched.path.unlink(missing_ok=True)
+        expected = sha256.strip().lower()
+        if ref.kind == "local":  # the same bytes next time: not retryable
+            raise IntegrityError(f"'{shown}' has sha256 {fetched.sha256}, not the pinned --sha256 {expected}: "
+                                 "the wrong or a corrupted file; check the file or the pinned hash")
+        fetched.path.unlink(missing_ok=True)
         raise SourceError(
-            f"fetch {shown}: verify sha256 failed: expected {sha256.strip().lower()}, got {fetched.sha256} "
+            f"fetch {shown}: verify sha256 failed: expected {expected}, got {fetched.sha256} "
             "(wrong file or corrupted download)"
         )
     return fetched
+
+
+def check_local(uri: str) -> None:
+    """Raise :class:`InvalidInputError` at once when ``uri`` is a local path that does not exist (else nothing).
+
+    Cheap and torch-free: the CLI calls it before importing the converter, so a mistyped path is reported in
+    milliseconds rather than after torch has loaded. Other URIs are left to :func:`fetch`.
+    """
+    ref = parse_source(uri)
+    if ref.kind == "local":
+        _local_path(ref, redact(ref.uri))
+
+
+def _local_path(ref: SourceRef, shown: str) -> Path:
+    path = Path(os.path.expanduser(ref.path or ""))
+    if not path.exists():  # a local path will not appear by retrying: invalid input, not a source outage
+        raise InvalidInputError(f"checkpoint '{shown}' does not exist (no such file)")
+    return path
 
 
 # --- local ---------------------------------------------------------------------------------------------
 
 
 def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
-    path = Path(os.path.expanduser(ref.path or ""))
-    if not path.exists():  # a local path will not appear by retrying: invalid input, not a source outage
-        raise InvalidInputError(f"checkpoint '{shown}' does not exist (no such file)")
+    path = _local_path(ref, shown)
     if path.is_dir():
         path = _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], path)
     try:
