@@ -49,6 +49,9 @@ class Comparison:
     max_abs_diff: float
     #: how the dual model ran: ``"full"`` (both branches) or ``"main-only"`` (:func:`main_branch_forward`)
     dual: str = "full"
+    #: the model compared with the dual one: ``"deploy"`` (pruned, as saved) or ``"fused"`` (``--fuse``: BatchNorm
+    #: folded, RepConvN merged; its fp32 rounding is where a non-zero difference comes from)
+    model: str = "deploy"
 
 
 @dataclass
