@@ -41,6 +41,7 @@ from typing import Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
+from ..report import Report
 from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
@@ -197,21 +198,22 @@ def update_tags(model_name: str, version, tags: Mapping[str, object] | None, cur
 
 
 def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
-    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags."""
-    val = report.get("validation") or {}
-    params = report.get("params") or {}
-    source = report.get("source") or {}
+    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags.
+
+    ``report`` is read through :class:`reparam.report.Report` (raises ``ValueError`` without a valid ``status``).
+    """
+    r = Report.from_dict(report)
     out = {
         TAG_KEY: idempotency_key,
-        f"{TAG_PREFIX}source_uri": redact(source.get("uri", "")),
-        f"{TAG_PREFIX}source_sha256": source.get("sha256", ""),
-        f"{TAG_PREFIX}deploy_sha256": report.get("deploy_sha256", ""),
-        f"{TAG_PREFIX}variant": report.get("variant", ""),
-        f"{TAG_PREFIX}nc": report.get("nc", ""),
-        f"{TAG_PREFIX}params_before": params.get("before", ""),
-        f"{TAG_PREFIX}params_after": params.get("after", ""),
-        f"{TAG_PREFIX}max_abs_diff": val.get("max_abs_diff", ""),
-        TAG_VALIDATION: "true" if val.get("passed") is True else "false",
+        f"{TAG_PREFIX}source_uri": redact(r.source.uri),
+        f"{TAG_PREFIX}source_sha256": r.source.sha256 or "",
+        f"{TAG_PREFIX}deploy_sha256": r.deploy_sha256 or "",
+        f"{TAG_PREFIX}variant": r.variant or "",
+        f"{TAG_PREFIX}nc": "" if r.nc is None else r.nc,
+        f"{TAG_PREFIX}params_before": "" if r.params_before is None else r.params_before,
+        f"{TAG_PREFIX}params_after": "" if r.params_after is None else r.params_after,
+        f"{TAG_PREFIX}max_abs_diff": "" if r.validation.max_abs_diff is None else r.validation.max_abs_diff,
+        TAG_VALIDATION: "true" if r.validation.passed is True else "false",
         f"{TAG_PREFIX}version": __version__,
     }
     for k, v in (lineage or {}).items():
@@ -222,26 +224,15 @@ def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idemp
 
 
 def run_metrics(report: dict) -> dict[str, float]:
-    """Numeric conversion metrics for the run: max_abs_diff, params_before/after, bytes_before/after,
-    duration_s (those present)."""
-    out: dict[str, float] = {}
-    val = report.get("validation") or {}
-    params = report.get("params") or {}
-    if isinstance(val.get("max_abs_diff"), (int, float)):
-        out["max_abs_diff"] = float(val["max_abs_diff"])
-    for k in ("before", "after"):
-        if isinstance(params.get(k), (int, float)):
-            out[f"params_{k}"] = float(params[k])
-    bytes_before = (report.get("source") or {}).get("bytes", (report.get("bytes") or {}).get("before"))
-    pt = [a for a in report.get("artifacts") or [] if a.get("format") == "pt"]
-    bytes_after = pt[0].get("bytes") if pt else (report.get("bytes") or {}).get("after")
-    if isinstance(bytes_before, (int, float)):
-        out["bytes_before"] = float(bytes_before)
-    if isinstance(bytes_after, (int, float)):
-        out["bytes_after"] = float(bytes_after)
-    if isinstance(report.get("duration_s"), (int, float)):
-        out["duration_s"] = float(report["duration_s"])
-    return out
+    """Numeric conversion metrics for the run (those known): max_abs_diff, params_before/after, bytes_before (the
+    source checkpoint), bytes_after (the deploy ``.pt``), duration_s (the conversion's wall time, the report's
+    ``timing.total_s``). Read through :class:`reparam.report.Report`."""
+    r = Report.from_dict(report)
+    pt = r.artifact("pt")
+    values = {"max_abs_diff": r.validation.max_abs_diff, "params_before": r.params_before,
+              "params_after": r.params_after, "bytes_before": r.source.bytes, "bytes_after": pt.bytes if pt else None,
+              "duration_s": r.duration_s}
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _experiment_id(client, name: str) -> str:
