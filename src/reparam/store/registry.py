@@ -269,29 +269,9 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
     if len(onnx_files) > 1:
         raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
+    dest.mkdir(parents=True, exist_ok=True)
     if onnx_files:
-        import mlflow.onnx
-        import onnx
-
-        src = onnx_files[0]
-        # MLflow would otherwise run `pip install --dry-run` on the requirements (needs a package index;
-        # a conversion Job may have none). The requirements are MLflow's own defaults for the flavor.
-        os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
-        mlflow.onnx.save_model(
-            onnx.load(str(src), load_external_data=False),
-            str(dest),
-            mlflow_model=model,
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            save_as_external_data=False,
-        )
-        # keep the exported bytes exactly (their sha256 is in the report) under their own name
-        (dest / "model.onnx").unlink(missing_ok=True)
-        model = Model.load(str(dest / "MLmodel"))
-        for flavor in ("onnx", "python_function"):
-            if flavor in model.flavors and "data" in model.flavors[flavor]:
-                model.flavors[flavor]["data"] = src.name
-    else:
-        dest.mkdir(parents=True, exist_ok=True)
+        _add_onnx_flavor(model, dest, onnx_files[0].name)
     model.metadata = {"reparam_version": __version__, "variant": report.get("variant"), "nc": report.get("nc")}
     model.model_id, model.run_id = model_id, run_id
     for p in files:
@@ -300,6 +280,45 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
         (dest / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     model.save(str(dest / "MLmodel"))
     return sorted(p.name for p in dest.iterdir())
+
+
+def _add_onnx_flavor(model, dest: Path, data: str) -> None:
+    """Describe the ONNX file ``data`` (kept byte for byte under its own name) as MLflow's ``onnx`` and
+    ``python_function`` flavors, so ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` run it.
+
+    Written with :class:`mlflow.models.Model`'s public ``add_flavor`` and the fields ``mlflow.onnx.save_model``
+    writes (MLflow's ``mlflow/onnx/__init__.py``: ``onnx_version``, ``data``, ``providers``, ``code``; pyfunc
+    ``loader_module: mlflow.onnx`` with its environment files), instead of calling ``mlflow.onnx`` itself: that
+    module imports pandas, which the ``mlflow-skinny`` client of the ``[converter]`` extra does not install.
+    The requirements are the flavor's own (mlflow, onnx, onnxruntime), pinned to the versions installed here, and
+    nothing is resolved against a package index (a conversion Job may have none).
+    """
+    import platform
+    from importlib import metadata
+
+    import yaml
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    mlflow_version = version("mlflow") or version("mlflow-skinny")
+    reqs = [f"{d}=={v}" if v else d for d, v in (("mlflow", mlflow_version), ("onnx", version("onnx")),
+                                                  ("onnxruntime", version("onnxruntime")))]
+    py = platform.python_version()
+    (dest / "requirements.txt").write_text("\n".join(reqs))
+    (dest / "python_env.yaml").write_text(yaml.safe_dump(
+        {"python": py, "build_dependencies": ["pip", "setuptools", "wheel"], "dependencies": ["-r requirements.txt"]},
+        sort_keys=False))
+    (dest / "conda.yaml").write_text(yaml.safe_dump(
+        {"channels": ["conda-forge"], "dependencies": [f"python={py}", "pip", {"pip": reqs}]},
+        default_flow_style=False))
+    model.add_flavor("python_function", loader_module="mlflow.onnx", data=data,
+                     env={"conda": "conda.yaml", "virtualenv": "python_env.yaml"}, python_version=py)
+    model.add_flavor("onnx", onnx_version=version("onnx"), data=data,
+                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"], code=None)
 
 
 def register(
