@@ -30,7 +30,7 @@ from typing import Any, NoReturn, Sequence
 from . import __version__, exitcodes, spec
 from . import report as report_mod
 from . import summary as summary_mod
-from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
+from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, ValidationFailedError, brief
 
 
 def _eprint(msg: str) -> None:
@@ -543,7 +543,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset,
                                      command=report_mod.command_line(getattr(args, 'argv', None)))
                 except ReparamError as err:
-                    report = getattr(err, "report", None)
+                    report = err.report if isinstance(err, ValidationFailedError) else None
                     raise
                 if args.register:
                     from .converter.artifacts import finish_report

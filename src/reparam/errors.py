@@ -51,9 +51,14 @@ class UnsafeCheckpointError(InvalidInputError):
 
 
 class ValidationFailedError(ReparamError):
-    """The deploy model's output differs from the dual model's main branch (exit 3)."""
+    """The deploy model's output differs from the dual model's main branch (exit 3).
+
+    ``report``: the failed conversion's report (``status: validation_failed``; fields: :class:`reparam.report.Report`),
+    set by the converter when it raises this, else ``None``.
+    """
 
     exit_code = exitcodes.VALIDATION_FAILED
+    report: dict[str, Any] | None = None
 
 
 class SourceError(ReparamError):

@@ -398,7 +398,7 @@ def convert(
             f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise err
 
     evaluate = None
@@ -429,7 +429,7 @@ def convert(
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise
     report["status"] = "succeeded"
     report["timing"]["total_s"] = time.perf_counter() - t0

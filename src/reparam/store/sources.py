@@ -192,60 +192,34 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-class _Progress:
-    """A one-line progress bar on stderr (redrawn at most 10 times a second)."""
-
-    def __init__(self, label: str, total: int | None, enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done = 0
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled and (time.monotonic() - self._last > 0.1):
-            self._draw()
-
-    def _draw(self) -> None:
-        self._last = time.monotonic()
-        mib = self.done / 2**20
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            line = f"\r{self.label} [{bar:<30}] {mib:7.1f}/{self.total / 2**20:.1f} MiB {frac:4.0%}"
-        else:
-            line = f"\r{self.label} {mib:7.1f} MiB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _stream_to_file(
     chunks: Iterable[bytes], dest: Path, label: str, total: int | None, progress: bool
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``dest`` (via ``dest.part``), hashing as they pass; returns (sha256, bytes)."""
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
-    bar = _Progress(label, total, progress)
+    from tqdm import tqdm
+
+    done = 0
+    # tqdm on stderr, only when asked (``progress``: by default when stderr is a terminal)
+    bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               disable=not progress)
     try:
         with open(part, "wb") as fh:
             for chunk in chunks:
                 if chunk:
                     fh.write(chunk)
                     h.update(chunk)
+                    done += len(chunk)
                     bar.update(len(chunk))
         bar.close()
-        if total is not None and bar.done != total:
-            raise SourceError(f"download truncated: got {bar.done} of {total} bytes")
+        if total is not None and done != total:
+            raise SourceError(f"download truncated: got {done} of {total} bytes")
         os.replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return h.hexdigest(), bar.done
+    return h.hexdigest(), done
 
 
 def _dest_for(workdir: Path, name: str) -> Path:
