@@ -74,8 +74,9 @@ def test_register_promote_and_fetch_with_the_skinny_client(mlflow_server, s3_ser
     mv = c.get_model_version_by_alias(name, "champion")
     assert str(mv.version) == "1" and mv.tags["reparam.deploy_sha256"] == report["deploy_sha256"]
     run = c.get_run(report["registry"]["run_id"])
-    assert run.data.metrics["duration_s"] == pytest.approx(report["timing"]["total_s"] - report["timing"]["register_s"],
-                                                            abs=5.0) and run.data.metrics["duration_s"] > 0
+    # the conversion's own wall time (the report's timing.total_s when it was registered; the final total_s adds
+    # the fetch and the registration)
+    assert 0 < run.data.metrics["duration_s"] < report["timing"]["total_s"] - report["timing"]["register_s"]
 
     # the download path: the registered version as a source
     proc = skinny("inspect", f"models:/{name}@champion", "--tracking-uri", mlflow_server.tracking_uri, "--json",
@@ -94,6 +95,6 @@ def test_default_local_store_with_the_skinny_client(tmp_path: Path) -> None:
                   env=clean_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert loaded_blocked(proc) == "none"
-    assert f"Registered in MLflow at sqlite:///{tmp_path}/mlruns/mlflow.db" in proc.stdout.replace("////", "///")
+    assert f"Registered in MLflow at sqlite:///{tmp_path}/mlruns/mlflow.db" in proc.stdout
     assert "models:/local-skinny/1" in proc.stdout
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
