@@ -58,7 +58,8 @@ def test_human_summary(tmp_path: Path) -> None:
     proc = run_cli("convert", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q", "--imgsz", "128")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    for word in ("yolov9-t", "DualDDetect -> DDetect", "parameters", "GFLOPs", "bytes", "max |diff|", "passed"):
+    for word in ("yolov9-t", "DualDDetect -> DDetect", "parameters", "GFLOPs", "MB  sha256", "max |diff|", "passed",
+                 "Results saved to"):
         assert word in text
 
 

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__, exitcodes, spec
+from . import report as report_mod
 from . import summary as summary_mod
-from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
+from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, ValidationFailedError, brief
 
 
 def _eprint(msg: str) -> None:
@@ -324,45 +325,81 @@ def _weights_note(report: dict[str, Any]) -> list[str]:
             + "; --no-ema converts the raw weights"]
 
 
-def _human_summary(report: dict[str, Any]) -> str:
-    v = report["validation"]
-    reg = report.get("registry")
+#: How to use each artifact format, for the closing "Results saved to ..." lines.
+USAGE = {
+    "pt": "official YOLOv9: python detect.py --weights {path} (also val.py, export.py)",
+    "safetensors": "no pickle: reparam.converter.artifacts.load_safetensors('{path}')",
+    "onnx": "onnxruntime.InferenceSession('{path}'); input 'images' [1, 3, H, W] RGB 0-1",
+    "torchscript": "torch.jit.load('{path}')",
+}
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:.2f} MB" if isinstance(n, int) else "?"
+
+
+def _artifact_line(a: "report_mod.Artifact") -> str:
+    """``pt  4.51 MB  sha256 345f840baf36  float16  check passed (max |diff| 1e-05)``: one artifact, like with
+    like (its own size, hash and check)."""
+    if a.check is None:
+        check = "exact copy of the validated weights"
+    elif a.check_passed is None:
+        check = f"check did not run ({a.check.get('reason') or a.check.get('skipped') or 'no reason given'})"
+    else:
+        diff = a.check.get("max_abs_diff")
+        check = ("check passed" if a.check_passed else "check FAILED") + (
+            f" (max |diff| {diff:.3g})" if isinstance(diff, (int, float)) else "")
+    return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
+
+
+def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> str:
+    """The text ``reparam convert`` prints on stdout (the report itself with ``--json``)."""
+    r = report_mod.Report.from_dict(report)
+    v = r.validation
+    reg = r.registry
+    head = f"reparam {r.versions.get('reparam') or __version__}: {r.source.uri}"
     if "layers" not in report and reg:  # nothing converted: an identical version already existed
         return "\n".join([
-            f"reparam {report['reparam_version']}: {report['source']['uri']}",
-            f"  registered   {reg['model_uri']} already holds this conversion (deploy sha256 "
-            f"{report.get('deploy_sha256')}); nothing new was created",
-            f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
-            *([f"  updated tags: {', '.join(reg['updated_tags'])}"] if reg.get("updated_tags") else []),
+            head,
+            f"  registered   {reg.model_uri} already holds this conversion (deploy sha256 "
+            f"{r.deploy_sha256}); nothing new was created",
+            f"  aliases      {', '.join(reg.aliases) or 'none'}",
+            *([f"  updated tags: {', '.join(reg.updated_tags)}"] if reg.updated_tags else []),
             *_promotion_line(report),
+            *_registry_lines(reg, tracking_uri),
         ])
     lines = [
-        f"reparam {report['reparam_version']}: {report['source']['uri']}",
-        f"  variant      {report['variant']} ({report['head']['dual']} -> {report['head']['deploy']}), "
-        f"nc={report['nc']}, weights={report['weights_used']}",
+        head,
+        f"  variant      {r.variant} ({report['head']['dual']} -> {report['head']['deploy']}), "
+        f"nc={r.nc}, weights={report['weights_used']}",
         *_weights_note(report),
-        f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
-        f"(dropped {len(report['layers']['dropped'])})",
-        f"  parameters   {report['params']['before']:,} -> {report['params']['after']:,}",
-        f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
-        f"(at {report['gflops_imgsz']}px)",
     ]
-    if "bytes" in report:
-        b = report["bytes"]
-        change = f"saved {b['saved']:,}" if b["saved"] >= 0 else f"{-b['saved']:,} larger"
-        lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} ({change})")
-    lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}, check {v.get('check', 'full')}) "
-                 f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
+    if r.pruned is False:
+        lines.append(f"  layers       {report['layers']['dual']}: already a deploy model (no auxiliary branch): "
+                     "passed through, nothing pruned")
+    else:
+        lines += [
+            f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
+            f"(dropped {len(report['layers']['dropped'])})",
+            f"  parameters   {r.params_before:,} -> {r.params_after:,}",
+        ]
+    lines.append(f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
+                 f"(at {report['gflops_imgsz']}px)")
+    fused = [c for c in v.comparisons if c.model == "fused"]
+    lines.append(f"  max |diff|   {v.max_abs_diff:.3g} (atol {v.atol:g}, check {v.check}"
+                 + (f"; fused {max(c.max_abs_diff for c in fused):.3g}" if fused else "") + ") "
+                 + ("passed" if v.passed else "FAILED: " + v.reason))
     if report.get("device"):
         dev = report["device"]
         lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(
             f"; also checked on {d['used']}: max |diff| {d['max_abs_diff']:.3g} "
-            f"{'passed' if d['passed'] else 'FAILED'}" for d in v.get("devices", [])[1:]))
-    for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
-        check = a.get("check")
-        extra = f", check max |diff| {check['max_abs_diff']:.3g}" if isinstance(check, dict) and "max_abs_diff" in check else ""
-        lines.append(f"  wrote        {a['path']} ({a['bytes']:,} bytes{extra})")
-    stale = report.get("stale_outputs") if report.get("outputs_kept", True) else None
+            f"{'passed' if d['passed'] else 'FAILED'}" for d in report["validation"].get("devices", [])[1:]))
+    kept = report.get("outputs_kept", True)
+    lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
+                 f"{r.source.uri}")
+    if kept:
+        lines.extend(_artifact_line(a) for a in r.artifacts)
+    stale = report.get("stale_outputs") if kept else None
     if stale:
         lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
                      f"report.json's artifacts): {', '.join(stale)}")
@@ -377,36 +414,54 @@ def _human_summary(report: dict[str, Any]) -> str:
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
     if reg:
-        lines.append(f"  registered   {reg.get('model_uri')} (aliases: {', '.join(reg.get('aliases') or []) or 'none'})"
-                     + (" [existing version, nothing new]" if reg.get("existing") else "")
-                     + (f" [no alias moved: {reg['promotion_skipped']}]" if reg.get("promotion_skipped")
-                        and reg["promotion_skipped"] != "no alias requested" else ""))
-        if reg.get("updated_tags"):
-            lines.append(f"  updated tags: {', '.join(reg['updated_tags'])}")
+        skipped = reg.extra.get("promotion_skipped") or reg.promotion_skipped
+        lines.append(f"  registered   {reg.model_uri} (aliases: {', '.join(reg.aliases) or 'none'})"
+                     + (" [existing version, nothing new]" if reg.existing else "")
+                     + (f" [no alias moved: {skipped}]" if skipped and skipped != "no alias requested" else ""))
+        if reg.updated_tags:
+            lines.append(f"  updated tags: {', '.join(reg.updated_tags)}")
     lines.extend(_promotion_line(report))
-    lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
+    lines.append(f"  time         {r.duration_s or 0:.1f} s")
+    if kept and r.artifacts:
+        folder = str(Path(r.artifacts[0].path).parent)
+        lines.append(f"Results saved to {folder} (report.json says what was checked)")
+        lines.extend(f"  {a.name:<40} {USAGE.get(a.format, '').format(path=a.path)}" for a in r.artifacts)
+    if reg:
+        lines.extend(_registry_lines(reg, tracking_uri))
     return "\n".join(lines)
 
 
+def _registry_lines(reg: "report_mod.Registry", tracking_uri: str | None) -> list[str]:
+    """Where the registered model lives: tracking URI, run id, ``models:/name/version`` and how to load it."""
+    return [f"Registered in MLflow at {reg.tracking_uri or tracking_uri or '$MLFLOW_TRACKING_URI'}",
+            f"  model        {reg.model_uri}  (mlflow.artifacts.download_artifacts('{reg.model_uri}'), or "
+            f"reparam evaluate {reg.model_uri})",
+            f"  run          {reg.run_id or 'none'} (metrics of this conversion, experiment 'reparam')"]
+
+
 def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -> dict[str, Any]:
+    """The termination summary (:mod:`reparam.summary`) of a run, read from its report through
+    :class:`reparam.report.Report`."""
     outcome = "succeeded" if code == 0 else ("validation_failed" if code == exitcodes.VALIDATION_FAILED else "failed")
     s: dict[str, Any] = {"outcome": outcome, "exitCode": code}
     if code:
         s["reason"] = exitcodes.REASONS.get(code, "Error")
         s["message"] = message
-    if report:
-        reg = report.get("registry") or {}
+    if report and report.get("status") in report_mod.STATUSES:
+        r = report_mod.Report.from_dict(report)
+        reg = r.registry
+        pt = r.artifact("pt")
         s.update({
-            "modelName": reg.get("model_name"),
-            "version": str(reg["version"]) if reg.get("version") is not None else None,
-            "modelUri": reg.get("model_uri"),
-            "aliases": reg.get("aliases"),
-            "deploySha256": report.get("deploy_sha256"),
-            "paramsBefore": report.get("params", {}).get("before"),
-            "paramsAfter": report.get("params", {}).get("after"),
-            "maxAbsDiff": report.get("validation", {}).get("max_abs_diff"),
-            "bytesBefore": report.get("bytes", {}).get("before"),
-            "bytesAfter": report.get("bytes", {}).get("after"),
+            "modelName": reg.model_name if reg else None,
+            "version": reg.version if reg else None,
+            "modelUri": reg.model_uri if reg else None,
+            "aliases": reg.aliases if reg else None,
+            "deploySha256": r.deploy_sha256,
+            "paramsBefore": r.params_before,
+            "paramsAfter": r.params_after,
+            "maxAbsDiff": r.validation.max_abs_diff,
+            "bytesBefore": r.source.bytes if pt else None,
+            "bytesAfter": pt.bytes if pt else None,
         })
         ev = report.get("evaluation") or {}
         promo = report.get("promotion") or {}
@@ -496,6 +551,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         _check_output(args)  # first: before torch is imported or the source is read
+        from .store.sources import check_local
+
+        check_local(args.source)  # a mistyped path is reported before torch is imported (seconds)
         from .converter.convert import ConvertOptions, convert
 
         tags = _parse_tags(args.tag)
@@ -543,39 +601,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
                     f"{args.register} version {previous['version']}; nothing to convert")
-                report = {"reparam_version": __version__, "status": "succeeded", "source": info,
+                report = {"status": "succeeded", "command": report_mod.command_line(getattr(args, 'argv', None)),
+                          "versions": report_mod.versions(), "source": info,
                           **publish.summary_from_tags(previous), "timing": {}}
                 report["registry"] = publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say,
                                                    gated=_gated_request(args, eval_dataset))
                 _move_promotion(report)
             else:
                 try:
-                    report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset)
+                    report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset,
+                                     command=report_mod.command_line(getattr(args, 'argv', None)))
                 except ReparamError as err:
-                    report = getattr(err, "report", None)
+                    report = err.report if isinstance(err, ValidationFailedError) else None
                     raise
                 if args.register:
                     from .converter.artifacts import finish_report
 
+                    from .store.tracking import resolve_tracking_uri
+                    from .store.uris import redact
+
+                    say(f"registering in MLflow at {redact(resolve_tracking_uri(args.tracking_uri))} ...")
+                    t_reg = time.perf_counter()
                     report["registry"] = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
                         wait_s=args.registry_wait, gated=_gated_request(args, eval_dataset),
                     )
+                    report["registry"]["tracking_uri"] = redact(resolve_tracking_uri(args.tracking_uri))
+                    report["timing"]["register_s"] = round(time.perf_counter() - t_reg, 4)
+                    say(f"registering in MLflow: done in {report['timing']['register_s']:.1f} s")
                     _move_promotion(report)
                     report["outputs_kept"] = bool(args.output)
                     finish_report(out, report)
         report["timing"]["total_s"] = time.perf_counter() - t0
         if args.json:
-            print(json.dumps(report, indent=2, default=str))
+            print(report_mod.dumps(report))
         else:
-            print(_human_summary(report))
+            print(_human_summary(report, args.tracking_uri))
         _write_termination(args.termination_log, _summary_of(report, 0, None))
         return exitcodes.OK
     except ReparamError as err:
         line = _print_error(str(err), args.verbose)
         if args.json and report:
-            print(json.dumps(report, indent=2, default=str))
+            print(report_mod.dumps(report))
         _write_termination(args.termination_log,
                            _summary_of(report, err.exit_code, line.removeprefix("reparam: error: ")))
         return err.exit_code
@@ -583,9 +651,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``reparam inspect``: print what the checkpoint holds and what conversion would keep."""
-    from .converter.inspect import describe, format_description
-
     try:
+        from .store.sources import check_local
+
+        check_local(args.source)  # before torch is imported
+        from .converter.inspect import describe, format_description
+
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             path, info = _fetch(args.source, Path(work), args)
             if args.cfg is None and (args.nc is not None or args.names is not None):
@@ -656,6 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_operator(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in the report's "command"
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "operator": cmd_operator}
     try:
         return handlers[args.command](args)

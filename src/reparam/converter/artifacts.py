@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .. import report as report_mod
 from ..errors import InvalidInputError, brief
 from ..hashing import hash_file
 from .outdir import artifact_names, stale_outputs
@@ -45,7 +46,9 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write a report as ``report.json`` text (:func:`reparam.report.dumps`: status, command, versions, artifacts
+    first; the deploy config on one line)."""
+    path.write_text(report_mod.dumps(data) + "\n")
 
 
 def _staging(out: Path) -> Path:
@@ -202,9 +205,11 @@ def write_all(
             evaluate(stage, arts)
         main = next((a for a in arts if a["format"] == "pt"), arts[0] if arts else None)
         report["deploy_sha256"] = main["sha256"] if main else None
+        # like with like: the source .pt against the deploy .pt (no size comparison without a .pt artifact)
+        pt = next((a for a in arts if a["format"] == "pt"), None)
         before = int(report["source"].get("bytes") or 0)
-        after = int(main["bytes"]) if main else 0
-        report["bytes"] = {"before": before, "after": after, "saved": before - after}
+        report["bytes"] = {"before": before, "after": int(pt["bytes"]), "saved": before - int(pt["bytes"])} \
+            if pt and before else None
         report["stale_outputs"] = stale_outputs(out, stem, [a["name"] for a in arts])
         report["status"] = "succeeded"
         _write_json(stage / "report.json", report)

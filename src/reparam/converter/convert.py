@@ -16,11 +16,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .. import __version__
+from .. import report as report_mod
 from ..spec import DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision, device_problem
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..hashing import hash_file
@@ -243,18 +243,41 @@ def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, 
     return Pruned(plan, dual, deploy, deploy_sd, account)
 
 
-def _phases(timings: dict[str, float]) -> Callable[[str], Any]:
+#: What each timed step of :func:`convert` does, as its progress line says it (``yolo export`` style).
+STEPS = {
+    "load": "reading the checkpoint (safe unpickler)",
+    "derive": "deriving the deploy graph from the checkpoint's config",
+    "transfer": "copying the main-branch weights",
+    "validate": "equivalence check: deploy vs dual main output",
+    "stats": "counting parameters and GFLOPs",
+    "write": "writing the artifacts",
+}
+
+
+def _phases(timings: dict[str, float], say: Callable[[str], None] | None = None) -> Callable[[str], Any]:
     """``phase(name)``: a context manager adding wall (``<name>_s``) and process CPU time (``<name>_cpu_s``: user +
-    system of every thread, :func:`time.process_time`) of its block to ``timings``, in seconds."""
+    system of every thread, :func:`time.process_time`) of its block to ``timings``, in seconds.
+
+    With ``say``, each step prints ``<step> ...`` (:data:`STEPS`) as it starts and ``<step> done in X s`` as it ends
+    (``failed after X s`` when it raised), so a long step is never a silence.
+    """
 
     @contextmanager
     def phase(name: str) -> Iterator[None]:
         wall, cpu = time.perf_counter(), time.process_time()
+        what = STEPS.get(name, name)
+        if say:
+            say(f"{what} ...")
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + time.perf_counter() - wall, 4)
+            took = time.perf_counter() - wall
+            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + took, 4)
             timings[f"{name}_cpu_s"] = round(timings.get(f"{name}_cpu_s", 0.0) + time.process_time() - cpu, 4)
+            if say:
+                say(f"{what}: {'done in' if ok else 'failed after'} {took:.1f} s")
 
     return phase
 
@@ -267,13 +290,17 @@ def convert(
     source_info: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     eval_dataset: Any = None,
+    command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert one dual checkpoint and write its deploy artifacts into ``out_dir``.
 
     With ``eval_dataset`` (a :class:`reparam.evaluation.Dataset`) the dual model and every artifact are evaluated on
     it before anything is published (:mod:`reparam.evaluation.conversion`; report section ``evaluation``).
 
-    Returns the report dict (also written as ``out_dir/report.json``).
+    ``command`` is the command line recorded in the report (the CLI passes ``reparam convert ...``).
+
+    Returns the report dict (also written as ``out_dir/report.json``; its fields: :class:`reparam.report.Report`,
+    its schema ``reparam/schemas/report.schema.json``).
 
     Raises:
         InvalidInputError / UnsafeCheckpointError: bad input (nothing written).
@@ -287,7 +314,7 @@ def convert(
     t0 = time.perf_counter()
     path = Path(source)
     timings: dict[str, float] = {}
-    phase = _phases(timings)
+    phase = _phases(timings, say)
     threads = limit_threads()
     device = resolve_device(options.device)  # a missing CUDA device is refused before the checkpoint is read
     check_device = (resolve_device(options.check_device, "--check-device") if options.check_device is not None
@@ -330,6 +357,8 @@ def convert(
                 result.passed = False
                 result.reason = f"fused model: {fused_result.reason}"
             result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
+            # the top-level max |diff| covers both models: so do the comparisons listed under it
+            result.comparisons += [dataclasses.replace(c, model="fused") for c in fused_result.comparisons]
         devices = [{**device.to_dict(), "max_abs_diff": result.max_abs_diff, "passed": result.passed}]
         if check_device is not None:
             extra, _ = check_conversion(dual, deploy, **check, device=check_device.torch)
@@ -364,7 +393,9 @@ def convert(
         info["sha256"] = hash_file(path)[0]
 
     report: dict[str, Any] = {
-        "reparam_version": __version__,
+        "status": "running",  # set below; first in report.json (reparam.report.LEAD)
+        "command": list(command) if command is not None else [],
+        "versions": report_mod.versions(),
         "source": info,
         "variant": variant_of(ckpt),
         "model_class": ckpt.model_class,
@@ -422,7 +453,7 @@ def convert(
                if report.get("stale_outputs") else "") + "). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise err
 
     evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None
@@ -455,7 +486,7 @@ def convert(
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise
     report["status"] = "succeeded"
     report["timing"]["total_s"] = time.perf_counter() - t0

@@ -8,6 +8,10 @@ from typing import Any
 from .checkpoint import read_checkpoint, short, variant_of
 from .pruning import MULTI_HEADS, compare_with_published, derive_deploy_plan
 
+#: State-dict entries that are buffers, not parameters: the running statistics of ``torch.nn.BatchNorm2d`` (the
+#: only module with buffers in YOLOv9's blocks). ``convert`` counts parameters only (``model.parameters()``).
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
 
 def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
              names: tuple[str, ...] | None = None, head: str | None = None) -> dict[str, Any]:
@@ -18,11 +22,13 @@ def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
     :func:`reparam.converter.checkpoint.summarize`; ``epoch`` stays an int, ``best_fitness`` a list of floats, the
     training args (``opt``) a dict), model_class, package_prefix (``""`` official layout, ``"yolov9."`` a pip fork),
     variant, head, nc, names, stride (``None`` for a state_dict: measured at conversion), weights
-    (``ema``/``model``/``state_dict``), dtype, tensors, elements, layers (dual/deploy/dropped), globals, state_dict
-    (its origin, or ``None``), conversion (what a conversion keeps of the head: the deploy head, the branch kept
-    (``head``: TripleDDetect's ``fine``/``coarse``), the branches there are, the head inputs and sub-modules kept) and
-    published (:func:`.pruning.compare_with_published`: where the derived deploy config differs from the published
-    one, or ``None`` for a custom architecture).
+    (``ema``/``model``/``state_dict``), dtype, tensors, elements (every number the state_dict holds) = parameters
+    (trainable weights, what ``convert`` reports) + buffer_elements (BatchNorm running statistics and batch
+    counters, :data:`BUFFER_NAMES`), layers (dual/deploy/dropped), globals, state_dict (its origin, or ``None``),
+    conversion (what a conversion keeps of the head: the deploy head, the branch kept (``head``: TripleDDetect's
+    ``fine``/``coarse``), the branches there are, the head inputs and sub-modules kept) and published
+    (:func:`.pruning.compare_with_published`: where the derived deploy config differs from the published one, or
+    ``None`` for a custom architecture).
     Raises the errors of :func:`read_checkpoint` and :func:`derive_deploy_plan`.
     """
     ckpt = read_checkpoint(path, cfg=cfg, nc=nc, names=names)
@@ -45,6 +51,8 @@ def describe(path: str | Path, *, cfg: str | None = None, nc: int | None = None,
         "dtype": ckpt.dtype,
         "tensors": len(ckpt.state_dict),
         "elements": sum(t.numel() for t in ckpt.state_dict.values()),
+        "parameters": sum(t.numel() for k, t in ckpt.state_dict.items() if k.rsplit(".", 1)[-1] not in BUFFER_NAMES),
+        "buffer_elements": sum(t.numel() for k, t in ckpt.state_dict.items() if k.rsplit(".", 1)[-1] in BUFFER_NAMES),
         "layers": {
             "dual": n_layers,
             "deploy": len(plan.layer_map),
@@ -74,7 +82,8 @@ def format_description(desc: dict[str, Any]) -> str:
         f"  model        {desc['model_class']} {desc['variant']}, head {desc['head']}, "
         f"stride {desc['stride'] or 'measured at conversion'}",
         f"  classes      nc={desc['nc']}: {shown}",
-        f"  weights      {desc['tensors']} tensors, {desc['elements']:,} elements, {desc['dtype']}, "
+        f"  weights      {desc['parameters']:,} parameters (what convert counts) + {desc['buffer_elements']:,} "
+        f"BatchNorm statistics = {desc['elements']:,} numbers in {desc['tensors']} tensors, {desc['dtype']}, "
         f"using '{desc['weights']}'",
         f"  layers       {desc['layers']['dual']}; a conversion keeps {desc['layers']['deploy']}"
         + (f" and drops {len(desc['layers']['dropped'])} (auxiliary branch)" if desc["layers"]["pruned"]

@@ -59,6 +59,9 @@ class Comparison:
     #: max |diff| of each part of the output: ``boxes``, ``scores`` and, for segmentation, ``mask_coefficients`` and
     #: ``prototypes`` (:func:`output_parts`)
     parts: dict[str, float] = field(default_factory=dict)
+    #: the model compared with the dual one: ``"deploy"`` (pruned, as saved) or ``"fused"`` (``--fuse``: BatchNorm
+    #: folded, RepConvN merged; its fp32 rounding is where a non-zero difference comes from)
+    model: str = "deploy"
 
 
 @dataclass

@@ -158,5 +158,5 @@ def _fail_if(check: dict[str, Any], what: str, report: dict[str, Any]) -> None:
     err = ValidationFailedError(
         f"{what} export check failed: {check.get('reason')}; nothing was published. Loosen --export-atol only if "
         "the difference is rounding")
-    err.report = report  # type: ignore[attr-defined]
+    err.report = report
     raise err
