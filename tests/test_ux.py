@@ -52,7 +52,8 @@ def test_report_leads_with_status_command_versions_artifacts(fused) -> None:
     assert report["versions"]["reparam"] == metadata.version("reparam")
     assert list(report)[-1] == "deploy_config"
     text = (fused["out"] / "report.json").read_text()
-    config_lines = [ln for ln in text.splitlines() if ln.lstrip().startswith('"deploy_config"')]
+    # the top-level key (indent 2); "published" names the published config it was compared with under the same key
+    config_lines = [ln for ln in text.splitlines() if ln.startswith('  "deploy_config"')]
     assert len(config_lines) == 1 and json.loads("{" + config_lines[0] + "}")["deploy_config"] == report["deploy_config"]
     assert len(text.splitlines()) < 300  # was ~450, most of it the pretty-printed config
     report_schema.check(report, "fused report")
