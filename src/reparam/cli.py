@@ -488,9 +488,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report: dict[str, Any] | None = None
     t0 = time.perf_counter()
     try:
+        from types import SimpleNamespace
+
+        from .converter.export.options import check_export_options  # torch-free
         from .store.sources import check_local
 
-        check_local(args.source)  # a mistyped path is reported before torch is imported (seconds)
+        onnx = {"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
+                "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det}
+        formats = tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS))
+        # contradictory export flags first (a usage error, whatever the source), then a mistyped path: both
+        # reported before torch is imported (seconds)
+        check_export_options(SimpleNamespace(onnx=onnx, export_atol=args.export_atol, formats=formats))
+        check_local(args.source)
         from .converter.convert import ConvertOptions, convert
 
         tags = _parse_tags(args.tag)
@@ -504,11 +513,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         options = ConvertOptions(
             atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
-            formats=tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS)), imgsz=args.imgsz, seed=args.seed,
+            formats=formats, imgsz=args.imgsz, seed=args.seed,
             prefer_ema=not args.no_ema, check_level=args.check,
-            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
-                  "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
-            export_atol=args.export_atol,
+            onnx=onnx, export_atol=args.export_atol,
             eval_data=args.eval_data, eval_imgsz=args.eval_imgsz, eval_atol=args.eval_atol,
             cfg=args.cfg, nc=args.nc, names=args.names,
         )
