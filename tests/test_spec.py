@@ -230,7 +230,8 @@ def cli_answer(monkeypatch):
     def reached(*_a, **_k):
         raise _Reached("reached the download")
 
-    for name in ("_fetch_local", "_fetch_s3", "_fetch_http", "_fetch_run", "_fetch_model"):
+    # _local_path: the existence check of a local source, which the CLI runs before importing torch
+    for name in ("_local_path", "_fetch_local", "_fetch_s3", "_fetch_http", "_fetch_run", "_fetch_model"):
         monkeypatch.setattr(sources, name, reached)
 
     def answer(argv: list[str], capsys) -> bool:

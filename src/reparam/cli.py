@@ -551,9 +551,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         _check_output(args)  # first: before torch is imported or the source is read
+        from types import SimpleNamespace
+
+        from .converter.export.options import check_export_options  # torch-free
         from .store.sources import check_local
 
-        check_local(args.source)  # a mistyped path is reported before torch is imported (seconds)
+        onnx = {"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
+                "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det}
+        try:
+            formats = spec.resolve_formats(args.formats, args.only)
+        except spec.SpecError as err:
+            raise InvalidInputError(str(err)) from None
+        # contradictory export flags first (a usage error, whatever the source), then a mistyped path: both
+        # reported before torch is imported (seconds)
+        check_export_options(SimpleNamespace(onnx=onnx, export_atol=args.export_atol, formats=formats))
+        check_local(args.source)
         from .converter.convert import ConvertOptions, convert
 
         tags = _parse_tags(args.tag)
@@ -566,17 +578,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         precision = _precision(args)
-        try:
-            formats = spec.resolve_formats(args.formats, args.only)
-        except spec.SpecError as err:
-            raise InvalidInputError(str(err)) from None
         options = ConvertOptions(
             atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
             formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,
             prefer_ema=not args.no_ema, check_level=args.check,
-            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
-                  "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
-            export_atol=args.export_atol,
+            onnx=onnx, export_atol=args.export_atol,
             eval_data=args.eval_data, eval_imgsz=args.eval_imgsz, eval_atol=args.eval_atol,
             cfg=args.cfg, nc=args.nc, names=args.names, head=args.head,
         )
