@@ -314,6 +314,8 @@ def _human_summary(report: dict[str, Any]) -> str:
             lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
+        for f in ev.get("files", []) if report.get("outputs_kept", True) else []:
+            lines.append(f"  wrote        {f['path']} ({f['kind'].replace('_', ' ')} of {f['form']})")
     if reg:
         lines.append(f"  registered   {reg.get('model_uri')} (aliases: {', '.join(reg.get('aliases') or []) or 'none'})"
                      + (" [existing version, nothing new]" if reg.get("existing") else "")

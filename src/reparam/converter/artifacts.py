@@ -6,7 +6,9 @@ Artifacts of ``<stem>.pt``:
   never fused, so the official ``detect.py``/``val.py``/``export.py`` can load and fuse it themselves;
 * ``<stem>-converted.safetensors`` — the same weights; metadata holds the deploy config (JSON), ``nc``, ``names``,
   ``stride`` and the reparam version, so :func:`load_safetensors` rebuilds the model without any pickle;
-* ``report.json`` — the conversion report.
+* ``report.json`` — the conversion report;
+* with ``--eval-data``, ``<stem>-eval-*.png``/``.csv`` — the evaluation's PR curve, confusion matrix and tables
+  (:mod:`reparam.evaluation.plots`, listed in the report's ``evaluation.files``).
 
 Everything is written into a staging folder inside ``out_dir`` and moved into place (``os.replace``, atomic on one
 file system) only when every file was written; a failure removes the staging folder and leaves ``out_dir`` as it was.
@@ -60,9 +62,13 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def artifact_names(stem: str) -> list[str]:
-    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json``."""
+    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json`` (the deploy files, then the
+    evaluation's plots and tables, :func:`reparam.evaluation.plots.file_names`)."""
+    from ..evaluation.plots import file_names  # at call time: reparam.evaluation imports the converter's NMS
+
     base = f"{stem}-converted"
-    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript"]
+    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript",
+            *file_names(stem).values()]
 
 
 def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None) -> Path:

@@ -377,9 +377,12 @@ def convert(
 
             t_eval = time.perf_counter()
             try:
-                report["evaluation"] = evaluate_conversion(
+                report["evaluation"] = section = evaluate_conversion(
                     eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
-                    options.eval_atol, say)
+                    options.eval_atol, say, stem=path.stem)
+                for f in section.get("files", []):  # the plots and tables, published next to report.json
+                    f["sha256"], f["bytes"] = hash_file(stage / f["name"])
+                    f["path"] = str(out / f["name"])
             except ValidationFailedError as err:
                 report["evaluation"] = getattr(err, "evaluation", None)
                 raise

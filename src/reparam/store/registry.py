@@ -13,7 +13,9 @@
    conversion's params, metrics and lineage tags.
 4. ``create logged model`` / ``upload artifacts`` / ``finalize logged model`` - the deploy outputs as
    one logged model: an ``MLmodel`` file, the ``.pt``/``.safetensors``/``report.json`` files, and an
-   ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve.
+   ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve. With an evaluation
+   (``--eval-data``) its PR curve, confusion matrix and per-class table are among those files and are also
+   logged on the run, under ``evaluation/``.
 5. ``create model version`` - source ``models:/<model_id>``, run_id = the conversion run, with all tags
    and ``reparam.status = pending``; a registry that registers asynchronously is waited for up to ``wait_s``
    to report ``READY`` (a version that ends ``FAILED_REGISTRATION`` or stays ``PENDING_REGISTRATION`` fails
@@ -48,6 +50,8 @@ from .uris import redact
 TAG_KEY = "reparam.idempotency_key"
 TAG_PREFIX = "reparam."
 DEFAULT_EXPERIMENT = "reparam"
+#: run artifact folder of the evaluation's plots and tables
+EVAL_ARTIFACT_PATH = "evaluation"
 
 
 @dataclasses.dataclass
@@ -244,6 +248,13 @@ def run_metrics(report: dict) -> dict[str, float]:
     return out
 
 
+def evaluation_files(report: dict, artifacts_dir: Path) -> list[Path]:
+    """The evaluation's plots and tables (report ``evaluation.files``, :mod:`reparam.evaluation.plots`) that are
+    in ``artifacts_dir``."""
+    listed = ((report.get("evaluation") or {}).get("files")) or []
+    return [p for p in (Path(artifacts_dir) / str(f.get("name", "")) for f in listed) if p.is_file()]
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -391,6 +402,11 @@ def register(
         state["step"] = "log metrics"
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()])
+        eval_files = evaluation_files(report, artifacts_dir)
+        if eval_files:
+            state["step"] = "upload evaluation plots"
+            for p in eval_files:  # on the run too (its Artifacts tab); the logged model gets them with the rest
+                client.log_artifact(run_id, str(p), EVAL_ARTIFACT_PATH)
         with tempfile.TemporaryDirectory(prefix="reparam-model-") as tmp:
             state["step"] = "build model directory"
             model_dir = Path(tmp) / "model"
