@@ -89,7 +89,7 @@ def main() -> int:
                     "dual": median_ms(dual, x, args.n, args.warmup),
                     "deploy": median_ms(deploy, x, args.n, args.warmup),
                     "fused": median_ms(fused, x, args.n, args.warmup),
-                    "onnxruntime": median_ms(lambda a: sess.run(None, {"images": a}), feed, args.n, args.warmup),
+                    "onnxruntime": median_ms(lambda a, s=sess: s.run(None, {"images": a}), feed, args.n, args.warmup),
                 }
         rows.append((path.stem, t))
         print(f"# {path.stem}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()), file=sys.stderr, flush=True)

@@ -160,7 +160,7 @@ class JobRunner:
         assert emu is not None
         while True:
             live: set[str] = set()
-            for (res, ns, name), obj in list(emu.objects.items()):
+            for (res, ns, _name), obj in list(emu.objects.items()):
                 if res.plural != "jobs" or res.group != "batch" or obj.deleted or (
                         self.namespace is not None and ns != self.namespace):
                     continue

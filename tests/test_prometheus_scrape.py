@@ -6,7 +6,8 @@ kopf) running against the kmock emulator with the test Job runner (see
 test_operator_e2e.py). The test then reads the conversions counter back through
 Prometheus' HTTP API, runs every Grafana dashboard query and loads the chart's alert
 rules in that Prometheus, runs two gated promotions (evaluation on the eval fixture) and reads
-``reparam_promotions_total{decision}`` and ``reparam_last_map50_95{model}`` back, lints the live exposition with ``promtool check metrics``,
+``reparam_promotions_total{decision}`` and ``reparam_last_map50_95{model}`` back, lints the live
+exposition with ``promtool check metrics``,
 and checks every API request the operator made against the chart's namespaced Role.
 
 Skipped only when the ``prometheus`` binary is absent (CI installs Debian's package).

@@ -167,7 +167,8 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     shutil.copyfile(fixtures / "eval" / "data.yaml", sub / "data.yaml")
     for img in sorted((fixtures / "eval" / "images" / "val").glob("*.jpg"))[:32]:
         shutil.copyfile(img, sub / "images" / "val" / img.name)
-        shutil.copyfile(fixtures / "eval" / "labels" / "val" / f"{img.stem}.txt", sub / "labels" / "val" / f"{img.stem}.txt")
+        shutil.copyfile(fixtures / "eval" / "labels" / "val" / f"{img.stem}.txt",
+                        sub / "labels" / "val" / f"{img.stem}.txt")
     half = convert(fixtures, "early", name, env, data=sub)
     p5 = half["promotion"]
     new_digest = half["evaluation"]["dataset"]["digest"]
@@ -196,11 +197,13 @@ def test_race_never_leaves_the_alias_on_the_worse_model(name, client, mlflow_ser
     digest = client.get_model_version(name, "1").tags["reparam.eval.digest"]  # the full val set
     # the better one sets, then the worse one overwrites it: the better one takes it back
     won = champion.promote_gated(name, "2", "race", _report_of(client, name, "2", digest), Gates(), evaluate=never,
-                                 tracking_uri=mlflow_server.tracking_uri, _after_set=other_sets_alias(client, name, "race", "1"))
+                                 tracking_uri=mlflow_server.tracking_uri,
+                                 _after_set=other_sets_alias(client, name, "race", "1"))
     assert won.decision == "promoted" and holder(client, name, "race") == "2"
     # the worse one sets (no holder yet for @race2), then the better one overwrites it: the worse one yields
     lost = champion.promote_gated(name, "1", "race2", _report_of(client, name, "1", digest), Gates(), evaluate=never,
-                                  tracking_uri=mlflow_server.tracking_uri, _after_set=other_sets_alias(client, name, "race2", "2"))
+                                  tracking_uri=mlflow_server.tracking_uri,
+                                  _after_set=other_sets_alias(client, name, "race2", "2"))
     assert lost.decision == "held" and lost.rule == "superseded" and "version 2" in lost.reason
     assert holder(client, name, "race2") == "2"
     assert client.get_model_version(name, "1").tags["reparam.promotion"] == "held"

@@ -148,13 +148,15 @@ def test_run_artifact(mlflow_sources, tmp_path):
     assert got.sha256 == CKPT_SHA and hashlib.sha256(got.path.read_bytes()).hexdigest() == CKPT_SHA
     assert got.lineage == {"source_run_id": mlflow_sources["run_id"], "source_artifact_path": "weights/best.pt"}
     # a directory holding a single checkpoint is resolved to it
-    got = fetch(f"runs:/{mlflow_sources['run_id']}/weights", tmp_path / "d", tracking_uri=mlflow_sources["tracking_uri"])
+    got = fetch(f"runs:/{mlflow_sources['run_id']}/weights", tmp_path / "d",
+                tracking_uri=mlflow_sources["tracking_uri"])
     assert got.sha256 == CKPT_SHA
 
 
 def test_run_missing_artifact_and_run(mlflow_sources, tmp_path):
     with pytest.raises(SourceError, match="no artifact 'weights/nope.pt'"):
-        fetch(f"runs:/{mlflow_sources['run_id']}/weights/nope.pt", tmp_path, tracking_uri=mlflow_sources["tracking_uri"])
+        fetch(f"runs:/{mlflow_sources['run_id']}/weights/nope.pt", tmp_path,
+              tracking_uri=mlflow_sources["tracking_uri"])
     with pytest.raises(SourceError, match="look up run failed"):
         fetch(f"runs:/{'f' * 32}/weights/best.pt", tmp_path, tracking_uri=mlflow_sources["tracking_uri"])
 

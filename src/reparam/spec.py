@@ -42,7 +42,8 @@ __all__ = [
     "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
     "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_FORMATS", "DEFAULT_PRECISION", "FORMATS", "MODEL_NAME_MAX",
     "MODEL_NAME_PATTERN", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
-    "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem", "check_aliases",
+    "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem",
+    "check_aliases",
     "model_name_problem", "parse_source_uri", "sha256_problem", "tag_key_problem",
 ]
 

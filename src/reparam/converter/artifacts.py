@@ -184,7 +184,8 @@ def write_all(
         if "pt" in options.formats:
             p = stage / f"{stem}-converted.pt"
             save_official(saved, p)
-            arts.append({"name": p.name, "format": "pt", "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+            arts.append({"name": p.name, "format": "pt",
+                         "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
         if "safetensors" in options.formats:
             p = stage / f"{stem}-converted.safetensors"
             save_safetensors(saved, p, nc=ckpt.nc, names=ckpt.names, stride=ckpt.stride)

@@ -284,7 +284,8 @@ def convert(
 
     with phase("validate"):
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
-        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level)
+        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol,
+                     level=options.check_level)
         result, flops = check_conversion(dual, deploy, **check)
         fused_result = None
         fused = None
@@ -369,30 +370,29 @@ def convert(
         err.report = report  # type: ignore[attr-defined]
         raise err
 
-    evaluate = None
-    if eval_dataset is not None:
-        def evaluate(stage: Path, arts: list[dict[str, Any]]) -> None:
-            from ..evaluation import EvalSettings
-            from ..evaluation.conversion import evaluate_conversion
+    def evaluate(stage: Path, arts: list[dict[str, Any]]) -> None:
+        from ..evaluation import EvalSettings
+        from ..evaluation.conversion import evaluate_conversion
 
-            t_eval = time.perf_counter()
-            try:
-                report["evaluation"] = section = evaluate_conversion(
-                    eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
-                    options.eval_atol, say, stem=path.stem)
-                for f in section.get("files", []):  # the plots and tables, published next to report.json
-                    f["sha256"], f["bytes"] = hash_file(stage / f["name"])
-                    f["path"] = str(out / f["name"])
-            except ValidationFailedError as err:
-                report["evaluation"] = getattr(err, "evaluation", None)
-                raise
-            finally:
-                timings["evaluate_s"] = time.perf_counter() - t_eval
+        t_eval = time.perf_counter()
+        try:
+            report["evaluation"] = section = evaluate_conversion(
+                eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
+                options.eval_atol, say, stem=path.stem)
+            for f in section.get("files", []):  # the plots and tables, published next to report.json
+                f["sha256"], f["bytes"] = hash_file(stage / f["name"])
+                f["path"] = str(out / f["name"])
+        except ValidationFailedError as err:
+            report["evaluation"] = getattr(err, "evaluation", None)
+            raise
+        finally:
+            timings["evaluate_s"] = time.perf_counter() - t_eval
 
     try:
         with phase("write"):
             artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy,
-                                deploy_sd, options, report, say, evaluate=evaluate)
+                                deploy_sd, options, report, say,
+                                evaluate=evaluate if eval_dataset is not None else None)
         for unit in ("s", "cpu_s"):  # write_all times the export (and the evaluation) inside it
             timings[f"write_{unit}"] = round(timings[f"write_{unit}"] - timings.get(f"export_{unit}", 0.0)
                                              - (timings.get("evaluate_s", 0.0) if unit == "s" else 0.0), 4)

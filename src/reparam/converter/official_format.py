@@ -45,7 +45,8 @@ def official_names() -> dict[type, tuple[str, str]]:
         if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("reparam.models"):
             official = getattr(cls, "official_name", None)
             if official is None:
-                module = "models.yolo" if name in ("DetectionModel", "DDetect", "DualDDetect", "TripleDDetect") else "models.common"
+                module = ("models.yolo" if name in ("DetectionModel", "DDetect", "DualDDetect", "TripleDDetect")
+                          else "models.common")
                 official = f"{module}.{cls.__name__}"
             mod, _, qual = official.rpartition(".")
             out[cls] = (mod, qual)

@@ -181,7 +181,8 @@ def _safe_getattr(obj: Any, name: str) -> MethodRef:
 def _safe_encode(text: str, encoding: str = "utf-8") -> bytes:
     # numpy scalars are pickled as _codecs.encode(<latin-1 str>, 'latin1')
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafeCheckpointError(f"checkpoint calls _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
+        raise UnsafeCheckpointError(
+            f"checkpoint calls _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
     return codecs.encode(text, encoding)
 
 
@@ -317,7 +318,8 @@ def _framework_hint(module: str) -> str | None:
             return (f"the YOLOv9 module '{official}' under the unknown package prefix "
                     f"'{module[: -len(official)]}'; accepted: {known}")
     if root == "ultralytics":
-        return "this is an Ultralytics checkpoint (YOLOv8/YOLO11 style), not a WongKinYiu/yolov9 one; reparam converts YOLOv9 dual checkpoints"
+        return ("this is an Ultralytics checkpoint (YOLOv8/YOLO11 style), not a WongKinYiu/yolov9 one; reparam "
+                "converts YOLOv9 dual checkpoints")
     if root in ("pytorch_lightning", "lightning", "lightning_fabric"):
         return "this is a PyTorch Lightning checkpoint, not a WongKinYiu/yolov9 one"
     if root in ("mmdet", "mmengine", "mmcv", "detectron2", "timm"):
@@ -345,7 +347,8 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         # torch.save writes ('storage', <storage class>, key, location, numel) for each storage
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InvalidInputError(f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
+            raise InvalidInputError(
+                f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
         _, marker, key, _location, numel = pid
         dtype = marker.dtype if isinstance(marker, _StorageMarker) else torch.uint8
         return self._storages.typed(str(key), dtype, int(numel))
@@ -462,5 +465,6 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         except Exception as exc:
-            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
+            raise InvalidInputError(
+                f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
     return RawCheckpoint(path=path, obj=obj, globals=found)

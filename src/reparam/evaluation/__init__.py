@@ -21,5 +21,6 @@ from .result import ClassMetrics, EvalCurves, EvalResult
 from .settings import EvalSettings
 
 __all__ = ["EvalSettings", "EvalResult", "EvalCurves", "ClassMetrics", "DatasetDetections", "detect_dataset", "Dataset",
-           "LoadedModel", "load_model", "from_module", "load_dataset", "open_dataset", "check_names", "evaluate_model", "evaluate_file", "comparison", "describe",
+           "LoadedModel", "load_model", "from_module", "load_dataset", "open_dataset", "check_names", "evaluate_model",
+           "evaluate_file", "comparison", "describe",
            "with_shape_of", "DEFAULT_EVAL_ATOL"]

@@ -69,8 +69,8 @@ def image_confusion(label_classes: np.ndarray, label_boxes: np.ndarray, detectio
         for g, d in zip(gi[first], di[first]):
             gt_free[g] = det_free[d] = False
             out[det_cls[d], gt_cls[g]] += 1
-    np.add.at(out, (nc, gt_cls[gt_free]), 1)
-    np.add.at(out, (det_cls[det_free], nc), 1)
+    np.add.at(out, (np.full(int(gt_free.sum()), nc), gt_cls[gt_free]), 1)  # missed labels: background row
+    np.add.at(out, (det_cls[det_free], np.full(int(det_free.sum()), nc)), 1)  # unmatched detections
     return out
 
 

@@ -4,12 +4,13 @@ Per batch (:mod:`.letterbox`): read, resize, letterbox (rectangular batches; a m
 every image letterboxed to that shape, as the official ``val.py`` does for non-PyTorch backends), run the model
 (:mod:`.backends`), then the official validation NMS: every (anchor, class) pair whose score is above ``conf`` is a
 candidate (multi-label), class-wise greedy NMS at ``iou``, the best ``max_det`` per image
-(:func:`reparam.converter.export.nms.nms_indices` + :func:`~reparam.converter.export.nms.gather_detections`); boxes go back to the
-native image (``scale_boxes``) and :func:`.coco.coco_metrics` scores them.
+(:func:`reparam.converter.export.nms.nms_indices` + :func:`~reparam.converter.export.nms.gather_detections`); boxes
+go back to the native image (``scale_boxes``) and :func:`.coco.coco_metrics` scores them.
 
-Public entry points: :func:`detect_dataset` (a model's detections, unscored), :func:`evaluate_model` (a loaded model), :func:`evaluate_file` (a model file: what the
-registry calls to evaluate a champion version), :func:`open_dataset` (fetch + check a dataset once, for several
-models) and :func:`comparison` (the report's ``evaluation`` section).
+Public entry points: :func:`detect_dataset` (a model's detections, unscored), :func:`evaluate_model` (a loaded
+model), :func:`evaluate_file` (a model file: what the registry calls to evaluate a champion version),
+:func:`open_dataset` (fetch + check a dataset once, for several models) and :func:`comparison` (the report's
+``evaluation`` section).
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class _Bar:
 
 
 def _detections(y: torch.Tensor, settings: EvalSettings) -> tuple[torch.Tensor, ...]:
-    """Official val NMS on ``y [B, 4 + nc, A]``: ``(num [B, 1], boxes [B, D, 4] xyxy, scores [B, D], labels [B, D])``."""
+    """Official val NMS on ``y [B, 4 + nc, A]``.
+
+    Returns ``(num [B, 1], boxes [B, D, 4] xyxy, scores [B, D], labels [B, D])``.
+    """
     boxes, scores = nms_inputs(y)
     selected = nms_indices(boxes, scores, settings.max_det, settings.iou, settings.conf)
     return gather_detections(selected, boxes, scores, settings.max_det)
@@ -282,5 +286,6 @@ def describe(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_EVAL_ATOL", "DatasetDetections", "detect_dataset", "evaluate_model", "evaluate_file", "open_dataset", "with_shape_of", "comparison",
+__all__ = ["DEFAULT_EVAL_ATOL", "DatasetDetections", "detect_dataset", "evaluate_model", "evaluate_file",
+           "open_dataset", "with_shape_of", "comparison",
            "describe"]

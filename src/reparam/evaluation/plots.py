@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .result import EvalCurves, EvalResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: pixel sizes ``(width, height)`` of the two PNGs (figure inches x DPI)
 PR_CURVE_PX = (900, 600)
@@ -44,7 +48,7 @@ def _curves(result: EvalResult) -> EvalCurves:
     return result.curves
 
 
-def _figure(size_px: tuple[int, int]):
+def _figure(size_px: tuple[int, int]) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

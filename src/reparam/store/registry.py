@@ -39,13 +39,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
 from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 TAG_KEY = "reparam.idempotency_key"
 TAG_PREFIX = "reparam."
@@ -74,14 +78,14 @@ class Registration:
     run_id: str | None
     model_id: str | None
     created: bool
-    tags: dict
+    tags: dict[str, str]
     aliases: list[str] = dataclasses.field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def idempotency_key(source_sha256: str, settings: dict) -> str:
+def idempotency_key(source_sha256: str, settings: dict[str, Any]) -> str:
     """sha256 hex of the source's sha256 and the conversion settings (JSON, sorted keys).
 
     ``settings`` must hold everything that changes the output (variant, nc, fuse, opset, dtype,
@@ -95,7 +99,7 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _as_dict(mv) -> dict:
+def _as_dict(mv: ModelVersion) -> dict[str, Any]:
     return {
         "model_name": mv.name,
         "version": str(mv.version),
@@ -107,7 +111,7 @@ def _as_dict(mv) -> dict:
     }
 
 
-def model_id_of(mv) -> str | None:
+def model_id_of(mv: ModelVersion) -> str | None:
     """The MLflow 3 logged model id of a model version (``mv.model_id``, else from its ``models:/m-...`` source;
     a server's reply may leave ``model_id`` empty), or None."""
     return getattr(mv, "model_id", None) or _model_id_from_source(mv.source)
@@ -119,7 +123,7 @@ def _model_id_from_source(source: str | None) -> str | None:
     return None
 
 
-def _keyed_versions(client, model_name: str, key: str) -> tuple[list, list]:
+def _keyed_versions(client: MlflowClient, model_name: str, key: str) -> tuple[list[ModelVersion], list[ModelVersion]]:
     """(complete, not complete) versions of ``model_name`` tagged with ``key``, each oldest first."""
     flt = f"name = {_quote(model_name)} AND tags.`{TAG_KEY}` = {_quote(key)}"
     found = sorted(client.search_model_versions(flt), key=lambda mv: int(mv.version))
@@ -127,12 +131,12 @@ def _keyed_versions(client, model_name: str, key: str) -> tuple[list, list]:
     return ready, [mv for mv in found if version_problem(mv.status, mv.tags) is not None]
 
 
-def _ready_versions(client, model_name: str, key: str) -> list:
+def _ready_versions(client: MlflowClient, model_name: str, key: str) -> list[ModelVersion]:
     return _keyed_versions(client, model_name, key)[0]
 
 
 def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | None = None,
-                  log: Callable[[str], None] | None = None) -> dict | None:
+                  log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The oldest complete version of ``model_name`` tagged with ``idempotency_key``, or None.
 
     Complete: :func:`reparam.store.promotion.version_problem` is None (MLflow status ``READY``, our tags ready
@@ -148,7 +152,8 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
         client = tracking.client(tracking_uri)
         ready, broken = _keyed_versions(client, model_name, idempotency_key)
     except Exception as err:  # noqa: BLE001
-        raise RegistryError(redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
+        raise RegistryError(
+            redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
     if log and not ready:
         for mv in broken:
             log(f"{model_name} version {mv.version} holds this conversion but is not usable "
@@ -171,8 +176,8 @@ def check_user_tags(tags: Mapping[str, object] | None) -> dict[str, str]:
     return out
 
 
-def update_tags(model_name: str, version, tags: Mapping[str, object] | None, current: Mapping[str, str] | None,
-                tracking_uri: str | None = None) -> list[str]:
+def update_tags(model_name: str, version: str | int, tags: Mapping[str, object] | None,
+                current: Mapping[str, str] | None, tracking_uri: str | None = None) -> list[str]:
     """Set the user's ``tags`` that are missing or different on an existing version; returns their keys, sorted.
 
     Tags are metadata, not conversion settings: a changed ``--tag`` never makes a new version. Tags the version
@@ -200,7 +205,8 @@ def update_tags(model_name: str, version, tags: Mapping[str, object] | None, cur
     return changed
 
 
-def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
+def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
+                 idempotency_key: str) -> dict[str, str]:
     """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags."""
     val = report.get("validation") or {}
     params = report.get("params") or {}
@@ -225,7 +231,7 @@ def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idemp
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def run_metrics(report: dict) -> dict[str, float]:
+def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     """Numeric conversion metrics for the run: max_abs_diff, params_before/after, bytes_before/after,
     duration_s (those present)."""
     out: dict[str, float] = {}
@@ -248,14 +254,14 @@ def run_metrics(report: dict) -> dict[str, float]:
     return out
 
 
-def evaluation_files(report: dict, artifacts_dir: Path) -> list[Path]:
+def evaluation_files(report: dict[str, Any], artifacts_dir: Path) -> list[Path]:
     """The evaluation's plots and tables (report ``evaluation.files``, :mod:`reparam.evaluation.plots`) that are
     in ``artifacts_dir``."""
     listed = ((report.get("evaluation") or {}).get("files")) or []
     return [p for p in (Path(artifacts_dir) / str(f.get("name", "")) for f in listed) if p.is_file()]
 
 
-def _experiment_id(client, name: str) -> str:
+def _experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -270,7 +276,7 @@ def _experiment_id(client, name: str) -> str:
         return exp.experiment_id
 
 
-def _ensure_registered_model(client, name: str) -> None:
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -280,14 +286,15 @@ def _ensure_registered_model(client, name: str) -> None:
             raise
 
 
-def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: str, run_id: str) -> list[str]:
+def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], model_id: str, run_id: str) -> list[str]:
     """Lay out the logged model: deploy files + MLmodel (ONNX flavor if an .onnx is there)."""
     from mlflow.models import Model
 
     files = sorted(p for p in artifacts_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     onnx_files = [p for p in files if p.suffix == ".onnx"]
     if len(onnx_files) > 1:
-        raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
+        raise RegistryError(
+            f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
     if onnx_files:
         import mlflow.onnx
@@ -325,10 +332,10 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
 def register(
     model_name: str,
     artifacts_dir: Path,
-    report: dict,
+    report: dict[str, Any],
     *,
-    tags: dict | None = None,
-    lineage: dict | None = None,
+    tags: Mapping[str, object] | None = None,
+    lineage: Mapping[str, object] | None = None,
     idempotency_key: str,
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
@@ -364,11 +371,12 @@ def register(
         raise RegistryError(f"register {model_name}: read artifacts failed: {artifacts_dir} is not a directory")
     all_tags = version_tags(report, tags=tags, lineage=lineage, idempotency_key=idempotency_key)
     metrics = run_metrics(report)
-    state: dict = {"step": "connect"}
+    state: dict[str, Any] = {"step": "connect"}
     client = None
 
     def fail(err: BaseException) -> RegistryError:
-        msg = str(err) if isinstance(err, RegistryError) else f"register {model_name}: {state['step']} failed: {tracking.describe_error(err)}"
+        msg = str(err) if isinstance(err, RegistryError) else (
+            f"register {model_name}: {state['step']} failed: {tracking.describe_error(err)}")
         if client is not None:
             _cleanup(client, model_name, state)
         return RegistryError(redact(msg))
@@ -384,7 +392,8 @@ def register(
         state["step"] = "create registered model"
         _ensure_registered_model(client, model_name)
         state["step"] = "create run"
-        exp_id = _experiment_id(client, experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        exp_id = _experiment_id(client,
+                                experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
         run_tags = {k: v for k, v in all_tags.items() if k.startswith(TAG_PREFIX)}
         run_tags["mlflow.runName"] = f"reparam-{model_name}"
         run = client.create_run(exp_id, tags=run_tags)
@@ -461,13 +470,13 @@ def register(
         raise fail(err) from None
 
 
-def _registration(mv, *, created: bool) -> Registration:
+def _registration(mv: ModelVersion, *, created: bool) -> Registration:
     d = _as_dict(mv)
     return Registration(d["model_name"], d["version"], d["model_uri"], d["run_id"], d["model_id"], created,
                         d["tags"], d["aliases"])  # fmt: skip
 
 
-def _cleanup(client, model_name: str, state: dict) -> None:
+def _cleanup(client: MlflowClient, model_name: str, state: dict[str, Any]) -> None:
     """Best effort: leave nothing that looks registered (each call may fail if the server is gone)."""
     version = state.get("version")
     if version is not None:
