@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from reparam.converter.artifacts import load_safetensors
 from reparam.converter.convert import ConvertOptions, convert
-from reparam.converter.pruning import normalized_layers
+from config_layers import normalized_layers
 from reparam.converter.safe_load import load_pickle
 
 DUAL = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-c-quarter-dual"]

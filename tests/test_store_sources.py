@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from conftest import fixture_path
+from reparam import exitcodes
 from reparam.errors import InvalidInputError, SourceError
 from reparam.store.sources import fetch
 
@@ -83,9 +84,11 @@ def test_local_is_hashed_not_copied(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_local_missing_is_source_error(tmp_path):
-    with pytest.raises(InvalidInputError, match="does not exist"):
+def test_local_missing_is_invalid_input_not_a_source_outage(tmp_path):
+    """A missing local file will not appear by retrying: bad input (exit 2), not an unreachable source (exit 4)."""
+    with pytest.raises(InvalidInputError, match="does not exist") as err:
         fetch(str(tmp_path / "nope.pt"), tmp_path)
+    assert err.value.exit_code == exitcodes.INVALID_INPUT == 2
 
 
 def test_malformed_uri_and_sha_are_invalid_input(tmp_path):

@@ -263,11 +263,3 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
         dual_head=head_name,
         pruned=True,
     )
-
-
-def normalized_layers(cfg: dict[str, Any]) -> list[tuple[tuple[int, ...], Any, str, Any]]:
-    """Layers with ``from`` resolved to absolute indices, for comparing configs written in different styles."""
-    out = []
-    for i, (f, number, module, args) in enumerate(layers_of(cfg)):
-        out.append((tuple(resolve_from(f, i)), number, module.rsplit(".", 1)[-1], args))
-    return out

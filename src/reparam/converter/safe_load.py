@@ -129,10 +129,6 @@ class ObjectRecord:
             if isinstance(child, ObjectRecord):
                 yield from child.named_modules(f"{prefix}.{k}" if prefix else k)
 
-    def public_attrs(self) -> dict[str, Any]:
-        """The pickled instance attributes without ``nn.Module`` internals (``_*`` and ``training``)."""
-        return {k: v for k, v in self.state.items() if not k.startswith("_") and k != "training"}
-
     def named_tensors(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         """``state_dict``-style (name, tensor) pairs: parameters and persistent buffers, depth first.
 
