@@ -396,15 +396,29 @@ def scan_globals(data: bytes) -> list[str]:
     Raises :class:`InvalidInputError` when the stream is not a valid pickle.
     """
     seen: dict[str, None] = {}
-    last_strings: list[str] = []
+    # STACK_GLOBAL (protocol >= 4) takes module and name from the stack: the last two values pushed, each a string
+    # literal or a memo get of one (torch.save memoizes "torch._utils" once and gets it back for every tensor)
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # the last two values pushed (None: not a string)
     try:
         for op, arg, _pos in pickletools.genops(data):
             if op.name in ("GLOBAL", "INST"):
                 seen.setdefault(str(arg).replace(" ", "."), None)
             elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                last_strings = (last_strings + [arg])[-2:]
-            elif op.name == "STACK_GLOBAL" and len(last_strings) == 2:
-                seen.setdefault(".".join(last_strings), None)
+                pushed = (pushed + [arg])[-2:]
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = (pushed + [memo.get(arg)])[-2:]
+            elif op.name == "MEMOIZE":  # memoizes the top of the stack at the next index; the stack is unchanged
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name == "STACK_GLOBAL":
+                # names that are not two pushed strings are still checked by the unpickler's find_class
+                if len(pushed) == 2 and all(isinstance(v, str) for v in pushed):
+                    seen.setdefault(".".join(pushed), None)
+                pushed = [None]
+            elif op.name not in ("FRAME", "PROTO"):
+                pushed = (pushed + [None])[-2:]
     except Exception as exc:  # pickletools raises ValueError and friends on garbage
         raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({brief(exc, 100)})") from None
     return list(seen)
