@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=fixtures_root() / "eval")
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads, also OMP_NUM_THREADS of the reparam process (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads, also OMP_NUM_THREADS of the reparam process (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

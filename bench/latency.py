@@ -25,12 +25,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import fixtures_root  # noqa: E402  (the one fixture lookup of the tests)
 
 from reparam.converter.checkpoint import read_checkpoint  # noqa: E402
-from reparam.converter.convert import build_model  # noqa: E402
+from reparam.converter.convert import prune  # noqa: E402
 from reparam.converter.export import Predictions, export_onnx  # noqa: E402
 from reparam.models import fuse_model  # noqa: E402
-from reparam.converter.pruning import derive_deploy_plan  # noqa: E402
-from reparam.converter.transfer import transfer_weights  # noqa: E402
-from reparam.models import DetectionModel  # noqa: E402
 
 DEFAULT = ["yolov9-t-dual-best", "yolov9-c-quarter-dual"]
 
@@ -48,13 +45,8 @@ def median_ms(fn, x, n: int, warmup: int) -> float:
 
 def models_of(path: Path):
     ck = read_checkpoint(path)
-    plan = derive_deploy_plan(ck.cfg)
-    dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict)
-    skeleton = DetectionModel(plan.deploy_cfg, nc=ck.nc)
-    sd, _ = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan, ck.cfg)
-    deploy = build_model(plan.deploy_cfg, ck.nc, ck.names, sd)
-    deploy.stride = dual.stride.clone()
-    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    pruned = prune(ck.cfg, ck.nc, ck.names, ck.state_dict)  # the converter's own rule, exactness checked
+    dual, deploy = pruned.dual.float().eval(), pruned.deploy.float().eval()
     return dual, deploy, fuse_model(copy.deepcopy(deploy)).eval()
 
 
@@ -89,7 +81,7 @@ def main() -> int:
                     "dual": median_ms(dual, x, args.n, args.warmup),
                     "deploy": median_ms(deploy, x, args.n, args.warmup),
                     "fused": median_ms(fused, x, args.n, args.warmup),
-                    "onnxruntime": median_ms(lambda a: sess.run(None, {"images": a}), feed, args.n, args.warmup),
+                    "onnxruntime": median_ms(lambda a, s=sess: s.run(None, {"images": a}), feed, args.n, args.warmup),
                 }
         rows.append((path.stem, t))
         print(f"# {path.stem}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()), file=sys.stderr, flush=True)

@@ -64,8 +64,8 @@ def main() -> int:
             export_onnx(NMSHead(**settings), path, y, dynamic=True)
             data = path.read_bytes()
             got = run_onnx(data, y)
-            t_graph = median_ms(lambda: run_onnx(data, y), args.n)
-        t_ref = median_ms(lambda: reference_detections(boxes, scores, **settings), args.n)
+            t_graph = median_ms(lambda d=data: run_onnx(d, y), args.n)
+        t_ref = median_ms(lambda kw=settings: reference_detections(boxes, scores, **kw), args.n)
         _, why = compare_detections(ref, got, 1e-4)
         print(f"| {'multi-label' if multi_label else 'best-class'} | {int(got[0][0, 0])} | {t_graph:.0f} | "
               f"{t_ref:.0f} | {'yes' if not why else 'NO: ' + why} |")

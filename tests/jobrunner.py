@@ -195,7 +195,7 @@ class JobRunner:
         assert emu is not None
         while True:
             live: set[str] = set()
-            for (res, ns, name), obj in list(emu.objects.items()):
+            for (res, ns, _name), obj in list(emu.objects.items()):
                 if res.plural != "jobs" or res.group != "batch" or obj.deleted or (
                         self.namespace is not None and ns != self.namespace):
                     continue
@@ -410,7 +410,9 @@ class JobRunner:
             fate = None if fate == "run" else fate
             term_reason, pod_conditions = "", None
 
-            async def attempt() -> tuple[int, str]:
+            # bound now (ruff B023), though the closure is awaited within this iteration
+            async def attempt(fate: Any = fate, ppath: str = ppath, pod_name: str = pod_name,
+                              run: ContainerRun = run) -> tuple[int, str]:
                 nonlocal term_reason, pod_conditions
                 if fate is not None:
                     ended = await self._fate(fate, ppath, pod_name, container, jpath, started)

@@ -161,7 +161,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         while uids:
             next_uids: set[str] = set()
             async with self._lock:
-                for (res, ns, name), obj in list(self._objects.items()):
+                for (res, _ns, _name), obj in list(self._objects.items()):
                     if obj.deleted:
                         continue
                     raw = obj.raw

@@ -163,7 +163,7 @@ def test_values_schema_rejects(chart, values: dict[str, Any], needle: str) -> No
 
 
 def test_values_schema_accepts_every_values_file(chart) -> None:
-    for case, values in VALUES.items():
+    for values in VALUES.values():
         chart.validate_schema(values)
     assert chart.schema is not None and chart.schema["additionalProperties"] is False
 
@@ -477,7 +477,8 @@ def test_alert_rules_use_exposed_metrics(chart) -> None:
     assert names <= exposed_metric_names(), names - exposed_metric_names()
     assert "21600" in alerts["ReparamNoRecentSuccess"]["expr"]  # noSuccessFor 6h in seconds
     gpu = rule_groups(chart, VALUES["gpu-cluster"])
-    assert "43200" in [r for g in gpu["groups"] for r in g["rules"] if r["alert"] == "ReparamNoRecentSuccess"][0]["expr"]
+    (rule,) = [r for g in gpu["groups"] for r in g["rules"] if r["alert"] == "ReparamNoRecentSuccess"]
+    assert "43200" in rule["expr"]
 
 
 def promtool(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -119,6 +119,29 @@ def test_cli_says_the_ema_is_converted(early: Path, tmp_path: Path) -> None:
     assert "differs by up to 0.00781" in proc.stdout
 
 
+def test_pickle_protocol_4_loads_the_same(early: Path, tmp_path: Path) -> None:
+    """A checkpoint saved with ``pickle_protocol=4`` (STACK_GLOBAL, memoized module names) loads like protocol 2:
+    the globals scan reads names got back from the memo (it used to pair the wrong strings and refuse the file)."""
+    ck = read_checkpoint(early)
+    model = build_model(ck.cfg, ck.nc, ck.names, dict(ck.state_dict)).half()
+    paths = {}
+    for proto in (2, 4):
+        paths[proto] = tmp_path / f"proto{proto}.pt"
+        torch.save({"model": model, "epoch": -1, "best_fitness": np.array([0.5])}, str(paths[proto]),
+                   pickle_module=_pickle_module(), pickle_protocol=proto)
+    p2, p4 = load_pickle(paths[2]), load_pickle(paths[4])
+    # the same classes and torch/numpy functions (protocol 2 also names __builtin__.set and _codecs.encode for
+    # bytes, protocol 4 has opcodes for both)
+    def own(found: list[str]) -> set[str]:
+        return {g for g in found if not g.startswith(("__builtin__.", "builtins.", "_codecs."))}
+
+    assert own(p4.globals) == own(p2.globals) and len(own(p4.globals)) > 10
+    assert "torch._utils._rebuild_tensor_v2" in p4.globals and "models.yolo.DetectionModel" in p4.globals
+    a, b = dict(p2.obj["model"].named_tensors()), dict(p4.obj["model"].named_tensors())
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert p4.obj["best_fitness"].tolist() == [0.5] and p4.obj["epoch"] == -1
+
+
 def test_numpy1_module_paths_load_the_same(early: Path, tmp_path: Path) -> None:
     np1 = rewrite_pickle(early, tmp_path / "np1.pt", (b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
     a, b = read_checkpoint(early), read_checkpoint(np1)

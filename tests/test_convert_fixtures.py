@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from reparam.converter.artifacts import load_safetensors
 from reparam.converter.convert import ConvertOptions, convert
-from reparam.converter.pruning import normalized_layers
+from config_layers import normalized_layers
 from reparam.converter.safe_load import load_pickle
 
 DUAL = ["yolov9-t-dual-best", "yolov9-t-dual-last", "yolov9-c-quarter-dual"]
@@ -68,7 +68,8 @@ def test_state_dict_reproduces_official_conversion(name: str, converted, fixture
     assert list(sd) == list(ref["state_dict"])  # same keys, same order
     mismatched = [
         k for k, d in ref["state_dict"].items()
-        if list(sd[k].shape) != d["shape"] or str(sd[k].dtype).replace("torch.", "") != d["dtype"] or _sha(sd[k]) != d["sha256"]
+        if list(sd[k].shape) != d["shape"] or str(sd[k].dtype).replace("torch.", "") != d["dtype"]
+        or _sha(sd[k]) != d["sha256"]
     ]
     assert mismatched == []
     assert report["tensors"]["deploy"] == ref["n_state_dict_keys"]

@@ -102,7 +102,8 @@ def test_check_device_cuda_without_cuda(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     if not CUDA:
         assert code == exitcodes.INVALID_INPUT
-        assert err.startswith("reparam: error: --check-device cuda: CUDA is not available here") and err.count("\n") == 1
+        assert err.startswith("reparam: error: --check-device cuda: CUDA is not available here")
+        assert err.count("\n") == 1
         assert not (tmp_path / "out").exists()
     else:
         assert code == 0, err

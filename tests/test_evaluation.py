@@ -29,6 +29,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reparam.converter.convert import ConvertOptions, convert
@@ -129,6 +130,51 @@ def test_cli_evaluate_converted_pt_json(converted, eval_dir):
     assert art["format"] == "pt"
     assert_official(art, "final")
     assert abs(art["map50_95"] - report["evaluation"]["dual"]["map50_95"]) <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_plots_and_tables_of_the_deploy_pt(converted, dataset):
+    """The PR curve, confusion matrix and per-class table are written next to report.json and listed in it; the
+    confusion counts are those of the deploy .pt's own detections (score > 0.25) against the 210 labels."""
+    import csv
+    import hashlib
+
+    from PIL import Image
+
+    from reparam.evaluation import detect_dataset
+    from reparam.evaluation.plots import CONFUSION_PX, PR_CURVE_PX
+
+    out, report = converted
+    stem = "yolov9-t-dual-shapes-final"
+    files = {f["kind"]: f for f in report["evaluation"]["files"]}
+    assert sorted(files) == ["confusion_counts", "confusion_matrix", "per_class", "pr_curve"]
+    for f in files.values():
+        p = out / f["name"]
+        assert f["name"].startswith(f"{stem}-eval-") and f["path"] == str(p) and f["form"] == "pt"
+        assert f["bytes"] == p.stat().st_size and f["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    with Image.open(out / files["pr_curve"]["name"]) as im:
+        assert im.format == "PNG" and im.size == PR_CURVE_PX
+    with Image.open(out / files["confusion_matrix"]["name"]) as im:
+        assert im.format == "PNG" and im.size == CONFUSION_PX
+
+    pt = next(a for a in report["evaluation"]["artifacts"] if a["format"] == "pt")
+    rows = list(csv.DictReader((out / files["per_class"]["name"]).open()))
+    assert [r["class"] for r in rows] == ["all", "red", "green", "blue"]
+    assert [int(r["instances"]) for r in rows] == [210, 61, 79, 70]
+    assert float(rows[0]["map50_95"]) == pt["map50_95"] and float(rows[0]["map50"]) == pt["map50"]
+    assert all(0.7 < float(r["map50_95"]) < 0.95 for r in rows[1:])
+
+    counts = list(csv.reader((out / files["confusion_counts"]["name"]).open()))
+    assert counts[0] == ["predicted\\true", "red", "green", "blue", "background"]
+    cm = np.array([[int(v) for v in row[1:]] for row in counts[1:]])
+    # the deploy .pt's detections above the confusion threshold, per class, counted here
+    run = detect_dataset(load_model(out / f"{stem}-converted.pt"), dataset, SETTINGS)
+    confident = np.concatenate([d[d[:, 4] > 0.25] for d in run.per_image if d is not None])
+    per_class = np.bincount(confident[:, 5].astype(int), minlength=3)
+    assert cm[:3].sum(1).tolist() == per_class.tolist()  # every confident detection is in its row
+    assert cm[:, :3].sum(0).tolist() == [61, 79, 70]  # every label is in its column
+    assert cm[3, 3] == 0 and cm[:3, :3].trace() >= 200  # final model: nearly every label found with its class
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from reparam.converter.checkpoint import read_checkpoint
-from reparam.converter.convert import ConvertOptions, build_model
+from reparam.converter.convert import ConvertOptions, build_model, prune
 from reparam.hashing import hash_file
 from reparam.converter.export import (EXPORT_DEFAULTS, EndToEnd, ExportOptions, Predictions, compare_detections,
                                       export_all, export_onnx, export_torchscript, run_onnx)
@@ -28,9 +28,7 @@ from reparam.converter.export.checks import run_checks
 from reparam.models import fuse_model
 from reparam.converter.export.nms import NMS_OUTPUTS, NMSHead, nms_indices, reference_detections, xywh2xyxy
 from reparam.converter.pruning import derive_deploy_plan
-from reparam.converter.transfer import transfer_weights
 from reparam.errors import InvalidInputError, ValidationFailedError
-from reparam.models import DetectionModel
 
 REPO = Path(__file__).resolve().parents[1]
 T = "yolov9-t-dual-best"
@@ -48,13 +46,8 @@ def models(fixtures: Path):
             if not plan.pruned:
                 cache[name] = (None, build_model(ck.cfg, ck.nc, ck.names, ck.state_dict))
             else:
-                dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict)
-                skeleton = DetectionModel(plan.deploy_cfg, nc=ck.nc)
-                sd, _ = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan, ck.cfg)
-                deploy = build_model(plan.deploy_cfg, ck.nc, ck.names, sd)
-                deploy.stride = dual.stride.clone()
-                deploy.model[-1].stride = dual.model[-1].stride.clone()
-                cache[name] = (dual, deploy)
+                pruned = prune(ck.cfg, ck.nc, ck.names, ck.state_dict)  # the converter's rule, exactness checked
+                cache[name] = (pruned.dual.float().eval(), pruned.deploy.float().eval())
         return cache[name]
 
     return get

@@ -45,6 +45,11 @@ def image(fixtures: Path) -> torch.Tensor:
     return load_file(str(fixtures / "reference" / "input-640.safetensors"))["input"]
 
 
+def public_attrs(state: dict) -> dict:
+    """Instance attributes without ``nn.Module`` internals (``_*`` and ``training``)."""
+    return {k: v for k, v in state.items() if not k.startswith("_") and k != "training"}
+
+
 def _state_dict(rec: ObjectRecord) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((k, v.detach()) for k, v in rec.named_tensors())
 
@@ -80,9 +85,9 @@ def test_graph_matches_checkpoint_structure(probes: dict, name: str) -> None:
     ours_modules = dict(model.named_modules())
     assert list(ours_modules) == list(ref_modules)
     for path, stub in ref_modules.items():
-        ref_attrs = stub.public_attrs()
+        ref_attrs = public_attrs(stub.state)
         ours = ours_modules[path]
-        ours_attrs = {k: v for k, v in vars(ours).items() if not k.startswith("_") and k != "training"}
+        ours_attrs = public_attrs(vars(ours))
         allowed = MODEL_ONLY_OFFICIAL if path == "" else {"shape"}  # shape: set by an eval forward
         assert set(ref_attrs) - allowed == set(ours_attrs), f"{path or 'model'} ({stub.cls})"
         assert stub.cls.rsplit(".", 1)[1] == type(ours).__name__

@@ -229,7 +229,7 @@ def test_validation_failure_moves_no_alias_and_invalid_spec(env, ns, runner, sta
     assert cond(obj, "Validated")["status"] == "False" and cond(obj, "Validated")["reason"] == "ValidationFailed"
     assert cond(obj, "Converted")["status"] == "True"
     assert cond(obj, "Registered")["status"] == "False" and cond(obj, "Promoted")["status"] == "False"
-    assert cond(obj, "Succeeded") | {} and cond(obj, "Succeeded")["status"] == "False"
+    assert cond(obj, "Succeeded").get("status") == "False"
     assert obj["status"]["lastFailure"]["exitCode"] == exitcodes.VALIDATION_FAILED
     assert "exceeds atol" in obj["status"]["lastFailure"]["message"]
     # podFailurePolicy: exit 3 failed the Job at once (backoffLimit 2 not used)

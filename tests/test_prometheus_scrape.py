@@ -5,7 +5,9 @@ storage, scrape interval 1 s) and scrapes the operator (``python -m reparam.oper
 kopf) running against the kmock emulator with the test Job runner (see
 test_operator_e2e.py). The test then reads the conversions counter back through
 Prometheus' HTTP API, runs every Grafana dashboard query and loads the chart's alert
-rules in that Prometheus, lints the live exposition with ``promtool check metrics``,
+rules in that Prometheus, runs two gated promotions (evaluation on the eval fixture) and reads
+``reparam_promotions_total{decision}`` and ``reparam_last_map50_95{model}`` back, lints the live
+exposition with ``promtool check metrics``,
 and checks every API request the operator made against the chart's namespaced Role.
 
 Skipped only when the ``prometheus`` binary is absent (CI installs Debian's package).
@@ -210,6 +212,51 @@ def test_prometheus_scrapes_a_conversion(env: KubeEnv, recorded, tmp_path: Path,
         assert {r["health"] for r in group["rules"]} == {"ok"}
         states = {r["name"]: (r["state"], r["query"]) for r in group["rules"]}
         assert {k: v[0] for k, v in states.items()} == dict.fromkeys(states, "inactive"), states
+
+        # gated promotions (spec.evaluation + spec.promotion) on the eval fixture: the early checkpoint is promoted
+        # (first version), the final one held by minMap; Prometheus sees both decisions and the last mAP
+        assert prom.value('reparam_promotions_total{decision="promoted"}') == 0
+        assert prom.value('reparam_promotions_total{decision="held"}') == 0
+        data_prefix = f"scrape/{uuid.uuid4().hex[:8]}/val"
+        files = [fixtures / "eval" / "data.yaml"]
+        for img in sorted((fixtures / "eval" / "images" / "val").glob("*.jpg"))[:16]:
+            files += [img, fixtures / "eval" / "labels" / "val" / f"{img.stem}.txt"]
+        for f in files:
+            s3_server.client().upload_file(str(f), s3_server.bucket,
+                                           f"{data_prefix}/{f.relative_to(fixtures / 'eval').as_posix()}")
+        gated_model = f"scrape-gated-{uuid.uuid4().hex[:8]}"
+        results = {}
+        for which, promotion in (("early", {"alias": "champion"}), ("final", {"alias": "champion", "minMap": 0.99})):
+            ckpt_key = f"{data_prefix}-{which}.pt"
+            s3_server.client().upload_file(str(fixtures / "eval" / f"yolov9-t-dual-shapes-{which}.pt"),
+                                           s3_server.bucket, ckpt_key)
+            name = f"gated-{which}"
+            status, data = env.request("POST", mc_path(NS), {
+                "apiVersion": "reparam.dev/v1alpha1", "kind": "ModelConversion",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"source": {"uri": f"s3://{s3_server.bucket}/{ckpt_key}"},
+                         "conversion": {"formats": ["pt"], "fuse": False, "atol": 1.0e-3},
+                         "registry": {"trackingUri": mlflow_server.tracking_uri, "modelName": gated_model},
+                         "evaluation": {"data": f"s3://{s3_server.bucket}/{data_prefix}", "imgsz": 160},
+                         "promotion": promotion,
+                         "job": {"envFrom": [{"secretRef": {"name": "s3-creds"}}]}}})
+            assert status in (200, 201), data
+
+            def gated_status(name: str = name) -> dict[str, Any]:
+                return (env.get(MC_RESOURCE, NS, name) or {}).get("status") or {}
+            wait_for(lambda: gated_status().get("phase") in ("Succeeded", "Failed"), 300, what=f"{name} finished")
+            assert gated_status()["phase"] == "Succeeded", json.dumps(gated_status().get("lastFailure"))
+            results[which] = gated_status()["result"]
+        assert results["early"]["promotion"]["decision"] == "promoted"
+        assert results["final"]["promotion"]["decision"] == "held"
+        final_map = results["final"]["metrics"]["map50_95"]
+        assert 0.7 < final_map < 0.99 and final_map != results["early"]["metrics"]["map50_95"]
+        wait_for(lambda: prom.value('reparam_promotions_total{decision="held"}') == 1, 30, interval=0.2,
+                 what="Prometheus sees the held promotion")
+        assert prom.value(f'reparam_promotions_total{{job="{JOB}", decision="promoted"}}') == 1
+        # the gauge holds the last succeeded evaluated conversion's mAP, per registered model
+        assert prom.value(f'reparam_last_map50_95{{model="{gated_model}"}}') == final_map
+        assert prom.value('count(reparam_last_map50_95)') == 1
 
         # the live exposition passes Prometheus' metric lint
         if PROMTOOL:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from pathlib import Path
 
+import mlflow.artifacts
+import numpy as np
 import pytest
 
 from test_registry_e2e import cli_env, one_error_line, reparam
@@ -68,6 +71,49 @@ def test_bad_promote_requests_exit_2_before_anything(fixtures, env, name, client
     assert client.search_registered_models(f"name = '{name}'") == []
 
 
+def assert_eval_plots(client, mv, report: dict, fixtures, tmp_path) -> None:
+    """The evaluation's plots and tables are artifacts of the version's run (``evaluation/``) and of its logged
+    model, byte for byte as listed in the report; the PNGs are images of the documented size; the confusion counts
+    are those of the registered .pt's own detections on the fixture set."""
+    import csv
+    import hashlib
+
+    from PIL import Image
+
+    from reparam.evaluation import EvalSettings, detect_dataset, load_model, open_dataset
+    from reparam.evaluation.plots import CONFUSION_PX, PR_CURVE_PX
+
+    listed = {f["name"]: f for f in report["evaluation"]["files"]}
+    assert sorted(f["kind"] for f in listed.values()) == ["confusion_counts", "confusion_matrix", "per_class",
+                                                          "pr_curve"]
+    on_run = {Path(a.path).name for a in client.list_artifacts(mv.run_id, registry.EVAL_ARTIFACT_PATH)}
+    assert on_run == set(listed)
+    on_model = {a.path for a in client.list_logged_model_artifacts(registry.model_id_of(mv))}
+    assert set(listed) <= on_model
+    run_dir = Path(client.download_artifacts(mv.run_id, registry.EVAL_ARTIFACT_PATH, str(tmp_path / "run")))
+    model_dir = Path(mlflow.artifacts.download_artifacts(client.get_model_version_download_uri(mv.name, mv.version),
+                                                         dst_path=str(tmp_path / "model"),
+                                                         tracking_uri=client.tracking_uri))
+    for name, f in listed.items():
+        for where in (run_dir, model_dir):
+            assert hashlib.sha256((where / name).read_bytes()).hexdigest() == f["sha256"], (where, name)
+    by_kind = {f["kind"]: run_dir / name for name, f in listed.items()}
+    for kind, size in (("pr_curve", PR_CURVE_PX), ("confusion_matrix", CONFUSION_PX)):
+        with Image.open(by_kind[kind]) as im:
+            assert im.format == "PNG" and im.size == size
+    counts = list(csv.reader(by_kind["confusion_counts"].open()))
+    assert counts[0] == ["predicted\\true", "red", "green", "blue", "background"]
+    cm = np.array([[int(v) for v in row[1:]] for row in counts[1:]])
+    (pt,) = model_dir.glob("*-converted.pt")
+    ds = open_dataset(fixtures / "eval", tmp_path / "ds")
+    run = detect_dataset(load_model(pt), ds, EvalSettings(imgsz=160))
+    confident = np.concatenate([d[d[:, 4] > 0.25] for d in run.per_image if d is not None])
+    assert cm[:3].sum(1).tolist() == np.bincount(confident[:, 5].astype(int), minlength=3).tolist()
+    assert cm[:, :3].sum(0).tolist() == [61, 79, 70] and cm[3, 3] == 0
+    per_class = list(csv.DictReader(by_kind["per_class"].open()))
+    assert per_class[0]["class"] == "all" and float(per_class[0]["map50_95"]) == report["promotion"]["map50_95"]
+
+
 def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     early = convert(fixtures, "early", name, env)
     p = early["promotion"]
@@ -87,6 +133,7 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     lm = client.get_logged_model(registry.model_id_of(mv1))
     assert {m.key: m.value for m in lm.metrics}["eval_map50_95"] == pytest.approx(p["map50_95"])
     assert {m.dataset_digest for m in lm.metrics if m.key.startswith("eval_")} == {digest[:32]}
+    assert_eval_plots(client, mv1, early, fixtures, tmp_path)
 
     final = convert(fixtures, "final", name, env)
     p2 = final["promotion"]
@@ -120,7 +167,8 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     shutil.copyfile(fixtures / "eval" / "data.yaml", sub / "data.yaml")
     for img in sorted((fixtures / "eval" / "images" / "val").glob("*.jpg"))[:32]:
         shutil.copyfile(img, sub / "images" / "val" / img.name)
-        shutil.copyfile(fixtures / "eval" / "labels" / "val" / f"{img.stem}.txt", sub / "labels" / "val" / f"{img.stem}.txt")
+        shutil.copyfile(fixtures / "eval" / "labels" / "val" / f"{img.stem}.txt",
+                        sub / "labels" / "val" / f"{img.stem}.txt")
     half = convert(fixtures, "early", name, env, data=sub)
     p5 = half["promotion"]
     new_digest = half["evaluation"]["dataset"]["digest"]
@@ -149,11 +197,13 @@ def test_race_never_leaves_the_alias_on_the_worse_model(name, client, mlflow_ser
     digest = client.get_model_version(name, "1").tags["reparam.eval.digest"]  # the full val set
     # the better one sets, then the worse one overwrites it: the better one takes it back
     won = champion.promote_gated(name, "2", "race", _report_of(client, name, "2", digest), Gates(), evaluate=never,
-                                 tracking_uri=mlflow_server.tracking_uri, _after_set=other_sets_alias(client, name, "race", "1"))
+                                 tracking_uri=mlflow_server.tracking_uri,
+                                 _after_set=other_sets_alias(client, name, "race", "1"))
     assert won.decision == "promoted" and holder(client, name, "race") == "2"
     # the worse one sets (no holder yet for @race2), then the better one overwrites it: the worse one yields
     lost = champion.promote_gated(name, "1", "race2", _report_of(client, name, "1", digest), Gates(), evaluate=never,
-                                  tracking_uri=mlflow_server.tracking_uri, _after_set=other_sets_alias(client, name, "race2", "2"))
+                                  tracking_uri=mlflow_server.tracking_uri,
+                                  _after_set=other_sets_alias(client, name, "race2", "2"))
     assert lost.decision == "held" and lost.rule == "superseded" and "version 2" in lost.reason
     assert holder(client, name, "race2") == "2"
     assert client.get_model_version(name, "1").tags["reparam.promotion"] == "held"

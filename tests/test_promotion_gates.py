@@ -35,7 +35,8 @@ def test_rule_order_puts_the_cheap_gates_before_the_registry_reads():
     ({"holder": "1", "holder_measured": None}, "champion_unmeasured", "no evaluation on dataset aaaaaaaaaaaa"),
     ({"holder": "1", "holder_measured": Measured("b" * 64, 160, 0.1)}, "champion_unmeasured", "no evaluation"),
     ({"holder": "1", "holder_measured": Measured(DIGEST, 640, 0.1)}, "champion_unmeasured", "at 160 px"),
-    ({"holder": "1", "holder_measured": Measured(DIGEST, 160, 0.8001)}, "regression", "regression: mAP@0.5:0.95 0.8000"),
+    ({"holder": "1", "holder_measured": Measured(DIGEST, 160, 0.8001)}, "regression",
+     "regression: mAP@0.5:0.95 0.8000"),
     ({"holder": "1", "holder_measured": Measured(DIGEST, 160, 0.83), "gates": Gates(max_regression=0.02)},
      "regression", "by 0.0300 (> --max-regression 0.02)"),
 ])

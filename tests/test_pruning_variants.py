@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from reparam.converter.convert import prune
-from reparam.converter.pruning import derive_deploy_plan, normalized_layers
+from config_layers import normalized_layers
+from reparam.converter.pruning import derive_deploy_plan
 from reparam.errors import InvalidInputError
 from reparam.models import DetectionModel
 from reparam.models.published import published_config

@@ -187,7 +187,8 @@ def test_conversion_registers_a_version_that_loads_and_matches_the_reference(fir
         tracking_uri=client.tracking_uri))  # fmt: skip
     pts, sts = sorted(got.rglob("*.pt")), sorted(got.rglob("*.safetensors"))
     assert len(pts) == 1 and len(sts) == 1, sorted(p.name for p in got.rglob("*"))
-    assert (got / "MLmodel").is_file() and json.loads((got / "report.json").read_text())["deploy_sha256"] == sha256(pts[0])
+    assert (got / "MLmodel").is_file()
+    assert json.loads((got / "report.json").read_text())["deploy_sha256"] == sha256(pts[0])
 
     model = load_safetensors(sts[0])
     x = load_file(str(INPUT))["input"]
@@ -354,7 +355,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if srv.cut.is_set():
             self.close_connection = True
             return  # no answer: the client sees the connection dropped
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding", "connection")}
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "transfer-encoding", "connection")}
         headers["Content-Length"] = str(len(body))
         conn = http.client.HTTPConnection(srv.upstream.hostname, srv.upstream.port, timeout=120)
         try:

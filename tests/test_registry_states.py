@@ -66,7 +66,8 @@ def lines(proc: subprocess.CompletedProcess, prefix: str) -> list[str]:
 
 
 def versions_of(client, name: str) -> dict[str, tuple[str, dict]]:
-    return {str(mv.version): (mv.status, dict(mv.tags or {})) for mv in client.search_model_versions(f"name = '{name}'")}
+    return {str(mv.version): (mv.status, dict(mv.tags or {}))
+            for mv in client.search_model_versions(f"name = '{name}'")}
 
 
 @pytest.fixture(scope="module")

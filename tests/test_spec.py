@@ -306,7 +306,8 @@ def test_reserved_alias_message_names_the_rule() -> None:
 
 def test_crd_says_what_spec_says() -> None:
     """The committed CRD's patterns, enums, defaults and rules are the spec module's strings, field by field."""
-    source, conv, reg = PROPS["source"]["properties"], PROPS["conversion"]["properties"], PROPS["registry"]["properties"]
+    source, conv = PROPS["source"]["properties"], PROPS["conversion"]["properties"]
+    reg = PROPS["registry"]["properties"]
     assert source["uri"]["pattern"] == spec.CLUSTER_SOURCE_URI_PATTERN
     assert [r["rule"] for r in source["uri"]["x-kubernetes-validations"]] == [spec.CLUSTER_SOURCE_URI_RULE]
     assert source["sha256"]["pattern"] == "^(?:" + spec.SHA256_PATTERN[1:-1] + ")?$"

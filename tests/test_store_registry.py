@@ -122,7 +122,8 @@ def test_register_new_version_with_tags_lineage_metrics_and_onnx_flavor(mlflow_s
     import mlflow.pyfunc
     import numpy as np
 
-    local = mlflow.artifacts.download_artifacts(root, dst_path=str(tmp_path / "full"), tracking_uri=mlflow_server.tracking_uri)
+    local = mlflow.artifacts.download_artifacts(root, dst_path=str(tmp_path / "full"),
+                                                tracking_uri=mlflow_server.tracking_uri)
     pred = mlflow.pyfunc.load_model(local).predict({"images": np.zeros((1, 3, 640, 640), np.float32)})
     assert pred["output0"].shape == (1, 7, 8400)
     assert set(t["reparam.files"].split(",")) >= {"MLmodel", "best.pt", "best.onnx", "report.json"}

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from conftest import fixture_path
+from reparam import exitcodes
 from reparam.errors import InvalidInputError, SourceError
 from reparam.store.sources import fetch
 
@@ -83,9 +84,11 @@ def test_local_is_hashed_not_copied(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_local_missing_is_source_error(tmp_path):
-    with pytest.raises(InvalidInputError, match="does not exist"):
+def test_local_missing_is_invalid_input_not_a_source_outage(tmp_path):
+    """A missing local file will not appear by retrying: bad input (exit 2), not an unreachable source (exit 4)."""
+    with pytest.raises(InvalidInputError, match="does not exist") as err:
         fetch(str(tmp_path / "nope.pt"), tmp_path)
+    assert err.value.exit_code == exitcodes.INVALID_INPUT == 2
 
 
 def test_malformed_uri_and_sha_are_invalid_input(tmp_path):
@@ -148,13 +151,15 @@ def test_run_artifact(mlflow_sources, tmp_path):
     assert got.sha256 == CKPT_SHA and hashlib.sha256(got.path.read_bytes()).hexdigest() == CKPT_SHA
     assert got.lineage == {"source_run_id": mlflow_sources["run_id"], "source_artifact_path": "weights/best.pt"}
     # a directory holding a single checkpoint is resolved to it
-    got = fetch(f"runs:/{mlflow_sources['run_id']}/weights", tmp_path / "d", tracking_uri=mlflow_sources["tracking_uri"])
+    got = fetch(f"runs:/{mlflow_sources['run_id']}/weights", tmp_path / "d",
+                tracking_uri=mlflow_sources["tracking_uri"])
     assert got.sha256 == CKPT_SHA
 
 
 def test_run_missing_artifact_and_run(mlflow_sources, tmp_path):
     with pytest.raises(SourceError, match="no artifact 'weights/nope.pt'"):
-        fetch(f"runs:/{mlflow_sources['run_id']}/weights/nope.pt", tmp_path, tracking_uri=mlflow_sources["tracking_uri"])
+        fetch(f"runs:/{mlflow_sources['run_id']}/weights/nope.pt", tmp_path,
+              tracking_uri=mlflow_sources["tracking_uri"])
     with pytest.raises(SourceError, match="look up run failed"):
         fetch(f"runs:/{'f' * 32}/weights/best.pt", tmp_path, tracking_uri=mlflow_sources["tracking_uri"])
 

@@ -64,7 +64,8 @@ def test_redact(monkeypatch):
         "Authorization: Bearer abc.def.ghi password=pw1"
     )
     out = redact(text)
-    for secret in ("hunter22", "AKIAIOSFODNN7EXAMPLE", "0badc0ffee", "tok123", "plain-looking-secret", "abc.def.ghi", "pw1"):
+    for secret in ("hunter22", "AKIAIOSFODNN7EXAMPLE", "0badc0ffee", "tok123", "plain-looking-secret", "abc.def.ghi",
+                   "pw1"):
         assert secret not in out
     assert "https://***@mlflow.local/x" in out and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in out
     assert redact("models:/traffic-dual/7 s3://ml-ckpts/best.pt") == "models:/traffic-dual/7 s3://ml-ckpts/best.pt"
@@ -134,7 +135,8 @@ REPORT = {
 
 
 def test_version_tags_and_metrics():
-    tags = version_tags(REPORT, tags={"team": "vision"}, lineage={"source_run_id": "r1", "x": None}, idempotency_key="k")
+    tags = version_tags(REPORT, tags={"team": "vision"}, lineage={"source_run_id": "r1", "x": None},
+                        idempotency_key="k")
     assert tags["reparam.source_uri"] == "https://***@host/best.pt"
     assert tags["reparam.nc"] == "3" and tags["reparam.max_abs_diff"] == "3e-05"
     assert tags["reparam.validation_passed"] == "true" and tags["reparam.source_run_id"] == "r1"

@@ -54,7 +54,8 @@ def test_report_leads_with_status_command_versions_artifacts(fused) -> None:
     text = (fused["out"] / "report.json").read_text()
     # the top-level key (indent 2); "published" names the published config it was compared with under the same key
     config_lines = [ln for ln in text.splitlines() if ln.startswith('  "deploy_config"')]
-    assert len(config_lines) == 1 and json.loads("{" + config_lines[0] + "}")["deploy_config"] == report["deploy_config"]
+    assert len(config_lines) == 1
+    assert json.loads("{" + config_lines[0] + "}")["deploy_config"] == report["deploy_config"]
     assert len(text.splitlines()) < 360  # was ~450 before the config went on one line (+device, per-part diffs since)
     report_schema.check(report, "fused report")
 
@@ -170,7 +171,7 @@ def test_operator_without_a_cluster_is_one_line_and_exit_2(tmp_path: Path) -> No
     assert time.perf_counter() - t < 30
     assert proc.returncode == exitcodes.INVALID_INPUT
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == [ln for ln in lines if ln.startswith("reparam operator: error: no Kubernetes API")] and len(lines) == 1
+    assert len(lines) == 1 and lines[0].startswith("reparam operator: error: no Kubernetes API")
     (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\n")  # no current context
     proc = subprocess.run([sys.executable, "-m", "reparam.cli", "operator"], capture_output=True, text=True,
                           env={**env, "KUBECONFIG": str(tmp_path / "kubeconfig")}, timeout=60)

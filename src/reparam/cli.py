@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"max |diff| between an ONNX/TorchScript artifact and torch (fp32 graph; default "
                         f"{d.export_atol:g}; fp16 runs allow {HALF_RTOL:g} x the output range)")
     c.add_argument("--sha256", default=None, help="expected sha256 of the source checkpoint")
-    c.add_argument("--register", metavar="NAME", default=None, help="register the deploy model as a new version of NAME")
+    c.add_argument("--register", metavar="NAME", default=None,
+                   help="register the deploy model as a new version of NAME")
     c.add_argument("--alias", action="append", default=[], help="alias to set on the new version (repeatable)")
     c.add_argument("--tag", action="append", default=[], help="KEY=VALUE tag on the new version (repeatable)")
     c.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns/mlflow.db)")
@@ -413,6 +414,8 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
             lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
+        for f in ev.get("files", []) if report.get("outputs_kept", True) else []:
+            lines.append(f"  wrote        {f['path']} ({f['kind'].replace('_', ' ')} of {f['form']})")
     if reg:
         skipped = reg.extra.get("promotion_skipped") or reg.promotion_skipped
         lines.append(f"  registered   {reg.model_uri} (aliases: {', '.join(reg.aliases) or 'none'})"
@@ -519,8 +522,10 @@ def _promotion_line(report: dict[str, Any]) -> list[str]:
     if not p:
         return []
     m = f"mAP@0.5:0.95 {p['map50_95']:.4f}" if isinstance(p.get("map50_95"), float) else "no mAP"
-    prev = (f" vs version {p['previous_version']}" + (f" ({p['previous_map50_95']:.4f})"
-            if isinstance(p.get("previous_map50_95"), float) else "")) if p.get("previous_version") else " (first holder)"
+    prev = " (first holder)"
+    if p.get("previous_version"):
+        prev = f" vs version {p['previous_version']}" + (f" ({p['previous_map50_95']:.4f})"
+                                                         if isinstance(p.get("previous_map50_95"), float) else "")
     return [f"  promotion    @{p['alias']}: {p['decision'].upper()}, {m}{prev}"
             + (f"; reason: {p['reason']}" if p.get("reason") else "")
             + (f"; @{p['hold_alias']} set" if p.get("hold_alias") else "")]
@@ -694,7 +699,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             dataset = open_dataset(args.data, Path(work) / "data", split=args.split, tracking_uri=args.tracking_uri)
             path, info = _fetch(args.model, Path(work) / "model", args)
             model = load_model(path, device=device)
-            result = evaluate_model(model, dataset, settings, path=info["uri"], progress=None if not args.quiet else False)
+            result = evaluate_model(model, dataset, settings, path=info["uri"],
+                                    progress=None if not args.quiet else False)
         section = comparison(dataset, result, []) if result.form == "dual" else {
             "dataset": result.dataset, "settings": result.settings, "dual": None,
             "artifacts": [{"format": result.form, "path": result.path, **result.metrics(), "delta_map50_95": None,

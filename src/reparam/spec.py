@@ -51,11 +51,12 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
     "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_DEVICE", "DEFAULT_FORMATS", "DEFAULT_PRECISION",
-    "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX", "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS",
-    "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
-    "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem", "check_aliases",
-    "device_problem", "model_name_problem", "parse_precision", "parse_source_uri", "resolve_formats", "sha256_problem",
-    "tag_key_problem", "DEFAULT_TRIPLE_HEAD", "TRIPLE_HEAD_BRANCHES",
+    "DEFAULT_TRIPLE_HEAD", "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX", "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION",
+    "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision",
+    "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef", "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX",
+    "TRACKING_URI_PATTERN", "TRIPLE_HEAD_BRANCHES", "alias_problem", "check_aliases", "device_problem",
+    "model_name_problem", "parse_precision", "parse_source_uri", "resolve_formats", "sha256_problem",
+    "tag_key_problem",
 ]
 
 

@@ -6,7 +6,9 @@ Artifacts of ``<stem>.pt``:
   never fused, so the official ``detect.py``/``val.py``/``export.py`` can load and fuse it themselves;
 * ``<stem>-converted.safetensors`` — the same weights; metadata holds the deploy config (JSON), ``nc``, ``names``,
   ``stride`` and the reparam version, so :func:`load_safetensors` rebuilds the model without any pickle;
-* ``report.json`` — the conversion report.
+* ``report.json`` — the conversion report;
+* with ``--eval-data``, ``<stem>-eval-*.png``/``.csv`` — the evaluation's PR curve, confusion matrix and tables
+  (:mod:`reparam.evaluation.plots`, listed in the report's ``evaluation.files``).
 
 Everything is written into a staging folder inside ``out_dir`` and moved into place (``os.replace``, atomic on one
 file system) only when every file was written; a failure removes the staging folder and leaves ``out_dir`` as it was.
@@ -178,7 +180,8 @@ def write_all(
         if "pt" in options.formats:
             p = stage / f"{stem}-converted.pt"
             save_official(saved, p)
-            arts.append({"name": p.name, "format": "pt", "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+            arts.append({"name": p.name, "format": "pt",
+                         "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
         if "safetensors" in options.formats:
             p = stage / f"{stem}-converted.safetensors"
             save_safetensors(saved, p, nc=ckpt.nc, names=ckpt.names, stride=ckpt.stride)

@@ -31,8 +31,6 @@ from .safe_load import ObjectRecord, load_pickle
 
 #: Top-level entries that are training state, dropped from the deploy checkpoint (report lists them).
 TRAINING_KEYS = ("optimizer", "ema", "updates", "best_fitness", "opt", "git", "date", "epoch", "results", "wandb_id")
-#: Model attributes that are training state (hyperparameters, class weights), dropped from the deploy model.
-TRAINING_MODEL_ATTRS = ("hyp", "class_weights")
 #: Top-level entries a bare state_dict may sit under, when it is not the whole file: what forks and scripts write
 #: (``torch.save({'model': model.state_dict()})``, PyTorch Lightning's ``state_dict``, ``model_state_dict``).
 STATE_DICT_ENTRIES = ("model", "state_dict", "model_state_dict")

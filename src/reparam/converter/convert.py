@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .. import report as report_mod
-from ..spec import DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision, device_problem
+from ..spec import (DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision,
+                    device_problem)
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..hashing import hash_file
 from ..models import DetectionModel, fuse_model
@@ -345,8 +346,8 @@ def convert(
 
     with phase("validate"):
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
-        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level,
-                     branch=plan.branch)
+        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol,
+                     level=options.check_level, branch=plan.branch)
         result, flops = check_conversion(dual, deploy, **check, device=device.torch)
         fused_result = None
         fused = None
@@ -464,9 +465,12 @@ def convert(
 
             t_eval = time.perf_counter()
             try:
-                report["evaluation"] = evaluate_conversion(
+                report["evaluation"] = section = evaluate_conversion(
                     eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
-                    options.eval_atol, say, device=device.torch)
+                    options.eval_atol, say, device=device.torch, stem=path.stem)
+                for f in section.get("files", []):  # the plots and tables, published next to report.json
+                    f["sha256"], f["bytes"] = hash_file(stage / f["name"])
+                    f["path"] = str(out / f["name"])
             except ValidationFailedError as err:
                 report["evaluation"] = getattr(err, "evaluation", None)
                 raise
@@ -478,7 +482,8 @@ def convert(
     try:
         with phase("write"):
             artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy,
-                                deploy_sd, options, report, say, evaluate=evaluate)
+                                deploy_sd, options, report, say,
+                                evaluate=evaluate if eval_dataset is not None else None)
         for unit in ("s", "cpu_s"):  # write_all times the export (and the evaluation) inside it
             timings[f"write_{unit}"] = round(timings[f"write_{unit}"] - timings.get(f"export_{unit}", 0.0)
                                              - (timings.get("evaluate_s", 0.0) if unit == "s" else 0.0), 4)

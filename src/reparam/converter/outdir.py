@@ -22,9 +22,13 @@ __all__ = ["artifact_names", "check_output_dir", "stale_outputs"]
 
 
 def artifact_names(stem: str) -> list[str]:
-    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json``."""
+    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json`` (the deploy files, then the
+    evaluation's plots and tables, :func:`reparam.evaluation.plots.file_names`)."""
+    from ..evaluation.plots import file_names  # at call time: reparam.evaluation imports the converter's NMS
+
     base = f"{stem}-converted"
-    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript"]
+    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript",
+            *file_names(stem).values()]
 
 
 def stale_outputs(out: Path, stem: str, written: Iterable[str] = ()) -> list[str]:

@@ -170,7 +170,8 @@ def head_rule(head_name: str, branch: str | None = None) -> tuple[HeadRule, Bran
                                 f"checkpoint's head is {head_name}: leave --head out")
     if branch not in rule.branches:
         raise InvalidInputError(
-            f"--head {branch} does not name a branch of the {head_name} head: it has {', '.join(sorted(rule.branches))}")
+            f"--head {branch} does not name a branch of the {head_name} head: it has "
+            f"{', '.join(sorted(rule.branches))}")
     return rule, rule.branches[branch]
 
 

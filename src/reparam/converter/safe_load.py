@@ -129,10 +129,6 @@ class ObjectRecord:
             if isinstance(child, ObjectRecord):
                 yield from child.named_modules(f"{prefix}.{k}" if prefix else k)
 
-    def public_attrs(self) -> dict[str, Any]:
-        """The pickled instance attributes without ``nn.Module`` internals (``_*`` and ``training``)."""
-        return {k: v for k, v in self.state.items() if not k.startswith("_") and k != "training"}
-
     def named_tensors(self, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         """``state_dict``-style (name, tensor) pairs: parameters and persistent buffers, depth first.
 
@@ -181,7 +177,8 @@ def _safe_getattr(obj: Any, name: str) -> MethodRef:
 def _safe_encode(text: str, encoding: str = "utf-8") -> bytes:
     # numpy scalars are pickled as _codecs.encode(<latin-1 str>, 'latin1')
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafeCheckpointError(f"checkpoint calls _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
+        raise UnsafeCheckpointError(
+            f"checkpoint calls _codecs.encode with encoding {encoding!r}; only latin1 is allowed")
     return codecs.encode(text, encoding)
 
 
@@ -317,7 +314,8 @@ def _framework_hint(module: str) -> str | None:
             return (f"the YOLOv9 module '{official}' under the unknown package prefix "
                     f"'{module[: -len(official)]}'; accepted: {known}")
     if root == "ultralytics":
-        return "this is an Ultralytics checkpoint (YOLOv8/YOLO11 style), not a WongKinYiu/yolov9 one; reparam converts YOLOv9 dual checkpoints"
+        return ("this is an Ultralytics checkpoint (YOLOv8/YOLO11 style), not a WongKinYiu/yolov9 one; reparam "
+                "converts YOLOv9 dual checkpoints")
     if root in ("pytorch_lightning", "lightning", "lightning_fabric"):
         return "this is a PyTorch Lightning checkpoint, not a WongKinYiu/yolov9 one"
     if root in ("mmdet", "mmengine", "mmcv", "detectron2", "timm"):
@@ -345,7 +343,8 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         # torch.save writes ('storage', <storage class>, key, location, numel) for each storage
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise InvalidInputError(f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
+            raise InvalidInputError(
+                f"checkpoint has an unknown persistent id {brief(pid)}; is it a torch.save archive?")
         _, marker, key, _location, numel = pid
         dtype = marker.dtype if isinstance(marker, _StorageMarker) else torch.uint8
         return self._storages.typed(str(key), dtype, int(numel))
@@ -397,15 +396,29 @@ def scan_globals(data: bytes) -> list[str]:
     Raises :class:`InvalidInputError` when the stream is not a valid pickle.
     """
     seen: dict[str, None] = {}
-    last_strings: list[str] = []
+    # STACK_GLOBAL (protocol >= 4) takes module and name from the stack: the last two values pushed, each a string
+    # literal or a memo get of one (torch.save memoizes "torch._utils" once and gets it back for every tensor)
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # the last two values pushed (None: not a string)
     try:
         for op, arg, _pos in pickletools.genops(data):
             if op.name in ("GLOBAL", "INST"):
                 seen.setdefault(str(arg).replace(" ", "."), None)
             elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                last_strings = (last_strings + [arg])[-2:]
-            elif op.name == "STACK_GLOBAL" and len(last_strings) == 2:
-                seen.setdefault(".".join(last_strings), None)
+                pushed = (pushed + [arg])[-2:]
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = (pushed + [memo.get(arg)])[-2:]
+            elif op.name == "MEMOIZE":  # memoizes the top of the stack at the next index; the stack is unchanged
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name == "STACK_GLOBAL":
+                # names that are not two pushed strings are still checked by the unpickler's find_class
+                if len(pushed) == 2 and all(isinstance(v, str) for v in pushed):
+                    seen.setdefault(".".join(pushed), None)
+                pushed = [None]
+            elif op.name not in ("FRAME", "PROTO"):
+                pushed = (pushed + [None])[-2:]
     except Exception as exc:  # pickletools raises ValueError and friends on garbage
         raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({brief(exc, 100)})") from None
     return list(seen)
@@ -462,5 +475,6 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         except Exception as exc:
-            raise InvalidInputError(f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
+            raise InvalidInputError(
+                f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
     return RawCheckpoint(path=path, obj=obj, globals=found)

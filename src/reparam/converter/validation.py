@@ -502,9 +502,10 @@ def scaled_gflops(flops: int, shape: torch.Size | tuple[int, ...], imgsz: int) -
     """GFLOPs of one ``[1, 3, imgsz, imgsz]`` forward, from ``flops`` counted on an input of ``shape [B, 3, h, w]``.
 
     Counted as ``torch.utils.flop_counter`` does (:func:`counting_conv_flops`): 2 x multiply-accumulates for
-    convolutions (the official YOLOv9 printout uses thop's MACs x 2 too, so numbers are comparable). Every layer's work is proportional to its
-    feature-map area and to the batch, so ``flops / B * imgsz**2 / (h * w)`` is exact when ``h``, ``w`` and
-    ``imgsz`` are multiples of the largest stride; counting at 640 would cost a full-size forward.
+    convolutions (the official YOLOv9 printout uses thop's MACs x 2 too, so numbers are comparable). Every layer's
+    work is proportional to its feature-map area and to the batch, so ``flops / B * imgsz**2 / (h * w)`` is exact
+    when ``h``, ``w`` and ``imgsz`` are multiples of the largest stride; counting at 640 would cost a full-size
+    forward.
     """
     b, _c, h, w = (int(v) for v in shape)
     return flops / b * (imgsz * imgsz) / (h * w) / 1e9

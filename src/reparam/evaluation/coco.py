@@ -25,6 +25,17 @@ from typing import Sequence
 import numpy as np
 
 
+def label_boxes_xyxy(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalised ``[N, 4]`` ``cx, cy, w, h`` labels as native-pixel ``x1, y1, x2, y2``, clipped to the image (as the
+    official ``val.py`` clips them)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    xy = np.stack([(b[:, 0] - b[:, 2] / 2) * width, (b[:, 1] - b[:, 3] / 2) * height,
+                   (b[:, 0] + b[:, 2] / 2) * width, (b[:, 1] + b[:, 3] / 2) * height], 1)
+    xy[:, [0, 2]] = xy[:, [0, 2]].clip(0, width)
+    xy[:, [1, 3]] = xy[:, [1, 3]].clip(0, height)
+    return xy
+
+
 def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.ndarray, np.ndarray]],
                  detections: Sequence[np.ndarray], nc: int, max_det: int = 300) -> dict:
     """COCO metrics of a detector on a dataset.
@@ -37,7 +48,10 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
 
     Returns:
         ``{"map50_95", "map50", "precision", "recall", "per_class": [{"map50_95", "map50", "precision", "recall",
-        "instances"} per class id]}``; a class without labels has None metrics.
+        "instances"} per class id], "pr_recall", "pr_precision"}``; a class without labels has None metrics.
+        ``pr_recall [R]`` are COCO's 101 recall points and ``pr_precision [R, nc]`` COCO's interpolated precision
+        at IoU 0.5 there (the precision envelope whose mean is AP50; NaN for a class without labels, 0 past the
+        largest recall reached): the PR curve of :mod:`.plots`.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -46,10 +60,7 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
     for i, ((w, h), (cls, box)) in enumerate(zip(sizes, labels)):
         images.append({"id": i + 1, "width": int(w), "height": int(h)})
         if len(cls):
-            xy = np.stack([(box[:, 0] - box[:, 2] / 2) * w, (box[:, 1] - box[:, 3] / 2) * h,
-                           (box[:, 0] + box[:, 2] / 2) * w, (box[:, 1] + box[:, 3] / 2) * h], 1)
-            xy[:, [0, 2]] = xy[:, [0, 2]].clip(0, w)
-            xy[:, [1, 3]] = xy[:, [1, 3]].clip(0, h)
+            xy = label_boxes_xyxy(box, w, h)
             for c, (x1, y1, x2, y2) in zip(cls, xy):
                 gts.append({"id": len(gts) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
                             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
@@ -99,4 +110,6 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
         "precision": float(np.mean([c["precision"] for c in seen])) if seen else 0.0,
         "recall": float(np.mean([c["recall"] for c in seen])) if seen else 0.0,
         "per_class": per_class,
+        "pr_recall": rec_thr.copy(),
+        "pr_precision": np.where(prec[0] <= -1, np.nan, prec[0]),
     }

@@ -30,7 +30,7 @@ from .settings import EvalSettings
 def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Module, fused: nn.Module | None,
                         stage: Path, artifacts: list[dict[str, Any]], atol: float,
                         say: Callable[[str], None] = lambda _m: None, *,
-                        device: torch.device | str | None = None) -> dict[str, Any]:
+                        device: torch.device | str | None = None, stem: str | None = None) -> dict[str, Any]:
     """Evaluate the dual model, ``fused`` (when given) and every artifact file in ``stage``.
 
     Args:
@@ -41,9 +41,12 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
         atol: largest allowed ``|mAP@0.5:0.95 artifact - dual|``.
         device: where the torch models (dual, fused, ``.pt``, ``.safetensors``, TorchScript) compute, in fp32
             (``None``: the CPU); ONNX graphs run on onnxruntime's CPU provider whatever it says.
+        stem: when given, the PR curve, confusion matrix and per-class table (:mod:`.plots`) of the deploy ``.pt``
+            (the registered model's main file; the dual model's when no ``.pt`` was evaluated) are written into
+            ``stage`` as ``<stem>-eval-*`` and listed in the section's ``files`` (``kind``, ``name``, ``form``).
 
     Returns:
-        The report's ``evaluation`` section (:func:`~.evaluate.comparison`, plus ``seconds``).
+        The report's ``evaluation`` section (:func:`~.evaluate.comparison`, plus ``seconds`` and ``files``).
 
     Raises:
         InvalidInputError: the dataset's class names differ from the model's.
@@ -80,6 +83,11 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
         say(f"{form}: mAP@0.5:0.95 {res.map50_95:.4f} (delta {res.map50_95 - base.map50_95:+.2g})")
     section = comparison(dataset, ref, pairs, atol)
     section["artifacts"] += skipped
+    if stem is not None and section["passed"]:
+        from .plots import write_evaluation_files
+
+        shown = next((res for res, _base in pairs if res.form == "pt"), ref)
+        section["files"] = [{**f, "form": shown.form} for f in write_evaluation_files(shown, stage, stem)]
     section["seconds"] = time.perf_counter() - t0
     if not section["passed"]:
         bad = [a for a in section["artifacts"] if a.get("passed") is False]

@@ -266,7 +266,8 @@ def _split_images(root: Path, split: Any, shown: str) -> list[Path]:
                     f = Path(line)
                     files.append(f if f.is_absolute() else (p.parent / f))
         else:
-            raise InvalidInputError(f"dataset {shown}: the val split '{entry}' does not exist under {root.name or root}")
+            raise InvalidInputError(
+                f"dataset {shown}: the val split '{entry}' does not exist under {root.name or root}")
     return sorted(set(files))
 
 
@@ -364,7 +365,8 @@ def load_dataset(data_yaml: Path, source: str | None = None, split: str = "val")
         raise InvalidInputError(f"dataset {shown}: data.yaml is not a mapping")
     names = _names(cfg, shown)
     if not cfg.get(split):
-        raise InvalidInputError(f"dataset {shown}: data.yaml has no '{split}' split (add e.g. '{split}: images/{split}')")
+        raise InvalidInputError(
+            f"dataset {shown}: data.yaml has no '{split}' split (add e.g. '{split}: images/{split}')")
     base = data_yaml.parent
     given = Path(str(cfg.get("path") or "."))
     moved = given.is_absolute() and not given.is_dir()

@@ -4,12 +4,13 @@ Per batch (:mod:`.letterbox`): read, resize, letterbox (rectangular batches; a m
 every image letterboxed to that shape, as the official ``val.py`` does for non-PyTorch backends), run the model
 (:mod:`.backends`), then the official validation NMS: every (anchor, class) pair whose score is above ``conf`` is a
 candidate (multi-label), class-wise greedy NMS at ``iou``, the best ``max_det`` per image
-(:func:`reparam.converter.export.nms.nms_indices` + :func:`~reparam.converter.export.nms.gather_detections`); boxes go back to the
-native image (``scale_boxes``) and :func:`.coco.coco_metrics` scores them.
+(:func:`reparam.converter.export.nms.nms_indices` + :func:`~reparam.converter.export.nms.gather_detections`); boxes
+go back to the native image (``scale_boxes``) and :func:`.coco.coco_metrics` scores them.
 
-Public entry points: :func:`evaluate_model` (a loaded model), :func:`evaluate_file` (a model file: what the
-registry calls to evaluate a champion version), :func:`open_dataset` (fetch + check a dataset once, for several
-models) and :func:`comparison` (the report's ``evaluation`` section).
+Public entry points: :func:`detect_dataset` (a model's detections, unscored), :func:`evaluate_model` (a loaded
+model), :func:`evaluate_file` (a model file: what the registry calls to evaluate a champion version),
+:func:`open_dataset` (fetch + check a dataset once, for several models) and :func:`comparison` (the report's
+``evaluation`` section).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 
 from ..converter.export.nms import gather_detections, nms_indices, nms_inputs
 from .backends import LoadedModel, load_model
-from .coco import coco_metrics
+from .coco import coco_metrics, label_boxes_xyxy
+from .confusion import CONFUSION_CONF, CONFUSION_IOU, confusion_matrix
 from .dataset import Dataset, check_names, fetch_dataset, load_dataset
 from .letterbox import letterbox, load_image, rect_batches, scale_boxes, square_batches, to_tensor
-from .result import ClassMetrics, EvalResult
+from .result import ClassMetrics, EvalCurves, EvalResult
 from .settings import EvalSettings
 
 #: default largest allowed |mAP@0.5:0.95 of an artifact - that of the dual model| (``--eval-atol``)
@@ -50,32 +52,48 @@ def _bar(label: str, total: int, enabled: bool | None = None):
 
 
 def _detections(y: torch.Tensor, settings: EvalSettings) -> tuple[torch.Tensor, ...]:
-    """Official val NMS on ``y [B, 4 + nc, A]``: ``(num [B, 1], boxes [B, D, 4] xyxy, scores [B, D], labels [B, D])``."""
+    """Official val NMS on ``y [B, 4 + nc, A]``.
+
+    Returns ``(num [B, 1], boxes [B, D, 4] xyxy, scores [B, D], labels [B, D])``.
+    """
     boxes, scores = nms_inputs(y)
     selected = nms_indices(boxes, scores, settings.max_det, settings.iou, settings.conf)
     return gather_detections(selected, boxes, scores, settings.max_det)
 
 
-def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings | None = None, *,
-                   path: str | None = None, progress: bool | None = None,
-                   label: str | None = None) -> EvalResult:
-    """Evaluate a loaded model on a checked dataset.
+@dataclasses.dataclass
+class DatasetDetections:
+    """The detections of one model over a dataset (before scoring).
 
-    Args:
-        model: from :func:`~.backends.load_model` or :func:`~.backends.from_module`.
-        dataset: from :func:`open_dataset` / :func:`~.dataset.load_dataset`.
-        settings: thresholds and sizes (default :class:`EvalSettings`).
-        path: the model file, for the result; progress: progress bar on stderr (None: when it is a terminal).
-
-    Returns:
-        :class:`EvalResult`.
-
-    Raises:
-        InvalidInputError: the class names differ from the dataset's (one line listing the differences).
+    Attributes:
+        per_image: per dataset item, ``[M, 6]`` float rows ``x1, y1, x2, y2, score, class`` in native pixels (the
+            official val NMS, :func:`_detections`), or None for an image that could not be read any more.
+        late_skips: ``{"file", "reason"}`` of those unreadable images.
+        batch, imgsz: the batch size and long side actually used; input_shapes: the ``(h, w)`` inputs run.
+        seconds: wall time of the pass; forward_s, nms_s: of which the forward passes and the NMS.
     """
-    settings = settings or EvalSettings()
-    settings.check()
-    check_names(model.names, dataset.names)
+
+    per_image: list[np.ndarray | None]
+    late_skips: list[dict[str, str]]
+    batch: int
+    imgsz: int
+    input_shapes: set[tuple[int, ...]]
+    seconds: float
+    forward_s: float
+    nms_s: float
+
+    @property
+    def used(self) -> list[int]:
+        """Indices of the items that were evaluated."""
+        return [j for j, d in enumerate(self.per_image) if d is not None]
+
+
+def detect_dataset(model: LoadedModel, dataset: Dataset, settings: EvalSettings, *, progress: bool | None = None,
+                   label: str | None = None) -> DatasetDetections:
+    """Run ``model`` over every item of ``dataset`` with the official val pre-processing and NMS (module docstring).
+
+    Raises: whatever the model's ``predict`` raises.
+    """
     items = dataset.items
     batch = model.fixed_batch or settings.batch
     if model.fixed_shape:
@@ -85,7 +103,7 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
         imgsz = settings.imgsz
         batches = rect_batches([(i.width, i.height) for i in items], batch, imgsz, model.stride)
     dets: list[np.ndarray | None] = [None] * len(items)
-    shapes_run: set[tuple[int, int]] = set()
+    shapes_run: set[tuple[int, ...]] = set()
     late_skips: list[dict[str, str]] = []
     bar = _bar(label or f"evaluating {model.form}", len(items), progress)
     t0 = time.perf_counter()
@@ -119,21 +137,53 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
         bar.update(len(idx))
     seconds = time.perf_counter() - t0
     bar.close()
-    used = [j for j, d in enumerate(dets) if d is not None]
+    return DatasetDetections(dets, late_skips, batch, imgsz, shapes_run, seconds, t_fwd, t_nms)
+
+
+def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings | None = None, *,
+                   path: str | None = None, progress: bool | None = None,
+                   label: str | None = None) -> EvalResult:
+    """Evaluate a loaded model on a checked dataset.
+
+    Args:
+        model: from :func:`~.backends.load_model` or :func:`~.backends.from_module`.
+        dataset: from :func:`open_dataset` / :func:`~.dataset.load_dataset`.
+        settings: thresholds and sizes (default :class:`EvalSettings`).
+        path: the model file, for the result; progress: progress bar on stderr (None: when it is a terminal).
+
+    Returns:
+        :class:`EvalResult` (with :class:`~.result.EvalCurves`: the PR curve and the confusion matrix).
+
+    Raises:
+        InvalidInputError: the class names differ from the dataset's (one line listing the differences).
+    """
+    settings = settings or EvalSettings()
+    settings.check()
+    check_names(model.names, dataset.names)
+    items = dataset.items
+    run = detect_dataset(model, dataset, settings, progress=progress, label=label)
+    dets, used = run.per_image, run.used
+    nc = len(dataset.names)
     m = coco_metrics([(items[j].width, items[j].height) for j in used],
                      [(items[j].classes, items[j].boxes) for j in used], [dets[j] for j in used],
-                     len(dataset.names), settings.max_det)
+                     nc, settings.max_det)
+    confusion = confusion_matrix(
+        [(items[j].classes, label_boxes_xyxy(items[j].boxes, items[j].width, items[j].height)) for j in used],
+        [dets[j] for j in used], nc)
     summary = dataset.summary()
-    if late_skips:
-        summary["skipped"] = summary["skipped"] + late_skips
+    if run.late_skips:
+        summary["skipped"] = summary["skipped"] + run.late_skips
         summary["images"] = len(used)
         summary["instances"] = int(sum(len(items[j].classes) for j in used))
     per_class = [ClassMetrics(dataset.names[k], **c) for k, c in enumerate(m["per_class"])]
-    run = {**settings.to_dict(), "batch": batch, "imgsz": imgsz,
-           "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in shapes_run])}
+    ran = {**settings.to_dict(), "batch": run.batch, "imgsz": run.imgsz,
+           "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in run.input_shapes])}
+    seconds = run.seconds
+    curves = EvalCurves(m["pr_recall"], m["pr_precision"], confusion, CONFUSION_CONF, CONFUSION_IOU)
     return EvalResult(model.form, path, m["map50_95"], m["map50"], m["precision"], m["recall"], per_class, summary,
-                      run, model.precision, model.weights_dtype, seconds, len(used) / seconds if seconds else 0.0,
-                      int(sum(len(dets[j]) for j in used)), {"forward_s": t_fwd, "nms_s": t_nms})
+                      ran, model.precision, model.weights_dtype, seconds, len(used) / seconds if seconds else 0.0,
+                      int(sum(len(dets[j]) for j in used)), {"forward_s": run.forward_s, "nms_s": run.nms_s},
+                      curves)
 
 
 def open_dataset(source: str | Path, workdir: Path, *, split: str = "val",
@@ -224,5 +274,6 @@ def describe(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_EVAL_ATOL", "evaluate_model", "evaluate_file", "open_dataset", "with_shape_of", "comparison",
+__all__ = ["DEFAULT_EVAL_ATOL", "DatasetDetections", "detect_dataset", "evaluate_model", "evaluate_file",
+           "open_dataset", "with_shape_of", "comparison",
            "describe"]

@@ -5,8 +5,8 @@ Rules of WongKinYiu/yolov9 ``utils/dataloaders.py`` (``LoadImagesAndLabels`` wit
 ``val.py`` uses them:
 
 * images are read with OpenCV (BGR, converted to RGB; on the fixture JPEGs OpenCV 5.0 and Pillow 13 decode every
-  pixel identically, both being libjpeg-turbo, so the choice of library does not move the numbers there), resized so the long side is ``imgsz`` (``INTER_AREA`` when
-  shrinking, ``INTER_LINEAR`` when enlarging; sizes rounded up);
+  pixel identically, both being libjpeg-turbo, so the choice of library does not move the numbers there), resized
+  so the long side is ``imgsz`` (``INTER_AREA`` when shrinking, ``INTER_LINEAR`` when enlarging; sizes rounded up);
 * rectangular batches: images are ordered by aspect ratio ``h / w``, cut into batches, and each batch gets one shape
   ``ceil(shape * imgsz / stride + pad) * stride`` (``pad`` 0.5), so a 160x160 image at ``imgsz`` 160 runs at 192x192;
 * letterbox without enlarging: the image is centred on a canvas of that shape filled with grey 114;

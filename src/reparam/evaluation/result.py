@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class ClassMetrics:
@@ -16,6 +18,25 @@ class ClassMetrics:
     map50: float | None
     precision: float | None
     recall: float | None
+
+
+@dataclass
+class EvalCurves:
+    """What the plots of an evaluation show (:mod:`.plots`); not part of the JSON report.
+
+    Attributes:
+        recall: ``[R]`` COCO's recall points (101, 0 to 1).
+        precision: ``[R, nc]`` COCO's interpolated precision at IoU 0.5 at those recall points (its mean is the
+            class's AP50); NaN for a class without labels.
+        confusion: ``[nc + 1, nc + 1]`` int64 counts, row = detected class, column = true class, index ``nc`` =
+            background (:mod:`.confusion`); confusion_conf, confusion_iou: its thresholds.
+    """
+
+    recall: np.ndarray
+    precision: np.ndarray
+    confusion: np.ndarray
+    confusion_conf: float
+    confusion_iou: float
 
 
 @dataclass
@@ -33,6 +54,7 @@ class EvalResult:
         seconds: wall time of the pass over the images (load, forward, NMS); images_per_s: images / seconds;
             timing: ``forward_s`` and ``nms_s`` of that pass.
         detections: detections kept over all images.
+        curves: the PR curve and confusion matrix (:class:`EvalCurves`), for the plots; not in :meth:`to_dict`.
     """
 
     form: str
@@ -50,6 +72,7 @@ class EvalResult:
     images_per_s: float = 0.0
     detections: int = 0
     timing: dict[str, float] = field(default_factory=dict)
+    curves: EvalCurves | None = field(default=None, repr=False)
 
     def metrics(self) -> dict[str, Any]:
         """``{map50_95, map50, precision, recall, per_class: {name: {...}}}`` (the report's model entry)."""

@@ -278,7 +278,23 @@ class RepNCSP(nn.Module):
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
 
-class RepNCSPELAN4(nn.Module):
+class _SplitTwoStages(nn.Module):
+    """The forward shared by :class:`RepNCSPELAN4` and :class:`ELAN1` (the same in YOLOv9's ``models/common.py``):
+    ``y = chunk(cv1(x), 2); y += [cv2(y[-1]), cv3(y[-1])]; cv4(cat(y))``. Subclasses set ``cv1``..``cv4``."""
+
+    cv1: nn.Module
+    cv2: nn.Module
+    cv3: nn.Module
+    cv4: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.cv2(y[-1]))
+        y.append(self.cv3(y[-1]))
+        return self.cv4(torch.cat(y, 1))
+
+
+class RepNCSPELAN4(_SplitTwoStages):
     """GELAN block: 1x1 split, two RepNCSP+Conv3x3 stages, 1x1 merge.
 
     ``y = chunk(cv1(x), 2); y += [cv2(y[-1]), cv3(y[-1])]; cv4(cat(y))``.
@@ -301,14 +317,8 @@ class RepNCSPELAN4(nn.Module):
         self.cv3 = nn.Sequential(RepNCSP(c4, c4, c5), Conv(c4, c4, 3, 1))
         self.cv4 = Conv(c3 + 2 * c4, c2, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
-        y.append(self.cv2(y[-1]))
-        y.append(self.cv3(y[-1]))
-        return self.cv4(torch.cat(y, 1))
 
-
-class ELAN1(nn.Module):
+class ELAN1(_SplitTwoStages):
     """Light ELAN block (YOLOv9-t/s): 1x1 split, two Conv3x3 stages, 1x1 merge.
 
     Args:
@@ -327,12 +337,6 @@ class ELAN1(nn.Module):
         self.cv2 = Conv(c3 // 2, c4, 3, 1)
         self.cv3 = Conv(c4, c4, 3, 1)
         self.cv4 = Conv(c3 + 2 * c4, c2, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
-        y.append(self.cv2(y[-1]))
-        y.append(self.cv3(y[-1]))
-        return self.cv4(torch.cat(y, 1))
 
 
 def _avg_pool_2x2_s1(x: torch.Tensor) -> torch.Tensor:

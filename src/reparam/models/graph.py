@@ -262,7 +262,8 @@ class DetectionModel(nn.Module):
             self.yaml["nc"] = nc
         act = self.yaml.get("activation")
         if act not in _ACTIVATIONS_OK:
-            raise InvalidInputError(f"model config activation {brief(act)} is not supported: reparam builds SiLU models")
+            raise InvalidInputError(
+                f"model config activation {brief(act)} is not supported: reparam builds SiLU models")
         self.model, self.save = parse_model(self.yaml, ch)
         self.names = {i: str(i) for i in range(self.yaml["nc"])}
         self.nc = self.yaml["nc"]

@@ -115,7 +115,8 @@ def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict[st
         raise InvalidInputError(f"{name} must be a JSON object with keys 'job' and/or 'registry'")
     bad = sorted(set(data.get("job") or {}) - set(DEFAULTABLE_JOB_FIELDS))
     if bad:
-        raise InvalidInputError(f"{name}: {count_of(bad, 'job fields')} cannot be defaulted; allowed: {', '.join(DEFAULTABLE_JOB_FIELDS)}")
+        raise InvalidInputError(f"{name}: {count_of(bad, 'job fields')} cannot be defaulted; allowed: "
+                                f"{', '.join(DEFAULTABLE_JOB_FIELDS)}")
     bad = sorted(set(data.get("registry") or {}) - {"trackingUri"})
     if bad:
         raise InvalidInputError(f"{name}: registry fields {bad} cannot be defaulted; allowed: ['trackingUri']")

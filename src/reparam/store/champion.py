@@ -36,12 +36,16 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import RegistryError
 from . import promotion, registry, tracking
 from .promotion import Gates, Measured
 from .uris import redact
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 TAG_PROMOTION = "reparam.promotion"
 TAG_PROMOTION_REASON = "reparam.promotion_reason"
@@ -72,7 +76,8 @@ def measured_from_report(report: dict[str, Any]) -> tuple[Measured | None, bool]
     return Measured(ev["dataset"]["digest"], imgsz, float(best["map50_95"]), _float(best.get("map50"))), passed
 
 
-def _float(v) -> float | None:
+def _float(v: Any) -> float | None:
+    """``float(v)``, or None for a value that is not a number (a missing or malformed tag)."""
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -87,7 +92,8 @@ def eval_tags(m: Measured) -> dict[str, str]:
     """The version tags that hold one evaluation: the latest one (``reparam.eval.digest``, ``.imgsz``,
     ``.map50_95``, ``.map50``) and one tag per dataset and image size (``reparam.eval.d-<digest[:16]>-<imgsz>`` =
     ``map50_95,map50``), so a version evaluated on several datasets keeps each result."""
-    out = {f"{TAG_EVAL}digest": m.digest, f"{TAG_EVAL}imgsz": str(int(m.imgsz)), f"{TAG_EVAL}map50_95": repr(m.map50_95)}
+    out = {f"{TAG_EVAL}digest": m.digest, f"{TAG_EVAL}imgsz": str(int(m.imgsz)),
+           f"{TAG_EVAL}map50_95": repr(m.map50_95)}
     if m.map50 is not None:
         out[f"{TAG_EVAL}map50"] = repr(m.map50)
     out[_dataset_key(m.digest, m.imgsz)] = f"{m.map50_95!r},{'' if m.map50 is None else repr(m.map50)}"
@@ -112,7 +118,7 @@ def measured_from_tags(tags: dict[str, str] | None, digest: str | None = None, i
         return None
 
 
-def record_evaluation(client, model_name: str, mv, m: Measured, source: str | None) -> None:
+def record_evaluation(client: MlflowClient, model_name: str, mv: ModelVersion, m: Measured, source: str | None) -> None:
     """Write ``m`` on model version ``mv``: tags, and metrics on its run + logged model linked to the dataset."""
     import time
 
@@ -130,11 +136,12 @@ def record_evaluation(client, model_name: str, mv, m: Measured, source: str | No
     now = int(time.time() * 1000)
     metrics = [Metric("eval_map50_95", m.map50_95, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)]
     if m.map50 is not None:
-        metrics.append(Metric("eval_map50", m.map50, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest))
+        metrics.append(Metric("eval_map50", m.map50, now, 0, model_id=model_id, dataset_name=name,
+                              dataset_digest=digest))
     client.log_batch(run_id, metrics=metrics)
 
 
-def holder_measured(client, model_name: str, holder: str, ours: Measured, evaluate: Evaluator,
+def holder_measured(client: MlflowClient, model_name: str, holder: str, ours: Measured, evaluate: Evaluator,
                     source: str | None, log: Callable[[str], None], tracking_uri: str | None = None) -> Measured:
     """Version ``holder``'s evaluation on ``ours``'s dataset and image size: from its tags, else evaluated now
     (its registered deploy ``.pt`` downloaded) and recorded on it.
@@ -145,7 +152,7 @@ def holder_measured(client, model_name: str, holder: str, ours: Measured, evalua
     mv = client.get_model_version(model_name, holder)
     known = measured_from_tags(dict(mv.tags or {}), ours.digest, ours.imgsz)
     if known is not None:
-        return known  # type: ignore[return-value]
+        return known
     log(f"version {holder} has no evaluation on dataset {ours.digest[:12]} at {ours.imgsz} px: evaluating it")
     import mlflow.artifacts
 
@@ -183,13 +190,13 @@ class GatedPromotion:
         return dataclasses.asdict(self)
 
 
-def _holder(client, model_name: str, alias: str) -> str | None:
+def _holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
     aliases = client.get_registered_model(model_name).aliases or {}
     v = aliases.get(alias)
     return None if v is None else str(v)
 
 
-def promote_gated(model_name: str, version, alias: str, report: dict[str, Any], gates: Gates, *,
+def promote_gated(model_name: str, version: str | int, alias: str, report: dict[str, Any], gates: Gates, *,
                   evaluate: Evaluator, tracking_uri: str | None, hold_alias: str | None = None,
                   dataset_source: str | None = None, log: Callable[[str], None] = lambda _m: None,
                   measured: Measured | None = None, _after_set: Callable[[], None] | None = None) -> GatedPromotion:
@@ -210,7 +217,7 @@ def promote_gated(model_name: str, version, alias: str, report: dict[str, Any], 
     step = f"read {model_name} version {version}"
     try:
         mv = client.get_model_version(model_name, version)
-        if from_report is not None:
+        if from_report is not None and measured is not None:
             step = "record the evaluation"
             record_evaluation(client, model_name, mv, measured, dataset_source)
             mv = client.get_model_version(model_name, version)
@@ -223,7 +230,8 @@ def promote_gated(model_name: str, version, alias: str, report: dict[str, Any], 
             held_m = None
             if holder is not None and holder != version and measured is not None:
                 step = f"measure version {holder}"
-                held_m = holder_measured(client, model_name, holder, measured, evaluate, dataset_source, log, tracking_uri)
+                held_m = holder_measured(client, model_name, holder, measured, evaluate, dataset_source, log,
+                                         tracking_uri)
             decision = promotion.decide([alias], validation_passed=passed, version_status=mv.status,
                                         version_tags=dict(mv.tags or {}), gates=gates, measured=measured,
                                         artifacts_passed=artifacts_ok, holder=holder, holder_measured=held_m,
@@ -261,7 +269,8 @@ def promote_gated(model_name: str, version, alias: str, report: dict[str, Any], 
             step = "tag the decision"
             client.set_model_version_tag(model_name, version, TAG_PROMOTION, "promoted")
             client.set_model_version_tag(model_name, version, TAG_PROMOTION_REASON,
-                                         "passed the gates" + (f" against version {holder}" if holder and holder != version else ""))
+                                         "passed the gates"
+                                         + (f" against version {holder}" if holder and holder != version else ""))
             log(f"@{alias} -> version {version} (promoted" + (f"; previous version {holder})" if holder else ")"))
             return GatedPromotion(alias, "promoted", None, None, holder if holder != version else None,
                                   measured.digest if measured else None, measured.map50_95 if measured else None,
@@ -271,11 +280,12 @@ def promote_gated(model_name: str, version, alias: str, report: dict[str, Any], 
     except RegistryError:
         raise
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
-        raise RegistryError(redact(f"promote {model_name} v{version}: {step} failed: {tracking.describe_error(err)}")) from None
+        raise RegistryError(
+            redact(f"promote {model_name} v{version}: {step} failed: {tracking.describe_error(err)}")) from None
 
 
-def _hold(client, model_name: str, version: str, alias: str, reason: str, rule: str | None, holder: str | None,
-          held_m: Measured | None, measured: Measured | None, hold_alias: str | None,
+def _hold(client: MlflowClient, model_name: str, version: str, alias: str, reason: str, rule: str | None,
+          holder: str | None, held_m: Measured | None, measured: Measured | None, hold_alias: str | None,
           log: Callable[[str], None]) -> GatedPromotion:
     client.set_model_version_tag(model_name, version, TAG_PROMOTION, "held")
     client.set_model_version_tag(model_name, version, TAG_PROMOTION_REASON, reason[:4000])

@@ -35,12 +35,15 @@ is re-evaluated from), else the dual model's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from .. import spec
 from ..errors import InvalidInputError, RegistryError
 from . import tracking
 from .uris import redact
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 TAG_STATUS = "reparam.status"
 TAG_VALIDATION = "reparam.validation_passed"
@@ -243,8 +246,9 @@ def check_aliases(aliases: Iterable[str] | None) -> list[str]:
         raise InvalidInputError(str(err)) from None
 
 
-def decide(aliases, *, validation_passed: bool, version_status: str | None, version_tags: Mapping[str, str] | None,
-           version_known: bool = True, gates: Gates | None = None, measured: Measured | None = None,
+def decide(aliases: Iterable[str], *, validation_passed: bool, version_status: str | None,
+           version_tags: Mapping[str, str] | None, version_known: bool = True, gates: Gates | None = None,
+           measured: Measured | None = None,
            artifacts_passed: bool = True, holder: str | None = None, holder_measured: Measured | None = None,
            version: str | None = None) -> Decision:
     """The promotion rule (pure): a :class:`Decision` from the :data:`RULES`.
@@ -269,7 +273,8 @@ def decide(aliases, *, validation_passed: bool, version_status: str | None, vers
     return Decision(list(cand.aliases))
 
 
-def promote(model_name: str, version, aliases, validation_passed: bool, tracking_uri: str | None = None) -> Promotion:
+def promote(model_name: str, version: str | int, aliases: Iterable[str], validation_passed: bool,
+            tracking_uri: str | None = None) -> Promotion:
     """Point ``aliases`` at ``model_name`` version ``version`` if :func:`decide` allows it.
 
     If setting one alias fails, those already moved are put back where they were (best effort) and
@@ -297,7 +302,8 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
         step = "read current aliases"
         current = {a: str(v) for a, v in (client.get_registered_model(model_name).aliases or {}).items()}
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
-        raise RegistryError(redact(f"promote {model_name} v{version}: {step} failed: {tracking.describe_error(err)}")) from None
+        raise RegistryError(
+            redact(f"promote {model_name} v{version}: {step} failed: {tracking.describe_error(err)}")) from None
     previous: dict[str, str | None] = {}
     for alias in to_set:
         try:
@@ -311,7 +317,7 @@ def promote(model_name: str, version, aliases, validation_passed: bool, tracking
     return Promotion(model_name, version, list(to_set), previous)
 
 
-def _restore(client, model_name: str, previous: dict[str, str | None]) -> None:
+def _restore(client: MlflowClient, model_name: str, previous: dict[str, str | None]) -> None:
     for alias, old in previous.items():
         try:
             if old is None:

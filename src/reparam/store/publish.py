@@ -36,7 +36,8 @@ def idempotency_key(source_sha256: str, settings_key: str) -> str:
 
 
 def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: str | None, *,
-                  tags: dict[str, str] | None = None, log: Callable[[str], None] = lambda _m: None) -> dict | None:
+                  tags: dict[str, str] | None = None,
+                  log: Callable[[str], None] = lambda _m: None) -> dict[str, Any] | None:
     """Validate alias names and tags, then return the existing complete version for ``key`` (or None).
 
     Versions holding ``key`` that are not complete are named through ``log`` and left untouched.
@@ -99,15 +100,15 @@ def _result(model_name: str, version: Any, model_uri: str | None, promo: promoti
     }
 
 
-def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: dict | None, tracking_uri: str | None,
-                log: Callable[[str], None]) -> list[str]:
+def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: dict[str, str] | None,
+                tracking_uri: str | None, log: Callable[[str], None]) -> list[str]:
     changed = registry.update_tags(name, version, tags, current, tracking_uri)
     if changed:
         log(f"updated tags on {name} version {version}: {', '.join(changed)}")
     return changed
 
 
-def reuse(existing: dict, aliases: list[str], tracking_uri: str | None, *, tags: dict[str, str] | None = None,
+def reuse(existing: dict[str, Any], aliases: list[str], tracking_uri: str | None, *, tags: dict[str, str] | None = None,
           log: Callable[[str], None] = lambda _m: None, gated: dict[str, Any] | None = None,
           report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Report an existing version instead of registering a new one: set the ``tags`` it lacks (or has with another
@@ -168,12 +169,12 @@ def register_conversion(
     return out
 
 
-def summary_from_tags(existing: dict) -> dict[str, Any]:
+def summary_from_tags(existing: dict[str, Any]) -> dict[str, Any]:
     """Report fields recovered from an existing version's tags (for the no-op path)."""
     t = existing.get("tags") or {}
     p = registry.TAG_PREFIX
 
-    def num(name: str, cast=int):
+    def num(name: str, cast: Callable[[str], Any] = int) -> Any:
         try:
             return cast(t[p + name])
         except (KeyError, ValueError):

@@ -13,7 +13,9 @@
    conversion's params, metrics and lineage tags.
 4. ``create logged model`` / ``upload artifacts`` / ``finalize logged model`` - the deploy outputs as
    one logged model: an ``MLmodel`` file, the ``.pt``/``.safetensors``/``report.json`` files, and an
-   ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve.
+   ``.onnx`` file (if any) as an ONNX-flavor model that ``mlflow models serve`` can serve. With an evaluation
+   (``--eval-data``) its PR curve, confusion matrix and per-class table are among those files and are also
+   logged on the run, under ``evaluation/``.
 5. ``create model version`` - source ``models:/<model_id>``, run_id = the conversion run, with all tags
    and ``reparam.status = pending``; a registry that registers asynchronously is waited for up to ``wait_s``
    to report ``READY`` (a version that ends ``FAILED_REGISTRATION`` or stays ``PENDING_REGISTRATION`` fails
@@ -37,7 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
@@ -46,9 +48,16 @@ from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import Model
+
 TAG_KEY = "reparam.idempotency_key"
 TAG_PREFIX = "reparam."
 DEFAULT_EXPERIMENT = "reparam"
+#: run artifact folder of the evaluation's plots and tables
+EVAL_ARTIFACT_PATH = "evaluation"
 
 
 @dataclasses.dataclass
@@ -71,14 +80,14 @@ class Registration:
     run_id: str | None
     model_id: str | None
     created: bool
-    tags: dict
+    tags: dict[str, str]
     aliases: list[str] = dataclasses.field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def idempotency_key(source_sha256: str, settings: dict) -> str:
+def idempotency_key(source_sha256: str, settings: dict[str, Any]) -> str:
     """sha256 hex of the source's sha256 and the conversion settings (JSON, sorted keys).
 
     ``settings`` must hold everything that changes the output (variant, nc, fuse, opset, dtype,
@@ -92,7 +101,7 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _as_dict(mv) -> dict:
+def _as_dict(mv: ModelVersion) -> dict[str, Any]:
     return {
         "model_name": mv.name,
         "version": str(mv.version),
@@ -104,7 +113,7 @@ def _as_dict(mv) -> dict:
     }
 
 
-def model_id_of(mv) -> str | None:
+def model_id_of(mv: ModelVersion) -> str | None:
     """The MLflow 3 logged model id of a model version (``mv.model_id``, else from its ``models:/m-...`` source;
     a server's reply may leave ``model_id`` empty), or None."""
     return getattr(mv, "model_id", None) or _model_id_from_source(mv.source)
@@ -116,7 +125,7 @@ def _model_id_from_source(source: str | None) -> str | None:
     return None
 
 
-def _keyed_versions(client, model_name: str, key: str) -> tuple[list, list]:
+def _keyed_versions(client: MlflowClient, model_name: str, key: str) -> tuple[list[ModelVersion], list[ModelVersion]]:
     """(complete, not complete) versions of ``model_name`` tagged with ``key``, each oldest first."""
     flt = f"name = {_quote(model_name)} AND tags.`{TAG_KEY}` = {_quote(key)}"
     found = sorted(client.search_model_versions(flt), key=lambda mv: int(mv.version))
@@ -124,12 +133,12 @@ def _keyed_versions(client, model_name: str, key: str) -> tuple[list, list]:
     return ready, [mv for mv in found if version_problem(mv.status, mv.tags) is not None]
 
 
-def _ready_versions(client, model_name: str, key: str) -> list:
+def _ready_versions(client: MlflowClient, model_name: str, key: str) -> list[ModelVersion]:
     return _keyed_versions(client, model_name, key)[0]
 
 
 def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | None = None,
-                  log: Callable[[str], None] | None = None) -> dict | None:
+                  log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The oldest complete version of ``model_name`` tagged with ``idempotency_key``, or None.
 
     Complete: :func:`reparam.store.promotion.version_problem` is None (MLflow status ``READY``, our tags ready
@@ -145,7 +154,8 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
         client = tracking.client(tracking_uri)
         ready, broken = _keyed_versions(client, model_name, idempotency_key)
     except Exception as err:  # noqa: BLE001
-        raise RegistryError(redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
+        raise RegistryError(
+            redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
     if log and not ready:
         for mv in broken:
             log(f"{model_name} version {mv.version} holds this conversion but is not usable "
@@ -168,8 +178,8 @@ def check_user_tags(tags: Mapping[str, object] | None) -> dict[str, str]:
     return out
 
 
-def update_tags(model_name: str, version, tags: Mapping[str, object] | None, current: Mapping[str, str] | None,
-                tracking_uri: str | None = None) -> list[str]:
+def update_tags(model_name: str, version: str | int, tags: Mapping[str, object] | None,
+                current: Mapping[str, str] | None, tracking_uri: str | None = None) -> list[str]:
     """Set the user's ``tags`` that are missing or different on an existing version; returns their keys, sorted.
 
     Tags are metadata, not conversion settings: a changed ``--tag`` never makes a new version. Tags the version
@@ -197,13 +207,14 @@ def update_tags(model_name: str, version, tags: Mapping[str, object] | None, cur
     return changed
 
 
-def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
+def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
+                 idempotency_key: str) -> dict[str, str]:
     """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags.
 
     ``report`` is read through :class:`reparam.report.Report` (raises ``ValueError`` without a valid ``status``).
     """
     r = Report.from_dict(report)
-    out = {
+    out: dict[str, object] = {
         TAG_KEY: idempotency_key,
         f"{TAG_PREFIX}source_uri": redact(r.source.uri),
         f"{TAG_PREFIX}source_sha256": r.source.sha256 or "",
@@ -223,7 +234,7 @@ def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idemp
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def run_metrics(report: dict) -> dict[str, float]:
+def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     """Numeric conversion metrics for the run (those known): max_abs_diff, params_before/after, bytes_before (the
     source checkpoint), bytes_after (the deploy ``.pt``), duration_s (the conversion's wall time, the report's
     ``timing.total_s``). Read through :class:`reparam.report.Report`."""
@@ -235,7 +246,14 @@ def run_metrics(report: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _experiment_id(client, name: str) -> str:
+def evaluation_files(report: dict[str, Any], artifacts_dir: Path) -> list[Path]:
+    """The evaluation's plots and tables (report ``evaluation.files``, :mod:`reparam.evaluation.plots`) that are
+    in ``artifacts_dir``."""
+    listed = ((report.get("evaluation") or {}).get("files")) or []
+    return [p for p in (Path(artifacts_dir) / str(f.get("name", "")) for f in listed) if p.is_file()]
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -250,7 +268,7 @@ def _experiment_id(client, name: str) -> str:
         return exp.experiment_id
 
 
-def _ensure_registered_model(client, name: str) -> None:
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -260,14 +278,15 @@ def _ensure_registered_model(client, name: str) -> None:
             raise
 
 
-def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: str, run_id: str) -> list[str]:
+def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], model_id: str, run_id: str) -> list[str]:
     """Lay out the logged model: deploy files + MLmodel (ONNX flavor if an .onnx is there)."""
     from mlflow.models import Model
 
     files = sorted(p for p in artifacts_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     onnx_files = [p for p in files if p.suffix == ".onnx"]
     if len(onnx_files) > 1:
-        raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
+        raise RegistryError(
+            f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
     dest.mkdir(parents=True, exist_ok=True)
     if onnx_files:
@@ -282,7 +301,7 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
     return sorted(p.name for p in dest.iterdir())
 
 
-def _add_onnx_flavor(model, dest: Path, data: str) -> None:
+def _add_onnx_flavor(model: "Model", dest: Path, data: str) -> None:
     """Describe the ONNX file ``data`` (kept byte for byte under its own name) as MLflow's ``onnx`` and
     ``python_function`` flavors, so ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` run it.
 
@@ -324,10 +343,10 @@ def _add_onnx_flavor(model, dest: Path, data: str) -> None:
 def register(
     model_name: str,
     artifacts_dir: Path,
-    report: dict,
+    report: dict[str, Any],
     *,
-    tags: dict | None = None,
-    lineage: dict | None = None,
+    tags: Mapping[str, object] | None = None,
+    lineage: Mapping[str, object] | None = None,
     idempotency_key: str,
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
@@ -363,11 +382,12 @@ def register(
         raise RegistryError(f"register {model_name}: read artifacts failed: {artifacts_dir} is not a directory")
     all_tags = version_tags(report, tags=tags, lineage=lineage, idempotency_key=idempotency_key)
     metrics = run_metrics(report)
-    state: dict = {"step": "connect"}
+    state: dict[str, Any] = {"step": "connect"}
     client = None
 
     def fail(err: BaseException) -> RegistryError:
-        msg = str(err) if isinstance(err, RegistryError) else f"register {model_name}: {state['step']} failed: {tracking.describe_error(err)}"
+        msg = str(err) if isinstance(err, RegistryError) else (
+            f"register {model_name}: {state['step']} failed: {tracking.describe_error(err)}")
         if client is not None:
             _cleanup(client, model_name, state)
         return RegistryError(redact(msg))
@@ -383,7 +403,8 @@ def register(
         state["step"] = "create registered model"
         _ensure_registered_model(client, model_name)
         state["step"] = "create run"
-        exp_id = _experiment_id(client, experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        exp_id = _experiment_id(client,
+                                experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
         run_tags = {k: v for k, v in all_tags.items() if k.startswith(TAG_PREFIX)}
         run_tags["mlflow.runName"] = f"reparam-{model_name}"
         run = client.create_run(exp_id, tags=run_tags)
@@ -401,6 +422,11 @@ def register(
         state["step"] = "log metrics"
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()])
+        eval_files = evaluation_files(report, artifacts_dir)
+        if eval_files:
+            state["step"] = "upload evaluation plots"
+            for p in eval_files:  # on the run too (its Artifacts tab); the logged model gets them with the rest
+                client.log_artifact(run_id, str(p), EVAL_ARTIFACT_PATH)
         with tempfile.TemporaryDirectory(prefix="reparam-model-") as tmp:
             state["step"] = "build model directory"
             model_dir = Path(tmp) / "model"
@@ -455,13 +481,13 @@ def register(
         raise fail(err) from None
 
 
-def _registration(mv, *, created: bool) -> Registration:
+def _registration(mv: ModelVersion, *, created: bool) -> Registration:
     d = _as_dict(mv)
     return Registration(d["model_name"], d["version"], d["model_uri"], d["run_id"], d["model_id"], created,
                         d["tags"], d["aliases"])  # fmt: skip
 
 
-def _cleanup(client, model_name: str, state: dict) -> None:
+def _cleanup(client: MlflowClient, model_name: str, state: dict[str, Any]) -> None:
     """Best effort: leave nothing that looks registered (each call may fail if the server is gone)."""
     version = state.get("version")
     if version is not None:

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import quote, urlsplit
 
 from ..errors import IntegrityError, InvalidInputError, ReparamError, SourceError, count_of
@@ -37,6 +37,15 @@ from ..hashing import CHUNK, hash_file
 from ..spec import SHA256_PATTERN
 from . import tracking
 from .uris import SourceRef, parse_source, redact
+
+if TYPE_CHECKING:
+    import requests
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mypy_boto3_s3 import S3Client
+
+#: how a source of one kind is fetched: ``(ref, shown, workdir, tracking_uri, progress) -> FetchedSource``
+Fetcher = Callable[[SourceRef, str, Path, "str | None", bool], "FetchedSource"]
 
 #: file suffixes taken as a checkpoint when a model version or directory holds several files
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -65,7 +74,7 @@ class FetchedSource:
     uri: str
     sha256: str
     bytes: int
-    lineage: dict
+    lineage: dict[str, Any]
     kind: str
     note: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -115,9 +124,9 @@ def fetch(
     else:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        fetcher = {"s3": _fetch_s3, "http": _fetch_http, "runs": _fetch_run,
-                   "models": functools.partial(_fetch_model, wait_s=registry_wait)}[ref.kind]
-        fetched = fetcher(ref, shown, workdir, tracking_uri, progress)
+        fetchers: dict[str, Fetcher] = {"s3": _fetch_s3, "http": _fetch_http, "runs": _fetch_run,
+                                        "models": functools.partial(_fetch_model, wait_s=registry_wait)}
+        fetched = fetchers[ref.kind](ref, shown, workdir, tracking_uri, progress)
     if sha256 is not None and fetched.sha256 != sha256.strip().lower():
         expected = sha256.strip().lower()
         if ref.kind == "local":  # the same bytes next time: not retryable
@@ -155,7 +164,7 @@ def _local_path(ref: SourceRef, shown: str) -> Path:
 def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
     path = _local_path(ref, shown)
     if path.is_dir():
-        path = _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], path)
+        path = path / _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()])
     try:
         digest, size = hash_file(path)
     except OSError as err:
@@ -163,7 +172,15 @@ def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
     return FetchedSource(path.resolve(), shown, digest, size, {}, "local")
 
 
-def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
+def _part(value: str | None) -> str:
+    """A part of a parsed source URI that its kind always has (:class:`reparam.spec.SourceRef`); a missing one is
+    a bug in the parser, reported as bad input rather than a crash."""
+    if value is None:
+        raise InvalidInputError("the source URI lacks a part its kind needs (bucket, key, run id, path or URL)")
+    return value
+
+
+def _pick_checkpoint(shown: str, names: list[str]) -> str:
     """The one checkpoint among ``names`` (relative paths).
 
     Raises InvalidInputError (retrying cannot help: the user must name the file) listing what is there when
@@ -171,11 +188,12 @@ def _pick_checkpoint(shown: str, names: list[str], base: Path | None = None):
     """
     cands = sorted(n for n in names if n.lower().endswith(CHECKPOINT_SUFFIXES))
     if len(cands) == 1:
-        return (base / cands[0]) if base is not None else cands[0]
+        return cands[0]
     if not cands:
         if not names:
             raise InvalidInputError(f"{shown} holds no files; expected one *.pt checkpoint")
-        raise InvalidInputError(f"{shown} holds no *.pt checkpoint; it has {count_of(sorted(names), 'files', examples=3)}")
+        raise InvalidInputError(
+            f"{shown} holds no *.pt checkpoint; it has {count_of(sorted(names), 'files', examples=3)}")
     raise InvalidInputError(
         f"{shown} holds {count_of(cands, 'checkpoints', examples=3)}; name one, e.g. "
         f"{shown.rstrip('/')}/{cands[0]}"
@@ -239,7 +257,7 @@ def s3_endpoint_url() -> str | None:
     return None
 
 
-def s3_client():
+def s3_client() -> S3Client:
     """A boto3 S3 client configured from the environment, failing fast on an unreachable endpoint."""
     import boto3
     from botocore.config import Config
@@ -264,7 +282,8 @@ def s3_error(step: str, shown: str, err: BaseException) -> SourceError:
             cause = "no such object (check bucket and key)"
         elif code == "NoSuchBucket":
             cause = "no such bucket"
-        elif code in ("403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "Forbidden") or status == 403:
+        elif (code in ("403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "Forbidden")
+              or status == 403):
             cause = f"access denied ({code or status}): check the AWS credentials and their permissions"
         else:
             cause = f"{code or status}: {err}"
@@ -293,19 +312,20 @@ def _fetch_s3_object(bucket: str, key: str, shown: str, workdir: Path, progress:
     return dest, digest, size
 
 
-def _fetch_s3(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
-    dest, digest, size = _fetch_s3_object(ref.bucket, ref.key, shown, workdir, progress)
+def _fetch_s3(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | None, progress: bool) -> FetchedSource:
+    dest, digest, size = _fetch_s3_object(_part(ref.bucket), _part(ref.key), shown, workdir, progress)
     return FetchedSource(dest, shown, digest, size, {}, "s3")
 
 
 # --- HTTP ----------------------------------------------------------------------------------------------
 
 
-def _http_chunks(url: str, shown: str, tracking_uri: str | None, step: str) -> tuple[Iterable[bytes], int | None, Callable]:
+def _http_chunks(url: str, shown: str, tracking_uri: str | None,
+                 step: str) -> tuple[Iterable[bytes], int | None, Callable[[], None]]:
     """Open a streaming GET; MLflow credentials are sent only to the tracking server's own URLs."""
     import requests
 
-    kw: dict = {"stream": True, "timeout": (10, 120)}
+    kw: dict[str, Any] = {"stream": True, "timeout": (10, 120)}
     base = tracking_uri or os.environ.get(tracking.ENV_TRACKING_URI) or ""
     if base.startswith(("http://", "https://")) and url.startswith(base.rstrip("/") + "/"):
         from mlflow.utils.credentials import get_default_host_creds
@@ -334,7 +354,7 @@ def _http_chunks(url: str, shown: str, tracking_uri: str | None, step: str) -> t
     return resp.iter_content(CHUNK), (int(total) if total and total.isdigit() else None), resp.close
 
 
-def _error_detail(resp) -> str:
+def _error_detail(resp: requests.Response) -> str:
     """The first line of an error body (MLflow sends JSON with ``message``), at most 200 characters."""
     try:
         text = resp.text
@@ -355,7 +375,8 @@ def _host(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def _download_http(url: str, shown: str, workdir: Path, tracking_uri, progress, step="download over HTTP"):
+def _download_http(url: str, shown: str, workdir: Path, tracking_uri: str | None, progress: bool,
+                   step: str = "download over HTTP") -> tuple[Path, str, int]:
     import requests
 
     chunks, total, close = _http_chunks(url, shown, tracking_uri, step)
@@ -372,8 +393,9 @@ def _download_http(url: str, shown: str, workdir: Path, tracking_uri, progress, 
     return dest, digest, size
 
 
-def _fetch_http(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
-    dest, digest, size = _download_http(ref.url, shown, workdir, tracking_uri, progress)
+def _fetch_http(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | None,
+                progress: bool) -> FetchedSource:
+    dest, digest, size = _download_http(_part(ref.url), shown, workdir, tracking_uri, progress)
     return FetchedSource(dest, shown, digest, size, {}, "http")
 
 
@@ -385,7 +407,8 @@ def mlflow_error(step: str, shown: str, err: BaseException) -> str:
     return redact(f"fetch {shown}: {step} failed: {tracking.describe_error(err, with_type=True)}")
 
 
-def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_uri: str, progress: bool):
+def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_uri: str,
+                       progress: bool) -> tuple[Path, str, int]:
     """Download one artifact file given its concrete URI; returns (path, sha256, bytes)."""
     parts = urlsplit(artifact_uri)
     if parts.scheme == "s3":
@@ -393,7 +416,8 @@ def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_ur
     if parts.scheme == "mlflow-artifacts":
         base = f"http://{parts.netloc}" if parts.netloc else tracking_uri
         if not base.startswith(("http://", "https://")):
-            raise SourceError(f"fetch {shown}: resolve artifact failed: mlflow-artifacts URI needs an HTTP tracking URI")
+            raise SourceError(
+                f"fetch {shown}: resolve artifact failed: mlflow-artifacts URI needs an HTTP tracking URI")
         url = base.rstrip("/") + "/api/2.0/mlflow-artifacts/artifacts/" + quote(parts.path.lstrip("/"))
         return _download_http(url, shown, workdir, base, progress, step="download artifact via the MLflow server")
     if parts.scheme in ("http", "https"):
@@ -403,7 +427,8 @@ def _download_artifact(artifact_uri: str, shown: str, workdir: Path, tracking_ur
 
     dst = workdir / f".dl-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
+                                                         tracking_uri=tracking_uri))
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         shutil.rmtree(dst, ignore_errors=True)
         raise SourceError(mlflow_error("download artifact", shown, err)) from None
@@ -430,23 +455,23 @@ def _list_files(artifact_uri: str, tracking_uri: str, prefix: str = "", depth: i
     return out
 
 
-def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress) -> FetchedSource:
+def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | None, progress: bool) -> FetchedSource:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(uri)
     step = "look up run"
     try:
-        run = client.get_run(ref.run_id)
+        run = client.get_run(_part(ref.run_id))
         root = run.info.artifact_uri.rstrip("/")
-        warnings = run_warnings(ref.run_id, str(run.info.status))
+        warnings = run_warnings(_part(ref.run_id), str(run.info.status))
         step = "list run artifacts"
-        parent = PurePosixPath(ref.path).parent.as_posix()
+        parent = PurePosixPath(_part(ref.path)).parent.as_posix()
         listing = _list_files(root if parent == "." else f"{root}/{parent}", uri)
     except SourceError:
         raise
     except Exception as err:  # noqa: BLE001
         raise SourceError(mlflow_error(step, shown, err)) from None
-    name = PurePosixPath(ref.path).name
-    path = ref.path
+    name = PurePosixPath(_part(ref.path)).name
+    path = _part(ref.path)
     if name not in listing:
         # the path may be a directory holding the checkpoint
         sub = [p[len(name) + 1 :] for p in listing if p.startswith(name + "/")]
@@ -477,7 +502,7 @@ def _short(text: object, limit: int = 120) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _ready_version(client, mv, shown: str, wait_s: float):
+def _ready_version(client: MlflowClient, mv: ModelVersion, shown: str, wait_s: float) -> ModelVersion:
     """``mv`` once MLflow reports it ``READY`` (re-read while ``PENDING_REGISTRATION``, up to ``wait_s``).
 
     Raises:
@@ -500,7 +525,7 @@ def _ready_version(client, mv, shown: str, wait_s: float):
                             "register the checkpoint again and convert the new version")
 
 
-def _check_logged_model(client, model_id: str, mv, shown: str, wait_s: float) -> None:
+def _check_logged_model(client: MlflowClient, model_id: str, mv: ModelVersion, shown: str, wait_s: float) -> None:
     """Refuse a model version whose MLflow 3 logged model is not finalized ``READY`` (``PENDING`` is waited for).
 
     A logged model that no longer exists is not checked (the version's own files are what is fetched).
@@ -527,7 +552,7 @@ def _check_logged_model(client, model_id: str, mv, shown: str, wait_s: float) ->
                                 "and register a new version")
 
 
-def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progress,
+def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | None, progress: bool,
                  wait_s: float = tracking.REGISTRY_WAIT_S) -> FetchedSource:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(uri)
@@ -535,14 +560,15 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri, progre
     try:
         if ref.alias:
             step = f"resolve alias @{ref.alias}"
-            mv = client.get_model_version_by_alias(ref.model_name, ref.alias)
+            mv = client.get_model_version_by_alias(_part(ref.model_name), ref.alias)
         else:
-            mv = client.get_model_version(ref.model_name, ref.version)
+            mv = client.get_model_version(_part(ref.model_name), _part(ref.version))
         step = "check model version status"
         mv = _ready_version(client, mv, shown, wait_s)
         model_id = getattr(mv, "model_id", None)
-        if not model_id and re.match(r"^models:/m-[0-9a-f]+$", mv.source or ""):
-            model_id = mv.source[len("models:/") :]  # MLflow 3 logged model as the version's source
+        source = str(mv.source or "")
+        if not model_id and re.match(r"^models:/m-[0-9a-f]+$", source):
+            model_id = source[len("models:/") :]  # MLflow 3 logged model as the version's source
         if model_id:
             step = "check logged model status"
             _check_logged_model(client, model_id, mv, shown, wait_s)

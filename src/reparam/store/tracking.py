@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_REGISTRY_URI = "MLFLOW_REGISTRY_URI"
@@ -39,7 +42,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     return tracking_uri or os.environ.get(ENV_TRACKING_URI) or default_tracking_uri()
 
 
-def client(tracking_uri: str | None = None):
+def client(tracking_uri: str | None = None) -> MlflowClient:
     """An ``mlflow.MlflowClient`` for the resolved tracking URI (registry: ``$MLFLOW_REGISTRY_URI`` or the same)."""
     # MLflow prints "View run ... at: <tracking URI>" on stdout when a run ends: that would pollute the
     # CLI's stdout and could show credentials embedded in the URI

@@ -75,7 +75,8 @@ class EndToEnd(nn.Module):
 
     Args:
         model: a deploy model or a :class:`Predictions` (used as is).
-        nms: the NMS head (its semantics: :mod:`reparam.converter.export.nms`); default ``NMSHead()`` (default settings).
+        nms: the NMS head (its semantics: :mod:`reparam.converter.export.nms`); default ``NMSHead()`` (default
+            settings).
 
     Shapes: ``images [B, 3, H, W] -> (num_dets [B, 1], boxes [B, max_det, 4], scores [B, max_det],
     labels [B, max_det])``.
