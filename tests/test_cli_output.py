@@ -206,3 +206,15 @@ def test_setpriv_is_there() -> None:
     if os.geteuid() == 0:
         assert shutil.which("setpriv"), "setpriv (util-linux) is needed to test permissions as a non-root user"
     assert shutil.which("unshare"), "unshare (util-linux) is needed for the read-only mount test"
+
+
+@pytest.mark.parametrize("args, family", [
+    (("--precision", "export=fp16"), "export"),  # the defaults (.pt, .safetensors) have no ONNX/TorchScript file
+    (("--only", "onnx", "--precision", "weights=fp32"), "weights"),
+])
+def test_precision_for_a_family_that_is_not_written_is_refused(capsys, args, family: str) -> None:
+    """The CRD's PRECISION_FAMILY_RULE, the operator's check and the CLI give the same answer (reparam.spec)."""
+    assert cli.main(["convert", str(EXAMPLE), *args]) == exitcodes.INVALID_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"reparam: error: --precision '{args[-1].split()[0]}' sets the {family} family")
+    assert err.count("\n") == 1

@@ -38,7 +38,7 @@ def rules(schema: dict[str, Any]) -> list[str]:
 
 def test_the_crd_rules_are_the_spec_modules() -> None:
     props = SPEC["properties"]
-    assert rules(props["conversion"]) == []
+    assert rules(props["conversion"]) == [spec.PRECISION_FAMILY_RULE]
     assert rules(SPEC) == [spec.PROMOTION_NEEDS_RULE, spec.PROMOTION_ALIAS_RULE]
     assert rules(props["source"]) == [spec.SHA256_PINNED_RULE]
     assert rules(props["promotion"]) == [spec.HOLD_ALIAS_RULE]
@@ -78,6 +78,12 @@ _DELETE = object()
     ({"registry": _DELETE}, "needs spec.evaluation", "needs spec.evaluation"),
     ({"registry.aliases": ["staging", "champion"]}, "gated and ungated", "gated and ungated"),
     ({"promotion.holdAlias": "champion"}, "must differ", "must differ"),
+    ({"conversion.precision": "export=fp16", "conversion.formats": ["pt"]}, "no format in spec.conversion.formats",
+     "sets the export family"),
+    ({"conversion.precision": "export=fp16", "conversion.formats": _DELETE}, "no format in spec.conversion.formats",
+     "sets the export family"),  # no formats: the operator's default .pt
+    ({"conversion.precision": "weights=fp32", "conversion.formats": ["onnx"]}, "no format in spec.conversion",
+     "sets the weights family"),
 ])
 def test_broken_variants_are_rejected_by_cel_and_by_the_operator(changes: dict, crd_needle: str,
                                                                   operator_needle: str) -> None:
@@ -94,6 +100,9 @@ def test_broken_variants_are_rejected_by_cel_and_by_the_operator(changes: dict, 
     {"source.uri": "models:/traffic-dual@candidate", "source.sha256": ""},  # an alias without a digest
     {"source.uri": "s3://bucket/ckpt/best.pt"},                               # an object with a digest
     {"conversion.formats": ["onnx"]},  # fp16 graphs only: the CLI accepts --half --format onnx, so does the CRD
+    {"conversion.formats": ["onnx"], "conversion.precision": "export=fp16"},
+    {"conversion.formats": ["pt", "onnx"], "conversion.precision": "weights=fp32,export=fp16"},
+    {"conversion.precision": "weights=fp32"},  # no formats: the operator's default, a .pt
     {"promotion.holdAlias": _DELETE},
     {"registry.aliases": _DELETE},
 ])

@@ -583,6 +583,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
         precision = _precision(args)
+        problem = spec.precision_family_problem(args.precision, formats)
+        if problem:
+            raise InvalidInputError(f"--{problem}")
         options = ConvertOptions(
             atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
             formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,

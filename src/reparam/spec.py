@@ -315,6 +315,30 @@ PROMOTION_ALIAS_RULE = ("!has(self.promotion) || !has(self.registry) || !has(sel
                         "!(self.promotion.alias in self.registry.aliases)")
 #: CEL on ``spec.promotion``: the hold alias differs from the gated one.
 HOLD_ALIAS_RULE = "!has(self.holdAlias) || self.holdAlias != self.alias"
+#: CEL on ``spec.conversion``: a precision that names a family (``weights=``/``export=``) needs a format of that
+#: family (:data:`PRECISION_FAMILIES`; no formats: :data:`OPERATOR_DEFAULT_FORMATS`, a weights file). A plain
+#: ``fp16``/``fp32`` applies to whatever is written and is always accepted.
+PRECISION_FAMILY_RULE = (
+    "!has(self.precision) || ("
+    "(!self.precision.contains('weights=') || !has(self.formats) || size(self.formats) == 0 || "
+    "self.formats.exists(f, f == 'pt' || f == 'safetensors')) && "
+    "(!self.precision.contains('export=') || (has(self.formats) && "
+    "self.formats.exists(f, f == 'onnx' || f == 'torchscript'))))"
+)
+
+
+def precision_family_problem(precision: object, formats: Iterable[str]) -> str | None:
+    """Why ``precision`` names an artifact family none of ``formats`` belongs to (:data:`PRECISION_FAMILY_RULE`), or
+    None. ``formats`` are the formats actually written (CLI: after ``--format``/``--only``; CRD: ``formats``, or
+    :data:`OPERATOR_DEFAULT_FORMATS` when empty)."""
+    if not isinstance(precision, str):
+        return None
+    written = set(formats)
+    for family, members in PRECISION_FAMILIES.items():
+        if f"{family}=" in precision and not written & set(members):
+            return (f"precision {precision!r} sets the {family} family ({', '.join(members)}), but no such file is "
+                    f"written (formats: {', '.join(sorted(written)) or 'none'}); add one, or drop {family}=")
+    return None
 
 
 def sha256_pin_problem(uri: object, sha256: object) -> str | None:

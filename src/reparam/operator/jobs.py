@@ -468,6 +468,11 @@ def cross_field_problems(spec: dict[str, Any]) -> list[str]:
     problem = grammar.sha256_pin_problem(source.get("uri"), source.get("sha256"))
     if problem:
         problems.append(problem)
+    conversion = spec.get("conversion") or {}
+    problem = grammar.precision_family_problem(
+        conversion.get("precision"), conversion.get("formats") or grammar.OPERATOR_DEFAULT_FORMATS)
+    if problem:
+        problems.append(f"spec.conversion.{problem}")
     return problems
 
 
