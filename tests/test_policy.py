@@ -193,3 +193,17 @@ def test_crd_patterns_agree_with_the_grammar() -> None:
             ok = False
         # the CRD accepts every duration the operator does (it also lets 0s through: the operator refuses it)
         assert bool(interval.fullmatch(text)) == (ok or text in ("0s",)), text
+
+
+def test_example_policy_matches_the_crd_and_the_operator() -> None:
+    import jsonschema
+
+    crd = yaml.safe_load(policy_crd.POLICY_CRD.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    example = yaml.safe_load((policy_crd.ROOT / "examples" / "policy-traffic.yaml").read_text())
+    jsonschema.Draft4Validator(schema).validate(example)
+    p = pol.parse_policy({**example, "metadata": {**example["metadata"], "uid": "u"}})
+    assert (p.model, p.selector.alias, p.interval_s) == ("traffic-dual", "candidate", 300)
+    bad = yaml.safe_load((policy_crd.ROOT / "examples" / "policy-traffic.yaml").read_text())
+    bad["spec"]["interval"] = "5 minutes"
+    assert list(jsonschema.Draft4Validator(schema).iter_errors(bad))
