@@ -386,3 +386,103 @@ def test_webhook_register_one_line_errors(tmp_path) -> None:
     file_store = run("--secret-env", "S", "--tracking-uri", str(tmp_path / "mlruns"), S="x")
     assert file_store.returncode == exitcodes.REGISTRY_ERROR, file_store.stderr
     assert file_store.stderr.strip().count("\n") == 0 and "has no webhooks" in file_store.stderr
+
+
+def test_training_registers_moves_candidate_and_the_policy_converts_and_promotes(
+        env, ns, model, client, mlflow, start_operator, fixtures, tmp_path) -> None:
+    """The whole loop with no human step: a 'training script' logs the early checkpoint, registers it and points
+    @candidate at it; later the final checkpoint. The policy's conversions run the real converter (test Job runner),
+    evaluate on the validation set (a run artifact) and promote @champion through the gates."""
+    import shutil
+
+    from jobrunner import Gate, JobRunner, SubprocessExecutor, reparam_entrypoint
+
+    base = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    gate = Gate(SubprocessExecutor({"reparam": reparam_entrypoint()}, base))
+    runner = JobRunner(env, gate, namespace=ns).start()
+    try:
+        env.call(lambda: gate.open_all())
+        exp = client.create_experiment(f"train-{model}")
+        data_run = client.create_run(exp)
+        data = tmp_path / "val"
+        shutil.copytree(fixtures / "eval", data, ignore=shutil.ignore_patterns("*.pt"))
+        client.log_artifacts(data_run.info.run_id, str(data), "val-data")
+        port = free_port()
+        op = start_operator(webhook_port=port)
+        assert register_webhook_cli(mlflow.tracking_uri, port, model).returncode == 0
+        deploy = f"{model}-deploy"
+        template = {
+            "conversion": {"formats": ["pt"]},
+            "registry": {"trackingUri": mlflow.tracking_uri, "modelName": deploy},
+            "evaluation": {"data": f"runs:/{data_run.info.run_id}/val-data", "imgsz": 160},
+            "promotion": {"alias": "champion", "maxRegression": 0.002},
+            "job": {"backoffLimit": 0},
+        }
+
+        def train(which: str) -> int:
+            """What train_dual.py + a registration step do: a run with weights/best.pt, a logged model, a
+            version, then @candidate moved to it."""
+            run = client.create_run(exp, tags={"mlflow.runName": f"train_dual-{which}"})
+            weights = tmp_path / which
+            weights.mkdir()
+            shutil.copyfile(fixtures / "eval" / f"yolov9-t-dual-shapes-{which}.pt", weights / "best.pt")
+            client.log_artifact(run.info.run_id, str(weights / "best.pt"), "weights")
+            client.set_terminated(run.info.run_id)
+            try:
+                client.create_registered_model(model)
+            except Exception:  # noqa: BLE001 - the second training
+                pass
+            lm = client.create_logged_model(exp, name=model, source_run_id=run.info.run_id)
+            client.log_model_artifacts(lm.model_id, str(weights))
+            client.finalize_logged_model(lm.model_id, "READY")
+            mv = client.create_model_version(model, f"models:/{lm.model_id}", run_id=run.info.run_id,
+                                             model_id=lm.model_id)
+            client.set_registered_model_alias(model, "candidate", mv.version)
+            return int(mv.version)
+
+        def phase(name: str) -> str | None:
+            return ((conversions(env, ns).get(name) or {}).get("status") or {}).get("phase")
+
+        def deploy_versions() -> list[str]:
+            return sorted(str(v.version) for v in client.search_model_versions(f"name = '{deploy}'"))
+
+        # v1 is converted by hand before any policy exists (its delivery is ignored: nobody watches the model)
+        v1 = train("early")
+        status, data = env.request("POST", f"/apis/{jobs.GROUP}/{jobs.VERSION}/namespaces/{ns}/{jobs.PLURAL}", {
+            "apiVersion": "reparam.dev/v1alpha1", "kind": "ModelConversion",
+            "metadata": {"name": "by-hand", "namespace": ns},
+            "spec": {**template, "source": {"uri": f"models:/{model}/{v1}"}}})
+        assert status in (200, 201), data
+        wait_for(lambda: phase("by-hand") in ("Succeeded", "Failed"), 400, what="by-hand converted")
+        hand = conversions(env, ns)["by-hand"]["status"]
+        assert phase("by-hand") == "Succeeded", hand
+        assert deploy_versions() == [hand["result"]["version"]]
+        # the policy: its first poll finds v1 under @candidate; the registry's idempotency key finds the version
+        # made by hand, so nothing new is registered
+        body = policy("loop", ns, model, mlflow.tracking_uri, {"alias": "candidate"})
+        body["spec"]["template"] = template
+        create_policy(env, body)
+        wait_for(lambda: phase(f"loop-v{v1}") in ("Succeeded", "Failed"), 400, what="v1 by the policy")
+        st1 = conversions(env, ns)[f"loop-v{v1}"]["status"]
+        assert phase(f"loop-v{v1}") == "Succeeded", st1
+        assert st1["result"]["version"] == hand["result"]["version"] and deploy_versions() == [st1["result"]["version"]]
+        assert str(client.get_model_version_by_alias(deploy, "champion").version) == hand["result"]["version"]
+        # training registers the final checkpoint and moves @candidate: converted, evaluated, promoted
+        v2 = train("final")
+        wait_for(lambda: phase(f"loop-v{v2}") in ("Succeeded", "Failed"), 400, what="v2 converted")
+        st2 = conversions(env, ns)[f"loop-v{v2}"]["status"]
+        assert phase(f"loop-v{v2}") == "Succeeded", st2
+        assert st2["result"]["promotion"]["decision"] == "promoted"  # mAP 0.83 beats 0.46
+        assert str(client.get_model_version_by_alias(deploy, "champion").version) == st2["result"]["version"]
+        assert len(deploy_versions()) == 2
+        lineage = client.get_model_version(deploy, st2["result"]["version"]).tags
+        assert lineage["reparam.source_model_name"] == model and lineage["reparam.source_model_version"] == str(v2)
+        st = wait_for(lambda: (s := pstatus(env, ns, "loop")).get("lastOutcome") == "Succeeded"
+                      and s.get("lastConversion") == f"loop-v{v2}" and s, 30, what="policy status")
+        assert st["lastSeenVersion"] == str(v2)
+        assert [c["outcome"] for c in st["conversions"]] == ["Succeeded", "Succeeded"]
+        assert metric(op.metrics(), "reparam_policy_conversions_total", trigger="webhook") >= 1
+        assert sorted(conversions(env, ns)) == ["by-hand", f"loop-v{v1}", f"loop-v{v2}"]
+    finally:
+        runner.stop()
+    assert runner.errors == [], runner.errors

@@ -90,8 +90,12 @@ class PolicyRunner:
         trigger = "poll"
         try:
             while not stopped:
-                delay = await self._pass(_plain(body), watch, trigger, read="history" not in watch.reasons
-                                         or bool(watch.reasons - {"history"}))
+                try:
+                    delay = await self._pass(_plain(body), watch, trigger, read="history" not in watch.reasons
+                                             or bool(watch.reasons - {"history"}))
+                except ApiError as err:  # the Kubernetes API, not the registry: retried the same way
+                    logger.warning("policy %s/%s: %s", key[0], key[1], err)
+                    delay = None
                 if delay is None:  # registry error
                     backoff = min(max(BACKOFF_FIRST, backoff * 2), BACKOFF_MAX)
                     delay = min(backoff, max(BACKOFF_FIRST, self._interval(body)))
