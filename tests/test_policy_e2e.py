@@ -388,6 +388,7 @@ def test_webhook_register_one_line_errors(tmp_path) -> None:
     assert file_store.stderr.strip().count("\n") == 0 and "has no webhooks" in file_store.stderr
 
 
+@pytest.mark.slow
 def test_training_registers_moves_candidate_and_the_policy_converts_and_promotes(
         env, ns, model, client, mlflow, start_operator, fixtures, tmp_path) -> None:
     """The whole loop with no human step: a 'training script' logs the early checkpoint, registers it and points
@@ -412,7 +413,7 @@ def test_training_registers_moves_candidate_and_the_policy_converts_and_promotes
         assert register_webhook_cli(mlflow.tracking_uri, port, model).returncode == 0
         deploy = f"{model}-deploy"
         template = {
-            "conversion": {"formats": ["pt"]},
+            "conversion": {"fuse": False, "formats": ["pt"]},
             "registry": {"trackingUri": mlflow.tracking_uri, "modelName": deploy},
             "evaluation": {"data": f"runs:/{data_run.info.run_id}/val-data", "imgsz": 160},
             "promotion": {"alias": "champion", "maxRegression": 0.002},
@@ -455,7 +456,7 @@ def test_training_registers_moves_candidate_and_the_policy_converts_and_promotes
         assert status in (200, 201), data
         wait_for(lambda: phase("by-hand") in ("Succeeded", "Failed"), 400, what="by-hand converted")
         hand = conversions(env, ns)["by-hand"]["status"]
-        assert phase("by-hand") == "Succeeded", hand
+        assert phase("by-hand") == "Succeeded", hand.get("lastFailure")
         assert deploy_versions() == [hand["result"]["version"]]
         # the policy: its first poll finds v1 under @candidate; the registry's idempotency key finds the version
         # made by hand, so nothing new is registered
