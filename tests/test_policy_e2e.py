@@ -375,6 +375,28 @@ def test_two_replicas_and_restart_make_one_conversion(env, ns, model, client, ml
     assert metric(c.metrics(), "reparam_policy_conversions_total", trigger="poll") == 1
 
 
+def test_operator_killed_between_delivery_and_reconcile(env, ns, model, client, mlflow, start_operator) -> None:
+    """The alias moves and the operator dies at once (the delivery in flight, or accepted and not yet acted on);
+    the next operator, on the same endpoint, converts the version exactly once."""
+    port = free_port()
+    first = start_operator(webhook_port=port)
+    assert register_webhook_cli(mlflow.tracking_uri, port, model).returncode == 0
+    v1 = register_version(client, model)
+    client.set_registered_model_alias(model, "candidate", str(v1))
+    create_policy(env, policy("crash", ns, model, mlflow.tracking_uri, {"alias": "candidate"}))
+    wait_for(lambda: f"crash-v{v1}" in conversions(env, ns), 30, what="v1")
+    v2 = register_version(client, model)
+    client.set_registered_model_alias(model, "candidate", str(v2))
+    first.stop(signal.SIGKILL)
+    second = start_operator(webhook_port=port)
+    wait_for(lambda: f"crash-v{v2}" in conversions(env, ns), 30, what="v2 after the crash")
+    time.sleep(2)
+    assert sorted(conversions(env, ns)) == [f"crash-v{v1}", f"crash-v{v2}"]
+    made = metric(second.metrics(), "reparam_policy_conversions_total", trigger="poll") + \
+        metric(second.metrics(), "reparam_policy_conversions_total", trigger="webhook")
+    assert made <= 1  # 0 when the first operator had created it just before it died
+
+
 def test_webhook_register_one_line_errors(tmp_path) -> None:
     def run(*args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "reparam.cli", "webhook", "register", "--url",
