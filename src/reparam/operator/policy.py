@@ -314,11 +314,18 @@ def read_registry(tracking_uri: str, model: str) -> list[SourceVersion]:
     except MlflowException as err:
         if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             raise ModelNotFound(f"registered model {model!r} does not exist on {redact(tracking_uri)}") from None
-        raise RegistryUnreachable(redact(describe_error(err))) from None
+        raise _unreachable(describe_error(err), tracking_uri) from None
     except Exception as err:  # noqa: BLE001 - requests/urllib3 failures: reported on the policy, retried later
-        raise RegistryUnreachable(redact(describe_error(err, with_type=True))) from None
+        raise _unreachable(describe_error(err, with_type=True), tracking_uri) from None
     return [SourceVersion(int(mv.version), str(mv.status), tuple(sorted(aliases.get(int(mv.version), []))),
                           dict(mv.tags or {})) for mv in found]
+
+
+def _unreachable(text: str, tracking_uri: str) -> RegistryUnreachable:
+    from ..store.uris import redact
+
+    text = text.replace("--tracking-uri", "spec.source.trackingUri")
+    return RegistryUnreachable(redact(f"{text}; server {tracking_uri}"))
 
 
 def _quote(value: str) -> str:
