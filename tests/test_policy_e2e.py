@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kube_env import MC_RESOURCE, POLICY_PLURAL, POLICY_RESOURCE, KubeEnv, child_env, wait_for
+from kube_env import EVENTS, MC_RESOURCE, POLICY_PLURAL, POLICY_RESOURCE, KubeEnv, child_env, wait_for
 from operator_env import OperatorProcess, free_port, metric
 from reparam import exitcodes
 from reparam.operator import jobs, policy as pol, webhooks
@@ -121,6 +121,11 @@ def conversions(env: KubeEnv, ns: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in env.objects(MC_RESOURCE, ns)}
 
 
+def policy_events(env: KubeEnv, ns: str, name: str) -> list[tuple[str, str, str]]:
+    return [(e["type"], e["reason"], e["message"]) for e in env.objects(EVENTS, ns)
+            if e["involvedObject"]["kind"] == "ModelConversionPolicy" and e["involvedObject"]["name"] == name]
+
+
 def deliver(port: int, body: bytes, delivery_id: str, ts: int, secret: str = SECRET) -> int:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{webhooks.PATH}", data=body, method="POST", headers={
         "Content-Type": "application/json", webhooks.HEADER_DELIVERY_ID: delivery_id,
@@ -180,6 +185,10 @@ def test_alias_policy_webhook_path(env, ns, model, client, mlflow, start_operato
     assert metric(m, "reparam_policy_conversions_total", trigger="webhook") == 1
     assert metric(m, "reparam_policy_conversions_total", trigger="poll") == 1
     assert metric(m, "reparam_webhook_deliveries_total", result="bad_signature") == 0
+    evs = wait_for(lambda: len(policy_events(env, ns, "traffic")) >= 2 and policy_events(env, ns, "traffic"), 10,
+                   what="ConversionCreated events")
+    assert ("Normal", "ConversionCreated", f"traffic-v2: {model} version 2 (webhook)") in evs
+    assert ("Normal", "ConversionCreated", f"traffic-v1: {model} version 1 (poll)") in evs
 
     # forged, replayed and stale deliveries
     payload = json.dumps({"entity": "model_version", "action": "created", "timestamp": "x",
@@ -295,7 +304,8 @@ def test_polling_path_outage_and_recovery(env, ns, model, client, mlflow, start_
     errors0 = metric(op.metrics(), "reparam_policy_poll_errors_total")
     time.sleep(6)
     errors = metric(op.metrics(), "reparam_policy_poll_errors_total") - errors0
-    assert 1 <= errors <= 7, (errors, st, op.log()[-3000:])  # backoff of 1 s capped at the 1 s interval: about one read a second
+    # backoff of 1 s capped at the 1 s interval: about one read a second, not a busy loop
+    assert 1 <= errors <= 7, (errors, st, op.log()[-3000:])
     assert op.proc.poll() is None
     v5 = register_version(client, model)  # registered while the operator cannot see the registry
     proxy.up()
@@ -324,6 +334,8 @@ def test_bad_input_ready_false_nothing_created(env, ns, model, client, mlflow, s
     assert "does not exist" in cond(pstatus(env, ns, "missing"), "Ready")["message"]
     assert "spec.source.select" in cond(pstatus(env, ns, "selector"), "Ready")["message"]
     assert "spec.promotion needs spec.evaluation" in cond(pstatus(env, ns, "template"), "Ready")["message"]
+    wait_for(lambda: [r for t, r, _ in policy_events(env, ns, "selector") if t == "Warning"] == ["InvalidSelector"],
+             10, what="one InvalidSelector warning (deduplicated)")
     time.sleep(1.0)
     assert conversions(env, ns) == {}
 

@@ -27,7 +27,7 @@ import logging
 import random
 from typing import Any
 
-from . import jobs, policy as pol, status as status_mod
+from . import events as events_mod, jobs, policy as pol, status as status_mod
 from .kube import ApiError, KubeClient
 from .metrics import Metrics
 
@@ -60,6 +60,7 @@ class PolicyRunner:
         self.metrics = metrics
         self.default_tracking_uri = default_tracking_uri
         self._watches: dict[tuple[str, str], _Watch] = {}
+        self._limiter = events_mod.EventLimiter()
 
     # ------------------------------------------------------------------ wake-ups
     def trigger(self, model: str) -> int:
@@ -124,12 +125,13 @@ class PolicyRunner:
         ns, name = str(meta.get("namespace")), str(meta.get("name"))
         current = body.get("status") or {}
         gen = int(meta.get("generation") or 1)
+        uid = str(meta.get("uid") or name)
         now = datetime.datetime.now(datetime.timezone.utc)
         try:
             policy = pol.parse_policy(body, self.default_tracking_uri)
         except pol.InvalidPolicy as err:
             watch.model = ""
-            await self._patch(ns, name, current, now, gen, ready=("False", err.reason, str(err)))
+            await self._patch(ns, name, current, now, gen, uid=uid, ready=("False", err.reason, str(err)))
             return 60.0
         watch.model = policy.model
         patch: dict[str, Any] = {}
@@ -139,11 +141,13 @@ class PolicyRunner:
                 versions = await asyncio.to_thread(pol.read_registry, policy.tracking_uri, policy.model)
             except pol.RegistryUnreachable as err:
                 self.metrics.policy_poll_errors_total.inc()
-                await self._patch(ns, name, current, now, gen, reachable=("False", "RegistryUnreachable", str(err)),
+                await self._patch(ns, name, current, now, gen, uid=uid,
+                                  reachable=("False", "RegistryUnreachable", str(err)),
                                   extra={"lastPollTime": status_mod.timestamp(now)})
                 return None
             except pol.ModelNotFound as err:
-                await self._patch(ns, name, current, now, gen, ready=("False", "RegisteredModelNotFound", str(err)),
+                await self._patch(ns, name, current, now, gen, uid=uid,
+                                  ready=("False", "RegisteredModelNotFound", str(err)),
                                   reachable=("True", "Reachable", "the registry answered"),
                                   extra={"lastPollTime": status_mod.timestamp(now)})
                 return policy.interval_s
@@ -157,7 +161,8 @@ class PolicyRunner:
                     continue
                 problem = await self._create(policy, version, trigger)
                 if problem is not None:
-                    await self._patch(ns, name, current, now, gen, ready=("False", "InvalidTemplate", problem),
+                    await self._patch(ns, name, current, now, gen, uid=uid,
+                                      ready=("False", "InvalidTemplate", problem),
                                       reachable=("True", "Reachable", "the registry answered"), extra=patch)
                     return policy.interval_s
         entries = pol.history(await self._conversions(policy))
@@ -172,7 +177,8 @@ class PolicyRunner:
         if watch.floor:
             patch["historyFloor"] = watch.floor
         reachable = ("True", "Reachable", "the registry answered") if read else None
-        await self._patch(ns, name, current, now, gen, ready=("True", "Watching", f"watching {policy.model}"),
+        await self._patch(ns, name, current, now, gen, uid=uid,
+                          ready=("True", "Watching", f"watching {policy.model}"),
                           reachable=reachable, extra=patch)
         return policy.interval_s
 
@@ -182,6 +188,18 @@ class PolicyRunner:
         # the label holds a shortened name; the owner reference says whose it is
         return [o for o in items if any(r.get("uid") == policy.uid
                                         for r in (o.get("metadata") or {}).get("ownerReferences") or [])]
+
+    async def _event(self, meta: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a rate-limited, deduplicated Event about the policy (:mod:`.events`); failures are only logged."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if not self._limiter.allow(str(meta.get("uid") or meta.get("name")), reason, message, now):
+            return
+        try:
+            await self.client.create_event(str(meta["namespace"]), events_mod.body(meta, type_, reason, message, now,
+                                                                                 kind=pol.KIND))
+        except ApiError as err:
+            logger.warning("policy %s/%s: event %s not posted: %s", meta.get("namespace"), meta.get("name"),
+                           reason, err)
 
     async def _create(self, policy: pol.Policy, version: int, trigger: str) -> str | None:
         """Create the conversion of ``version``; None when it exists now, else why the API server refused it."""
@@ -195,19 +213,26 @@ class PolicyRunner:
                 raise
             return f"the API server refused {manifest['metadata']['name']}: {err.message}"[:1000]
         self.metrics.policy_conversions_total.labels(trigger=trigger).inc()
+        await self._event({"name": policy.name, "namespace": policy.namespace, "uid": policy.uid}, "Normal",
+                          "ConversionCreated", f"{manifest['metadata']['name']}: {policy.model} version {version} "
+                          f"({trigger})")
         logger.info("policy %s/%s: created %s for %s version %d (%s)", policy.namespace, policy.name,
                     manifest["metadata"]["name"], policy.model, version, trigger)
         return None
 
     async def _patch(self, ns: str, name: str, current: dict[str, Any], now: datetime.datetime, generation: int,
                      ready: tuple[str, str, str] | None = None, reachable: tuple[str, str, str] | None = None,
-                     extra: dict[str, Any] | None = None) -> None:
+                     extra: dict[str, Any] | None = None, uid: str = "") -> None:
         conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
         for type_, value in (("Ready", ready), ("RegistryReachable", reachable)):
             if value is not None:
                 conditions = status_mod.set_condition(conditions, type_, value[0], value[1], value[2][:1000], now,
                                                       generation)
         patch = {**(extra or {}), "conditions": conditions, "observedGeneration": generation}
+        for value in (ready, reachable):
+            if value is not None and value[0] == "False":
+                await self._event({"name": name, "namespace": ns, "uid": uid or name}, "Warning",
+                                  value[1], value[2])
         try:
             await self.client.patch_policy_status(ns, pol.PLURAL, name, {"status": patch})
         except ApiError as err:
