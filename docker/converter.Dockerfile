@@ -11,9 +11,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-# Fail the build if pip would replace the base image's CUDA torch.
+# Fail the build if pip would replace the base image's CUDA torch, or if the installed set is inconsistent.
+# [converter] brings MLflow's client, mlflow-skinny (not the full mlflow: no pandas/scipy/scikit-learn/pyarrow/
+# matplotlib/flask in the image; tests/test_mlflow_skinny.py proves the registry paths without them).
 RUN python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && pip install ".[converter]" \
+ && pip check \
  && python -c "import torch; assert torch.version.cuda, 'CUDA torch was replaced'" \
  && rm -rf /src
 WORKDIR /work

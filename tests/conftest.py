@@ -9,6 +9,7 @@ never a skip.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,3 +51,45 @@ def fixture_path(*parts: str) -> Path:
 def fixtures() -> Path:
     """The fixtures root (a Path); fails every test that asks for it when the root has no README.md."""
     return fixture_path("README.md").parent
+
+
+# --- every report.json the suite produces is validated against the shipped schema (tests/report_schema.py) -------
+
+@pytest.fixture(scope="session", autouse=True)
+def _report_schema_in_process():
+    """Validate each report the converter writes in this process, before it is written."""
+    from reparam.converter import artifacts
+
+    import report_schema
+
+    original = artifacts._write_json
+
+    def checked_write(path: Path, data: dict) -> None:
+        if path.name in ("report.json", ".report.json.tmp"):
+            report_schema.check(json.loads(json.dumps(data, default=str)), str(path))
+        original(path, data)
+
+    artifacts._write_json = checked_write
+    yield
+    artifacts._write_json = original
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Validate every report.json left under pytest's temporary folders (written by CLI subprocesses too)."""
+    import report_schema
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and getattr(factory, "_basetemp", None) is not None:
+        report_schema.check_tree(factory.getbasetemp())
+    if report_schema.problems:
+        for line in report_schema.problems[:20]:
+            print(f"\nreport.schema.json: {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    import report_schema
+
+    if report_schema.checked:
+        terminalreporter.write_line(f"report.schema.json: {len(report_schema.checked)} reports validated, "
+                                    f"{len(report_schema.problems)} invalid")

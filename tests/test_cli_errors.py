@@ -19,6 +19,7 @@ from reparam.converter.convert import ConvertOptions, build_model, convert
 from reparam.converter.official_format import save_official
 from reparam.converter.safe_load import load_pickle
 from reparam.errors import UnsafeCheckpointError
+from reparam.hashing import hash_file
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "yolov9-t-dual-best.pt"
@@ -57,7 +58,8 @@ def test_human_summary(tmp_path: Path) -> None:
     proc = run_cli("convert", str(EXAMPLE), "-o", str(tmp_path / "o"), "-q", "--imgsz", "128")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    for word in ("yolov9-t", "DualDDetect -> DDetect", "parameters", "GFLOPs", "bytes", "max |diff|", "passed"):
+    for word in ("yolov9-t", "DualDDetect -> DDetect", "parameters", "GFLOPs", "MB  sha256", "max |diff|", "passed",
+                 "Results saved to"):
         assert word in text
 
 
@@ -211,17 +213,24 @@ def test_pickled_format_matches_official_converted_file(tmp_path: Path, fixtures
     assert a["model.22"].get("stride").dtype == b["model.22"].get("stride").dtype
 
 
-def test_failed_validation_removes_stale_outputs_of_an_earlier_run(tmp_path: Path) -> None:
+def test_failed_validation_keeps_the_outputs_of_an_earlier_run_and_names_them_stale(tmp_path: Path) -> None:
+    """A failed run deletes nothing it did not write: the earlier good deploy files stay byte for byte, and the
+    failed report names them as stale (not this run's result)."""
     out = tmp_path / "out"
     assert run_cli("convert", str(EXAMPLE), "-o", str(out), "-q", "--imgsz", "64").returncode == 0
-    assert (out / "yolov9-t-dual-best-converted.pt").is_file()
+    good = {p.name: hash_file(p)[0] for p in out.glob("*-converted.*")}
+    assert sorted(good) == ["yolov9-t-dual-best-converted.pt", "yolov9-t-dual-best-converted.safetensors"]
     (out / "unrelated.txt").write_text("keep me")
-    proc = run_cli("convert", str(EXAMPLE), "-o", str(out), "--fuse", "--atol", "1e-12", "--imgsz", "64")
+    proc = run_cli("convert", str(EXAMPLE), "-o", str(out), "--fuse", "--atol", "1e-12", "--imgsz", "64", "-v")
     assert proc.returncode == exitcodes.VALIDATION_FAILED
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "unrelated.txt"]
+    one_error_line(proc)
+    assert "2 earlier deploy file(s) kept there, stale" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([*good, "report.json", "unrelated.txt"])
+    assert {n: hash_file(out / n)[0] for n in good} == good
     report = json.loads((out / "report.json").read_text())
-    assert report["removed_stale_outputs"] == ["yolov9-t-dual-best-converted.pt",
-                                               "yolov9-t-dual-best-converted.safetensors"]
+    assert report["status"] == "validation_failed"
+    assert report["stale_outputs"] == ["yolov9-t-dual-best-converted.pt", "yolov9-t-dual-best-converted.safetensors"]
+    assert "removed_stale_outputs" not in report
 
 
 def test_directory_sources(tmp_path: Path, fixtures: Path) -> None:

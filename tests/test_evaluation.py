@@ -145,8 +145,8 @@ def test_failed_evaluation_publishes_nothing(eval_dir, dataset, tmp_path, monkey
 
     real = conversion.load_model
 
-    def shifted(path):
-        m = real(path)
+    def shifted(path, **kwargs):  # kwargs: the device the conversion evaluates on
+        m = real(path, **kwargs)
         inner = m.predict
 
         def predict(x):

@@ -432,13 +432,13 @@ def test_cli_writes_every_artifact_in_report(fixtures, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "reparam.cli", "convert", str(fixtures / "ckpt" / f"{T}.pt"), "-o", str(out),
-           "--fuse", "--format", "pt", "--format", "onnx", "--format", "torchscript", "--imgsz", "64", "--nms",
+           "--fuse", "--format", "onnx", "--format", "torchscript", "--imgsz", "64", "--nms",
            "--score-thres", "0.002", "--max-det", "20", "--dynamic", "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     arts = {a["format"]: a for a in report["artifacts"]}
-    assert set(arts) == {"pt", "onnx", "torchscript"}
+    assert set(arts) == {"pt", "safetensors", "onnx", "torchscript"}  # --format adds to the default .pt/.safetensors
     for a in arts.values():
         f = out / a["name"]
         assert a["sha256"] == hash_file(f)[0] and a["bytes"] == f.stat().st_size

@@ -1,4 +1,5 @@
-"""Every published YOLOv9 / GELAN detection config (package data, reparam/models/configs) builds and runs."""
+"""Every published YOLOv9 / GELAN detection config (package data, reparam/models/configs) builds and runs (the
+segmentation and yolov9-cf configs: tests/test_segmentation_heads.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from reparam.models.published import published_config, published_names, resolve_
 
 
 NC = 3
+#: the published detection configs with a DualDDetect / DDetect head
+DETECTION = [f"{p}-{v}" for p in ("gelan", "yolov9") for v in "cemst"]
+#: the other published configs: segmentation (DualDSegment / DSegment) and yolov9-cf (TripleDDetect)
+OTHER_HEADS = ["gelan-c-dseg", "yolov9-c-dseg", "yolov9-cf"]
 
 
 def test_published_names() -> None:
-    assert published_names() == [f"{p}-{v}" for p in ("gelan", "yolov9") for v in "cemst"]
+    assert published_names() == sorted(DETECTION + OTHER_HEADS)
 
 
-@pytest.mark.parametrize("name", published_names())
+@pytest.mark.parametrize("name", DETECTION)
 def test_config_builds_and_runs(name: str) -> None:
     torch.manual_seed(0)
     model = DetectionModel(published_config(name, nc=NC)).eval()
@@ -88,5 +93,6 @@ def test_cli_help_names_the_shipped_configs() -> None:
     parser = build_parser()
     convert = parser._subparsers._group_actions[0].choices["convert"]  # type: ignore[union-attr]
     help_text = next(a.help for a in convert._actions if "--cfg" in a.option_strings)
-    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e" in help_text
-    assert set(published_names()) == {f"{family}-{v}" for family in ("yolov9", "gelan") for v in "tsmce"}
+    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg" in help_text
+    assert set(published_names()) == {f"{family}-{v}" for family in ("yolov9", "gelan") for v in "tsmce"} | {
+        "yolov9-cf", "yolov9-c-dseg", "gelan-c-dseg"}

@@ -57,7 +57,7 @@ def test_one_example_per_source_kind() -> None:
 @pytest.mark.parametrize("mutate, needle", [
     (lambda s: s["source"].update(uri="http://example.com/x.pt"), "does not match"),
     (lambda s: s["source"].update(sha256="abc"), "does not match"),
-    (lambda s: s["conversion"].update(precision="int8"), "is not one of"),
+    (lambda s: s["conversion"].update(precision="int8"), "does not match"),
     (lambda s: s["conversion"].update(formats=["tflite"]), "is not one of"),
     (lambda s: s["conversion"].update(formats=[]), "should be non-empty"),
     (lambda s: s["conversion"].update(atol=0), "less than or equal to the minimum"),

@@ -80,15 +80,48 @@ def test_command_from_spec() -> None:
     cmd = jobs.build_job(body(), "img")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:5] == ["reparam", "convert", "models:/traffic-dual/7", "-o", "/work/out"]
     joined = " ".join(cmd)
-    for part in ("--sha256 " + "a" * 64, "--fuse", "--half", "--format pt --format onnx", "--atol 0.0001",
+    for part in ("--sha256 " + "a" * 64, "--fuse", "--precision fp16", "--device auto", "--only pt --only onnx",
+                 "--atol 0.0001",
                  "--register traffic-deploy", "--tracking-uri http://mlflow.mlops:5000", "--alias champion",
                  "--tag team=vision", "--termination-log /dev/termination-log", "--json"):
         assert part in joined
     plain = body(conversion={"fuse": False, "precision": "fp32"}, registry=None)
     plain["spec"].pop("registry")
     cmd2 = jobs.command(plain["spec"])
-    assert "--fuse" not in cmd2 and "--fp32" in cmd2 and "--register" not in cmd2
-    assert cmd2[cmd2.index("--format") + 1] == "pt"
+    assert "--fuse" not in cmd2 and "--register" not in cmd2
+    assert cmd2[cmd2.index("--precision") + 1] == "fp32"
+    assert cmd2[cmd2.index("--only") + 1] == "pt" and cmd2.count("--only") == 1 and "--format" not in cmd2
+
+
+@pytest.mark.parametrize("conversion, weights, export, formats, device", [
+    ({}, "fp16", "fp16", ("pt",), "auto"),  # the CRD's defaults: fp16 everywhere, exactly the .pt
+    ({"precision": "fp32", "formats": ["onnx"]}, "fp32", "fp32", ("onnx",), "auto"),
+    ({"precision": "export=fp16", "formats": ["pt", "onnx"], "device": "cuda:1"}, "fp16", "fp16", ("pt", "onnx"),
+     "cuda:1"),
+    ({"precision": "weights=fp32,export=fp16", "formats": ["torchscript", "safetensors"], "device": "cpu"},
+     "fp32", "fp16", ("safetensors", "torchscript"), "cpu"),
+])
+def test_job_command_means_the_same_to_the_converter(conversion, weights, export, formats, device) -> None:
+    """The Job's command, parsed by the converter's own parser, gives what the spec says (one to one)."""
+    from reparam import cli, spec
+
+    b = body(conversion=conversion)
+    cmd = jobs.build_job(b, "img")["spec"]["template"]["spec"]["containers"][0]["command"]
+    args = cli.build_parser().parse_args(cmd[1:])
+    assert cli._precision(args) == spec.Precision(weights, export)
+    assert spec.resolve_formats(args.formats, args.only) == formats
+    assert args.device == device
+
+
+def test_cpu_conversion_requests_no_gpu() -> None:
+    b = body(conversion={"device": "cpu"})
+    b["spec"]["job"].pop("resources", None)
+    c = jobs.build_job(b, "img")["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    b = body(conversion={"device": "auto"})
+    b["spec"]["job"].pop("resources", None)
+    assert jobs.build_job(b, "img")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "nvidia.com/gpu": 1}
 
 
 def test_spec_image_and_gpu_override() -> None:
@@ -103,6 +136,7 @@ def test_spec_image_and_gpu_override() -> None:
     ({"source": {"uri": "file:///x.pt"}}, "spec.source.uri"),
     ({"source": {"uri": "models:/a/1", "sha256": "XYZ"}}, "sha256"),
     ({"conversion": {"precision": "int8"}}, "precision"),
+    ({"conversion": {"device": "gpu"}}, "spec.conversion.device"),
     ({"conversion": {"formats": ["tflite"]}}, "formats"),
     ({"conversion": {"atol": -1}}, "atol"),
     ({"registry": {"trackingUri": "mlflow", "modelName": "m"}}, "trackingUri"),

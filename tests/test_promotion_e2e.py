@@ -22,7 +22,7 @@ from reparam.store.promotion import Gates
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
-COMMON = ("--imgsz", "160", "--eval-imgsz", "160", "--format", "pt", "--json", "-q")
+COMMON = ("--imgsz", "160", "--eval-imgsz", "160", "--only", "pt", "--json", "-q")
 
 
 @pytest.fixture(scope="module")

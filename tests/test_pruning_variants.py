@@ -120,7 +120,9 @@ def test_other_width_and_nc() -> None:
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c["backbone"][-1].__setitem__(2, "Concat"), "cannot find the main detection head"),
     (lambda c: c["backbone"][-1].__setitem__(0, [28, 25, 22, 15, 18]), "2 x nl"),
-    (lambda c: c["backbone"][-1].__setitem__(2, "TripleDDetect"), "not supported yet"),
+    (lambda c: c["backbone"][-1].__setitem__(slice(0, 3), [[28, 25, 22, 15, 18], 1, "TripleDDetect"]),
+     "TripleDDetect head .* has 5 inputs; it needs 3 x nl"),
+    (lambda c: c["backbone"][-1].__setitem__(2, "Panoptic"), "panoptic checkpoints .* not supported: reparam converts"),
     (lambda c: c["backbone"][5].__setitem__(0, 7), "does not come before it"),
     (lambda c: c.pop("backbone"), "no 'backbone'/'head'"),
 ])

@@ -76,6 +76,8 @@ def _put(field: str, value: str, s: dict[str, Any]) -> None:
         s["conversion"]["formats"] = [value]
     elif field == "precision":
         s["conversion"]["precision"] = value
+    elif field == "device":
+        s["conversion"]["device"] = value
 
 
 def _argv(field: str, value: str) -> list[str]:
@@ -84,7 +86,7 @@ def _argv(field: str, value: str) -> list[str]:
         base[1] = value
     extra = {"sha256": ["--sha256", value], "alias": ["--alias", value], "model_name": ["--register", value],
              "tag_key": ["--tag", f"{value}=x"], "format": ["--format", value],
-             "precision": [{"fp16": "--half", "fp32": "--fp32"}.get(value, f"--{value}")]}.get(field, [])
+             "precision": ["--precision", value], "device": ["--device", value]}.get(field, [])
     return base + extra
 
 
@@ -172,6 +174,26 @@ CASES = [
     ("precision", "fp16", True),
     ("precision", "fp32", True),
     ("precision", "int8", False),
+    ("precision", "FP16", False),
+    ("precision", "weights=fp32", True),
+    ("precision", "export=fp16", True),
+    ("precision", "weights=fp32,export=fp16", True),
+    ("precision", "export=fp16,weights=fp16", True),
+    ("precision", "weights=fp16,weights=fp32", False),
+    ("precision", "onnx=fp16", False),
+    ("precision", "weights=fp16,", False),
+    ("precision", "", False),
+    ("device", "auto", True),
+    ("device", "cpu", True),
+    ("device", "cuda", True),  # accepted by the grammar; whether it exists is decided where torch runs
+    ("device", "cuda:0", True),
+    ("device", "cuda:15", True),
+    ("device", "cuda:", False),
+    ("device", "gpu", False),
+    ("device", "CUDA", False),
+    ("device", "mps", False),
+    ("device", "cuda:0,1", False),
+    ("device", "", False),
 ]
 
 # Tag keys: the CRD leaves map keys to the operator (a CEL rule on keys of unbounded length would exceed the API
@@ -208,7 +230,8 @@ def cli_answer(monkeypatch):
     def reached(*_a, **_k):
         raise _Reached("reached the download")
 
-    for name in ("_fetch_local", "_fetch_s3", "_fetch_http", "_fetch_run", "_fetch_model"):
+    # _local_path: the existence check of a local source, which the CLI runs before importing torch
+    for name in ("_local_path", "_fetch_local", "_fetch_s3", "_fetch_http", "_fetch_run", "_fetch_model"):
         monkeypatch.setattr(sources, name, reached)
 
     def answer(argv: list[str], capsys) -> bool:
@@ -287,8 +310,9 @@ def test_crd_says_what_spec_says() -> None:
     assert source["uri"]["pattern"] == spec.CLUSTER_SOURCE_URI_PATTERN
     assert [r["rule"] for r in source["uri"]["x-kubernetes-validations"]] == [spec.CLUSTER_SOURCE_URI_RULE]
     assert source["sha256"]["pattern"] == "^(?:" + spec.SHA256_PATTERN[1:-1] + ")?$"
-    assert conv["precision"]["enum"] == list(spec.PRECISIONS)
+    assert conv["precision"]["pattern"] == spec.PRECISION_PATTERN
     assert conv["precision"]["default"] == spec.DEFAULT_PRECISION
+    assert (conv["device"]["pattern"], conv["device"]["default"]) == (spec.DEVICE_PATTERN, spec.DEFAULT_DEVICE)
     assert conv["formats"]["items"]["enum"] == list(spec.FORMATS)
     assert conv["formats"]["default"] == list(spec.OPERATOR_DEFAULT_FORMATS)
     assert conv["formats"]["maxItems"] == len(spec.FORMATS)
@@ -311,7 +335,8 @@ def test_every_pattern_is_re2() -> None:
     """Kubernetes compiles CRD patterns and CEL regexes with RE2: no lookaround, and RE2 agrees with Python's re
     (fullmatch) on every table example."""
     patterns = [spec.ALIAS_PATTERN, spec.ALIAS_RESERVED_PATTERN, spec.MODEL_NAME_PATTERN, spec.TAG_KEY_PATTERN,
-                spec.SHA256_PATTERN, spec.TRACKING_URI_PATTERN, spec.CLUSTER_SOURCE_URI_PATTERN]
+                spec.SHA256_PATTERN, spec.TRACKING_URI_PATTERN, spec.CLUSTER_SOURCE_URI_PATTERN,
+                spec.PRECISION_PATTERN, spec.DEVICE_PATTERN]
     for p in patterns:
         re2.compile(p)  # raises on syntax RE2 lacks
     import re

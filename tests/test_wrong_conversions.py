@@ -203,8 +203,8 @@ def test_convert_refuses_with_the_right_exit_code(mutate, name: str, guard: str,
     real = convert_mod.derive_deploy_plan
     ck_cfgs: dict = {}
 
-    def wrong_plan(cfg):
-        plan = real(cfg)
+    def wrong_plan(cfg, branch=None):
+        plan = real(cfg, branch)
         ck = ck_cfgs.setdefault("ck", read_checkpoint(fixtures / "ckpt" / f"{name}.pt"))
         return mutate(plan, ck)
 

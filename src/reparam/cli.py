@@ -2,7 +2,8 @@
 
 ::
 
-    reparam convert SOURCE [-o OUT] [--json] [--atol X] [--fp32|--half] [--fuse] [--format F]...
+    reparam convert SOURCE [-o OUT] [--json] [--atol X] [--precision P] [--fuse] [--format F... | --only F...]
+                           [--device auto|cpu|cuda|cuda:N] [--check-device DEVICE]
                            [--cfg NAME|FILE [--nc N] [--names A,B,...]]
                            [--register NAME [--alias A]... [--tag K=V]...] [--tracking-uri URI] [--sha256 HEX]
                            [--registry-wait SECONDS] [--termination-log PATH] [-v]
@@ -10,6 +11,7 @@
                            [--promote ALIAS [--min-map X] [--max-regression X] [--hold-alias ALIAS]]
     reparam inspect SOURCE [--json] [--cfg NAME|FILE [--nc N] [--names A,B,...]] [--registry-wait SECONDS] [-v]
     reparam evaluate MODEL --data DATA [--imgsz N] [--batch N] [--conf X] [--iou X] [--max-det N] [--json]
+                           [--device DEVICE]
     reparam operator [...]            # the Kubernetes operator (needs the [operator] extra)
 
 Exit codes: :mod:`reparam.exitcodes`. Every user error prints one line ``reparam: error: ...`` of at most
@@ -28,8 +30,9 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__, exitcodes, spec
+from . import report as report_mod
 from . import summary as summary_mod
-from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, brief
+from .errors import MAX_ERROR_CHARS, InvalidInputError, ReparamError, ValidationFailedError, brief
 
 
 def _eprint(msg: str) -> None:
@@ -90,6 +93,31 @@ def _check_registration(model_name: str | None, aliases: Sequence[str]) -> None:
         raise InvalidInputError(f"--alias: {err}") from None
 
 
+def _precision(args: argparse.Namespace) -> spec.Precision:
+    """``--precision`` (or a deprecated ``--fp32``/``--half``, with a one-line note) as a :class:`spec.Precision`."""
+    for flag, value in (("fp32", "fp32"), ("half", "fp16")):
+        if getattr(args, flag):
+            _eprint(f"reparam: note: --{flag} is deprecated; use --precision {value}")
+            args.precision = value
+    try:
+        return spec.parse_precision(args.precision) if args.precision is not None else spec.OFFICIAL_PRECISION
+    except spec.SpecError as err:
+        raise InvalidInputError(f"--precision: {err}") from None
+
+
+def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
+    """The output folder can be written (``-o``, else the default ``./<stem>-deploy`` in the current folder):
+    checked before torch is imported or the source is read, and again once the default's name is known."""
+    from .converter.outdir import check_output_dir
+
+    if out is not None:
+        check_output_dir(out)
+    elif args.output:
+        check_output_dir(args.output)
+    elif not args.register:
+        check_output_dir(Path.cwd())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
 
@@ -133,12 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"max |diff| allowed between deploy and dual main output (fp32, output units; "
                         f"default {spec.DEFAULT_ATOL:g})")
     prec = c.add_mutually_exclusive_group()
-    prec.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16 like official deploy files)")
-    prec.add_argument("--half", action="store_true", help="fp16 weights in every artifact, ONNX/TorchScript included")
+    prec.add_argument("--precision", default=None, metavar="P",
+                      help="weight precision per artifact family: fp16 or fp32 for every artifact, or weights=P "
+                           "(.pt/.safetensors) and/or export=P (ONNX/TorchScript), comma-separated; default "
+                           f"{spec.OFFICIAL_PRECISION} as the official tools (deploy .pt fp16, export.py fp32). The "
+                           "checks compute in fp32 whatever is stored")
+    prec.add_argument("--fp32", action="store_true", help="deprecated: --precision fp32")
+    prec.add_argument("--half", action="store_true", help="deprecated: --precision fp16")
     c.add_argument("--fuse", action="store_true", help="fold BatchNorm and re-parameterize RepConvN before export")
-    c.add_argument("--format", action="append", dest="formats", default=None,
-                   choices=spec.FORMATS,
-                   help=f"artifact to write (repeatable; default: {' and '.join(spec.DEFAULT_FORMATS)})")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--format", action="append", dest="formats", default=None, choices=spec.FORMATS,
+                     help=f"also write this artifact (repeatable; added to the defaults, "
+                          f"{' and '.join(spec.DEFAULT_FORMATS)})")
+    fmt.add_argument("--only", action="append", default=None, choices=spec.FORMATS, metavar="FORMAT",
+                     help="write exactly these artifacts, not the defaults (repeatable; e.g. --only onnx)")
+    c.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
+                   help="where the equivalence and fusion checks and the evaluation compute: auto (default: CUDA "
+                        "when available, else CPU), cpu, cuda or cuda:N; recorded in the report (the ONNX/TorchScript "
+                        "export checks run on the CPU)")
+    c.add_argument("--check-device", default=None, metavar="DEVICE",
+                   help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
+                        "on); a mismatch there fails the conversion")
     c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--check", choices=["fast", "full"], default="fast",
@@ -146,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch of 2 with the whole dual model) or full (the whole dual model at full size and on a "
                         "half-size non-square batch of 2)")
     c.add_argument("--no-ema", action="store_true", help="deploy the raw weights even when the checkpoint has an EMA")
+    _head_arg(c)
     d = EXPORT_DEFAULTS
     c.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
     c.add_argument("--dynamic", action="store_true",
@@ -194,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     i.add_argument("--sha256", default=None, help="expected sha256 of the checkpoint")
+    _head_arg(i)
     _state_dict_args(i)
     _add_registry_wait(i)
 
@@ -211,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
     e.add_argument("--sha256", default=None, help="expected sha256 of the model file")
+    e.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
+                   help="where a torch model computes (fp32): auto (default: CUDA when available, else CPU), cpu, "
+                        "cuda or cuda:N; ONNX runs on onnxruntime's CPU provider")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
     _add_registry_wait(e)
@@ -237,13 +285,19 @@ def _names_arg(text: str) -> tuple[str, ...]:
     return names
 
 
+def _head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", choices=spec.TRIPLE_HEAD_BRANCHES, default=None,
+                   help="TripleDDetect (yolov9-cf) checkpoints: the branch that becomes the deploy DDetect (default "
+                        f"{spec.DEFAULT_TRIPLE_HEAD}, the one the official detect.py uses)")
+
+
 def _state_dict_args(p: argparse.ArgumentParser) -> None:
     # the help names the published configs without importing reparam.models (torch): the parser is built by
     # `reparam operator` too, which must stay torch-free
     p.add_argument("--cfg", default=None, metavar="NAME|FILE",
                    help="the source is a bare state_dict ({key: tensor}); build this architecture for it: a "
-                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e; the yaml files in "
-                        "reparam/models/configs) or a model yaml in the official format")
+                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg; "
+                        "the yaml files in reparam/models/configs) or a model yaml in the official format")
     p.add_argument("--nc", type=int, default=None,
                    help="with --cfg: number of classes (default: from the weights' head, which must agree)")
     p.add_argument("--names", type=_names_arg, default=None,
@@ -281,39 +335,84 @@ def _weights_note(report: dict[str, Any]) -> list[str]:
             + "; --no-ema converts the raw weights"]
 
 
-def _human_summary(report: dict[str, Any]) -> str:
-    v = report["validation"]
-    reg = report.get("registry")
+#: How to use each artifact format, for the closing "Results saved to ..." lines.
+USAGE = {
+    "pt": "official YOLOv9: python detect.py --weights {path} (also val.py, export.py)",
+    "safetensors": "no pickle: reparam.converter.artifacts.load_safetensors('{path}')",
+    "onnx": "onnxruntime.InferenceSession('{path}'); input 'images' [1, 3, H, W] RGB 0-1",
+    "torchscript": "torch.jit.load('{path}')",
+}
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 1e6:.2f} MB" if isinstance(n, int) else "?"
+
+
+def _artifact_line(a: "report_mod.Artifact") -> str:
+    """``pt  4.51 MB  sha256 345f840baf36  float16  check passed (max |diff| 1e-05)``: one artifact, like with
+    like (its own size, hash and check)."""
+    if a.check is None:
+        check = "exact copy of the validated weights"
+    elif a.check_passed is None:
+        check = f"check did not run ({a.check.get('reason') or a.check.get('skipped') or 'no reason given'})"
+    else:
+        diff = a.check.get("max_abs_diff")
+        check = ("check passed" if a.check_passed else "check FAILED") + (
+            f" (max |diff| {diff:.3g})" if isinstance(diff, (int, float)) else "")
+    return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
+
+
+def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> str:
+    """The text ``reparam convert`` prints on stdout (the report itself with ``--json``)."""
+    r = report_mod.Report.from_dict(report)
+    v = r.validation
+    reg = r.registry
+    head = f"reparam {r.versions.get('reparam') or __version__}: {r.source.uri}"
     if "layers" not in report and reg:  # nothing converted: an identical version already existed
         return "\n".join([
-            f"reparam {report['reparam_version']}: {report['source']['uri']}",
-            f"  registered   {reg['model_uri']} already holds this conversion (deploy sha256 "
-            f"{report.get('deploy_sha256')}); nothing new was created",
-            f"  aliases      {', '.join(reg.get('aliases') or []) or 'none'}",
-            *([f"  updated tags: {', '.join(reg['updated_tags'])}"] if reg.get("updated_tags") else []),
+            head,
+            f"  registered   {reg.model_uri} already holds this conversion (deploy sha256 "
+            f"{r.deploy_sha256}); nothing new was created",
+            f"  aliases      {', '.join(reg.aliases) or 'none'}",
+            *([f"  updated tags: {', '.join(reg.updated_tags)}"] if reg.updated_tags else []),
             *_promotion_line(report),
+            *_registry_lines(reg, tracking_uri),
         ])
     lines = [
-        f"reparam {report['reparam_version']}: {report['source']['uri']}",
-        f"  variant      {report['variant']} ({report['head']['dual']} -> {report['head']['deploy']}), "
-        f"nc={report['nc']}, weights={report['weights_used']}",
+        head,
+        f"  variant      {r.variant} ({report['head']['dual']} -> {report['head']['deploy']}), "
+        f"nc={r.nc}, weights={report['weights_used']}",
         *_weights_note(report),
-        f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
-        f"(dropped {len(report['layers']['dropped'])})",
-        f"  parameters   {report['params']['before']:,} -> {report['params']['after']:,}",
-        f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
-        f"(at {report['gflops_imgsz']}px)",
     ]
-    if "bytes" in report:
-        b = report["bytes"]
-        change = f"saved {b['saved']:,}" if b["saved"] >= 0 else f"{-b['saved']:,} larger"
-        lines.append(f"  bytes        {b['before']:,} -> {b['after']:,} ({change})")
-    lines.append(f"  max |diff|   {v['max_abs_diff']:.3g} (atol {v['atol']:g}, check {v.get('check', 'full')}) "
-                 f"{'passed' if v['passed'] else 'FAILED: ' + v['reason']}")
-    for a in report.get("artifacts", []) if report.get("outputs_kept", True) else []:
-        check = a.get("check")
-        extra = f", check max |diff| {check['max_abs_diff']:.3g}" if isinstance(check, dict) and "max_abs_diff" in check else ""
-        lines.append(f"  wrote        {a['path']} ({a['bytes']:,} bytes{extra})")
+    if r.pruned is False:
+        lines.append(f"  layers       {report['layers']['dual']}: already a deploy model (no auxiliary branch): "
+                     "passed through, nothing pruned")
+    else:
+        lines += [
+            f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
+            f"(dropped {len(report['layers']['dropped'])})",
+            f"  parameters   {r.params_before:,} -> {r.params_after:,}",
+        ]
+    lines.append(f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
+                 f"(at {report['gflops_imgsz']}px)")
+    fused = [c for c in v.comparisons if c.model == "fused"]
+    lines.append(f"  max |diff|   {v.max_abs_diff:.3g} (atol {v.atol:g}, check {v.check}"
+                 + (f"; fused {max(c.max_abs_diff for c in fused):.3g}" if fused else "") + ") "
+                 + ("passed" if v.passed else "FAILED: " + v.reason))
+    if report.get("device"):
+        dev = report["device"]
+        lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(
+            f"; also checked on {d['used']}: max |diff| {d['max_abs_diff']:.3g} "
+            f"{'passed' if d['passed'] else 'FAILED'}" for d in report["validation"].get("devices", [])[1:]))
+    kept = report.get("outputs_kept", True)
+    lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
+                 f"{r.source.uri}")
+    if kept:
+        lines.extend(_artifact_line(a) for a in r.artifacts)
+    stale = report.get("stale_outputs") if kept else None
+    if stale:
+        lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
+                     f"report.json's artifacts): {', '.join(stale)}")
     ev = report.get("evaluation")
     if ev:
         d = ev["dataset"]
@@ -325,36 +424,54 @@ def _human_summary(report: dict[str, Any]) -> str:
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
     if reg:
-        lines.append(f"  registered   {reg.get('model_uri')} (aliases: {', '.join(reg.get('aliases') or []) or 'none'})"
-                     + (" [existing version, nothing new]" if reg.get("existing") else "")
-                     + (f" [no alias moved: {reg['promotion_skipped']}]" if reg.get("promotion_skipped")
-                        and reg["promotion_skipped"] != "no alias requested" else ""))
-        if reg.get("updated_tags"):
-            lines.append(f"  updated tags: {', '.join(reg['updated_tags'])}")
+        skipped = reg.extra.get("promotion_skipped") or reg.promotion_skipped
+        lines.append(f"  registered   {reg.model_uri} (aliases: {', '.join(reg.aliases) or 'none'})"
+                     + (" [existing version, nothing new]" if reg.existing else "")
+                     + (f" [no alias moved: {skipped}]" if skipped and skipped != "no alias requested" else ""))
+        if reg.updated_tags:
+            lines.append(f"  updated tags: {', '.join(reg.updated_tags)}")
     lines.extend(_promotion_line(report))
-    lines.append(f"  time         {report['timing'].get('total_s', 0):.1f} s")
+    lines.append(f"  time         {r.duration_s or 0:.1f} s")
+    if kept and r.artifacts:
+        folder = str(Path(r.artifacts[0].path).parent)
+        lines.append(f"Results saved to {folder} (report.json says what was checked)")
+        lines.extend(f"  {a.name:<40} {USAGE.get(a.format, '').format(path=a.path)}" for a in r.artifacts)
+    if reg:
+        lines.extend(_registry_lines(reg, tracking_uri))
     return "\n".join(lines)
 
 
+def _registry_lines(reg: "report_mod.Registry", tracking_uri: str | None) -> list[str]:
+    """Where the registered model lives: tracking URI, run id, ``models:/name/version`` and how to load it."""
+    return [f"Registered in MLflow at {reg.tracking_uri or tracking_uri or '$MLFLOW_TRACKING_URI'}",
+            f"  model        {reg.model_uri}  (mlflow.artifacts.download_artifacts('{reg.model_uri}'), or "
+            f"reparam evaluate {reg.model_uri})",
+            f"  run          {reg.run_id or 'none'} (metrics of this conversion, experiment 'reparam')"]
+
+
 def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -> dict[str, Any]:
+    """The termination summary (:mod:`reparam.summary`) of a run, read from its report through
+    :class:`reparam.report.Report`."""
     outcome = "succeeded" if code == 0 else ("validation_failed" if code == exitcodes.VALIDATION_FAILED else "failed")
     s: dict[str, Any] = {"outcome": outcome, "exitCode": code}
     if code:
         s["reason"] = exitcodes.REASONS.get(code, "Error")
         s["message"] = message
-    if report:
-        reg = report.get("registry") or {}
+    if report and report.get("status") in report_mod.STATUSES:
+        r = report_mod.Report.from_dict(report)
+        reg = r.registry
+        pt = r.artifact("pt")
         s.update({
-            "modelName": reg.get("model_name"),
-            "version": str(reg["version"]) if reg.get("version") is not None else None,
-            "modelUri": reg.get("model_uri"),
-            "aliases": reg.get("aliases"),
-            "deploySha256": report.get("deploy_sha256"),
-            "paramsBefore": report.get("params", {}).get("before"),
-            "paramsAfter": report.get("params", {}).get("after"),
-            "maxAbsDiff": report.get("validation", {}).get("max_abs_diff"),
-            "bytesBefore": report.get("bytes", {}).get("before"),
-            "bytesAfter": report.get("bytes", {}).get("after"),
+            "modelName": reg.model_name if reg else None,
+            "version": reg.version if reg else None,
+            "modelUri": reg.model_uri if reg else None,
+            "aliases": reg.aliases if reg else None,
+            "deploySha256": r.deploy_sha256,
+            "paramsBefore": r.params_before,
+            "paramsAfter": r.params_after,
+            "maxAbsDiff": r.validation.max_abs_diff,
+            "bytesBefore": r.source.bytes if pt else None,
+            "bytesAfter": pt.bytes if pt else None,
         })
         ev = report.get("evaluation") or {}
         promo = report.get("promotion") or {}
@@ -439,12 +556,28 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``reparam convert``; returns the exit code."""
-    from .converter.convert import ConvertOptions, convert
-
     say = (lambda m: None) if args.quiet else (lambda m: _eprint(f"reparam: {m}"))
     report: dict[str, Any] | None = None
     t0 = time.perf_counter()
     try:
+        _check_output(args)  # first: before torch is imported or the source is read
+        from types import SimpleNamespace
+
+        from .converter.export.options import check_export_options  # torch-free
+        from .store.sources import check_local
+
+        onnx = {"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
+                "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det}
+        try:
+            formats = spec.resolve_formats(args.formats, args.only)
+        except spec.SpecError as err:
+            raise InvalidInputError(str(err)) from None
+        # contradictory export flags first (a usage error, whatever the source), then a mistyped path: both
+        # reported before torch is imported (seconds)
+        check_export_options(SimpleNamespace(onnx=onnx, export_atol=args.export_atol, formats=formats))
+        check_local(args.source)
+        from .converter.convert import ConvertOptions, convert
+
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
@@ -454,15 +587,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from .store.registry import check_user_tags
 
             check_user_tags(tags)  # a reserved key is refused before anything is downloaded
+        precision = _precision(args)
         options = ConvertOptions(
-            atol=args.atol, fp32=args.fp32, half=args.half, fuse=args.fuse,
-            formats=tuple(dict.fromkeys(args.formats or spec.DEFAULT_FORMATS)), imgsz=args.imgsz, seed=args.seed,
+            atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
+            formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,
             prefer_ema=not args.no_ema, check_level=args.check,
-            onnx={"opset": args.opset, "dynamic": args.dynamic, "nms": args.nms, "multi_label": args.multi_label,
-                  "iou_thres": args.iou_thres, "score_thres": args.score_thres, "max_det": args.max_det},
-            export_atol=args.export_atol,
+            onnx=onnx, export_atol=args.export_atol,
             eval_data=args.eval_data, eval_imgsz=args.eval_imgsz, eval_atol=args.eval_atol,
-            cfg=args.cfg, nc=args.nc, names=args.names,
+            cfg=args.cfg, nc=args.nc, names=args.names, head=args.head,
         )
         options.check()
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
@@ -474,6 +606,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             path, info = _fetch(args.source, Path(work), args, say)
             out = Path(args.output) if args.output else (
                 Path(work) / "out" if args.register else Path(f"{Path(path).stem}-deploy"))
+            _check_output(args, out)
             key = previous = None
             if args.register:
                 from .store import publish
@@ -484,39 +617,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
                     f"{args.register} version {previous['version']}; nothing to convert")
-                report = {"reparam_version": __version__, "status": "succeeded", "source": info,
+                report = {"status": "succeeded", "command": report_mod.command_line(getattr(args, 'argv', None)),
+                          "versions": report_mod.versions(), "source": info,
                           **publish.summary_from_tags(previous), "timing": {}}
                 report["registry"] = publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say,
                                                    gated=_gated_request(args, eval_dataset))
                 _move_promotion(report)
             else:
                 try:
-                    report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset)
+                    report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset,
+                                     command=report_mod.command_line(getattr(args, 'argv', None)))
                 except ReparamError as err:
-                    report = getattr(err, "report", None)
+                    report = err.report if isinstance(err, ValidationFailedError) else None
                     raise
                 if args.register:
                     from .converter.artifacts import finish_report
 
+                    from .store.tracking import resolve_tracking_uri
+                    from .store.uris import redact
+
+                    say(f"registering in MLflow at {redact(resolve_tracking_uri(args.tracking_uri))} ...")
+                    t_reg = time.perf_counter()
                     report["registry"] = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
                         wait_s=args.registry_wait, gated=_gated_request(args, eval_dataset),
                     )
+                    report["registry"]["tracking_uri"] = redact(resolve_tracking_uri(args.tracking_uri))
+                    report["timing"]["register_s"] = round(time.perf_counter() - t_reg, 4)
+                    say(f"registering in MLflow: done in {report['timing']['register_s']:.1f} s")
                     _move_promotion(report)
                     report["outputs_kept"] = bool(args.output)
                     finish_report(out, report)
         report["timing"]["total_s"] = time.perf_counter() - t0
         if args.json:
-            print(json.dumps(report, indent=2, default=str))
+            print(report_mod.dumps(report))
         else:
-            print(_human_summary(report))
+            print(_human_summary(report, args.tracking_uri))
         _write_termination(args.termination_log, _summary_of(report, 0, None))
         return exitcodes.OK
     except ReparamError as err:
         line = _print_error(str(err), args.verbose)
         if args.json and report:
-            print(json.dumps(report, indent=2, default=str))
+            print(report_mod.dumps(report))
         _write_termination(args.termination_log,
                            _summary_of(report, err.exit_code, line.removeprefix("reparam: error: ")))
         return err.exit_code
@@ -524,14 +667,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``reparam inspect``: print what the checkpoint holds and what conversion would keep."""
-    from .converter.inspect import describe, format_description
-
     try:
+        from .store.sources import check_local
+
+        check_local(args.source)  # before torch is imported
+        from .converter.inspect import describe, format_description
+
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             path, info = _fetch(args.source, Path(work), args)
             if args.cfg is None and (args.nc is not None or args.names is not None):
                 raise InvalidInputError("--nc and --names are for a bare state_dict and need --cfg")
-            desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names)
+            desc = describe(path, cfg=args.cfg, nc=args.nc, names=args.names, head=args.head)
             desc["source"] = info
         print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc))
         return exitcodes.OK
@@ -551,10 +697,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings = EvalSettings(imgsz=args.imgsz, batch=args.batch, conf=args.conf, iou=args.iou,
                                 max_det=args.max_det, split=args.split)
         settings.check()
+        from .converter.device import resolve_device
+
+        device = resolve_device(args.device).torch  # a missing CUDA device is refused before anything is fetched
         with tempfile.TemporaryDirectory(prefix="reparam-") as work:
             dataset = open_dataset(args.data, Path(work) / "data", split=args.split, tracking_uri=args.tracking_uri)
             path, info = _fetch(args.model, Path(work) / "model", args)
-            model = load_model(path)
+            model = load_model(path, device=device)
             result = evaluate_model(model, dataset, settings, path=info["uri"], progress=None if not args.quiet else False)
         section = comparison(dataset, result, []) if result.form == "dual" else {
             "dataset": result.dataset, "settings": result.settings, "dual": None,
@@ -611,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_operator(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in the report's "command"
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "operator": cmd_operator,
                 "webhook": cmd_webhook}
     try:

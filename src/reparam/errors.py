@@ -51,9 +51,14 @@ class UnsafeCheckpointError(InvalidInputError):
 
 
 class ValidationFailedError(ReparamError):
-    """The deploy model's output differs from the dual model's main branch (exit 3)."""
+    """The deploy model's output differs from the dual model's main branch (exit 3).
+
+    ``report``: the failed conversion's report (``status: validation_failed``; fields: :class:`reparam.report.Report`),
+    set by the converter when it raises this, else ``None``.
+    """
 
     exit_code = exitcodes.VALIDATION_FAILED
+    report: dict[str, Any] | None = None
 
 
 class SourceError(ReparamError):
@@ -66,3 +71,13 @@ class RegistryError(ReparamError):
     """Upload, registration or promotion in the MLflow Model Registry failed (exit 5)."""
 
     exit_code = exitcodes.REGISTRY_ERROR
+
+
+class IntegrityError(ReparamError):
+    """A local file's sha256 differs from the pinned one (``--sha256``): the wrong or a corrupted file (exit 6).
+
+    Not retryable, unlike :class:`SourceError`: the same file gives the same hash. A download whose hash differs
+    stays a :class:`SourceError` (a retry fetches the bytes again).
+    """
+
+    exit_code = exitcodes.INTEGRITY_ERROR

@@ -1,7 +1,7 @@
 """Exit codes of the ``reparam`` command, one meaning each.
 
 The operator's Job ``podFailurePolicy`` keys on these: ``INVALID_INPUT`` and
-``VALIDATION_FAILED`` fail the Job at once (retrying cannot help), the others
+``VALIDATION_FAILED`` (and ``INTEGRITY_ERROR``) fail the Job at once (retrying cannot help), the others
 may be retried. This module imports nothing heavy so the operator can use it.
 """
 
@@ -16,9 +16,12 @@ VALIDATION_FAILED = 3
 SOURCE_ERROR = 4
 #: Upload / registration / promotion in the model registry failed.
 REGISTRY_ERROR = 5
+#: A local source's bytes do not have the pinned ``--sha256``: the wrong file, or a corrupted one. Reading it
+#: again gives the same bytes, so unlike a download (exit 4) a retry cannot help.
+INTEGRITY_ERROR = 6
 
 #: Exit codes for which a retry cannot succeed (used by the Job's podFailurePolicy).
-PERMANENT = (INVALID_INPUT, VALIDATION_FAILED)
+PERMANENT = (INVALID_INPUT, VALIDATION_FAILED, INTEGRITY_ERROR)
 
 #: CamelCase reason of each failure exit code: the termination summary's ``reason`` and the operator's
 #: condition reasons.
@@ -28,4 +31,5 @@ REASONS = {
     VALIDATION_FAILED: "ValidationFailed",
     SOURCE_ERROR: "SourceError",
     REGISTRY_ERROR: "RegistryError",
+    INTEGRITY_ERROR: "IntegrityError",
 }

@@ -29,6 +29,16 @@ Sources of the rules:
 * **Source URIs** -- MLflow's ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` (an artifact path may follow
   either), ``runs:/RUN_ID/PATH``; ``s3://BUCKET/KEY``; ``http(s)://HOST/...``; ``file://`` or a plain local path.
   A Job in a cluster can fetch only :data:`CLUSTER_SOURCE_KINDS`.
+* **Formats** -- ``--format F`` adds ``F`` to :data:`DEFAULT_FORMATS` (as ``yolo export`` users expect the deploy
+  ``.pt`` to stay); ``--only F`` (and the CRD's ``formats``) writes exactly the named artifacts
+  (:func:`resolve_formats`).
+* **Precision** -- per artifact family (:data:`PRECISION_FAMILIES`): ``weights`` (``.pt``, ``.safetensors``) and
+  ``export`` (ONNX, TorchScript). Defaults as the official tools: the published deploy ``.pt`` files
+  (``tools/reparameterization.ipynb`` saves ``model.half()``) are fp16, the official ``export.py`` writes fp32
+  graphs unless ``--half`` (:data:`OFFICIAL_PRECISION`). Grammar: :data:`PRECISION_PATTERN`, parsed by
+  :func:`parse_precision`.
+* **Devices** -- torch's device strings that a conversion can use: ``auto`` (CUDA when available, else CPU),
+  ``cpu``, ``cuda`` (the current CUDA device, index 0 in a fresh process) and ``cuda:N`` (:data:`DEVICE_PATTERN`).
 """
 
 from __future__ import annotations
@@ -40,10 +50,12 @@ from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
-    "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_FORMATS", "DEFAULT_PRECISION", "FORMATS", "MODEL_NAME_MAX",
-    "MODEL_NAME_PATTERN", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
+    "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_DEVICE", "DEFAULT_FORMATS", "DEFAULT_PRECISION",
+    "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX", "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS",
+    "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision", "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef",
     "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX", "TRACKING_URI_PATTERN", "alias_problem", "check_aliases",
-    "model_name_problem", "parse_source_uri", "sha256_problem", "tag_key_problem",
+    "device_problem", "model_name_problem", "parse_precision", "parse_source_uri", "resolve_formats", "sha256_problem",
+    "tag_key_problem", "DEFAULT_TRIPLE_HEAD", "TRIPLE_HEAD_BRANCHES",
 ]
 
 
@@ -53,18 +65,34 @@ class SpecError(ValueError):
 
 # --- formats, precision, tolerance ------------------------------------------------------------------------
 
-#: Artifacts a conversion can write (CLI ``--format``, CRD ``spec.conversion.formats``).
+#: Artifacts a conversion can write (CLI ``--format``/``--only``, CRD ``spec.conversion.formats``).
 FORMATS = ("pt", "safetensors", "onnx", "torchscript")
-#: What ``reparam convert`` writes when no ``--format`` is given.
+#: What ``reparam convert`` always writes; ``--format`` adds to these, ``--only`` replaces them.
 DEFAULT_FORMATS = ("pt", "safetensors")
-#: What a ``ModelConversion`` writes when ``spec.conversion.formats`` is empty (the CRD's default).
+#: What a ``ModelConversion`` writes when ``spec.conversion.formats`` is empty (the CRD's default; the list is exact,
+#: the Job passes it as ``--only``).
 OPERATOR_DEFAULT_FORMATS = ("pt",)
-#: Weight precision of the deploy artifacts (CLI ``--half``/``--fp32``, CRD ``spec.conversion.precision``).
+#: Weight precisions (CLI ``--precision``, CRD ``spec.conversion.precision``).
 PRECISIONS = ("fp16", "fp32")
-#: The CRD's default precision (the official deploy checkpoints are fp16).
+#: Artifact families a precision applies to, and the formats of each.
+PRECISION_FAMILIES = {"weights": ("pt", "safetensors"), "export": ("onnx", "torchscript")}
+_P = r"fp(?:16|32)"
+#: ``fp16`` / ``fp32`` (every family) or ``weights=P``, ``export=P`` or both, comma-separated (anchored; the CRD's
+#: ``spec.conversion.precision`` pattern).
+PRECISION_PATTERN = rf"^(?:{_P}|weights={_P}(?:,export={_P})?|export={_P}(?:,weights={_P})?)$"
+#: The CRD's default precision: fp16 in every artifact (the CLI's default is :data:`OFFICIAL_PRECISION`).
 DEFAULT_PRECISION = "fp16"
+#: A device a conversion runs its checks and evaluation on (anchored; CRD ``spec.conversion.device`` pattern).
+DEVICE_PATTERN = r"^(?:auto|cpu|cuda(?::[0-9]{1,2})?)$"
+#: ``--device`` / ``spec.conversion.device`` default: CUDA when torch sees one, else the CPU.
+DEFAULT_DEVICE = "auto"
 #: Default tolerance of the equivalence check: max |deploy - dual main| in output units (pixels / probability).
 DEFAULT_ATOL = 1e-4
+#: Branches of a TripleDDetect head (yolov9-cf) that can become the deploy DDetect (CLI ``--head``): ``fine``
+#: (NMS-free) and ``coarse`` (NMS-based), as models/detect/yolov9-cf.yaml of WongKinYiu/yolov9 names them.
+TRIPLE_HEAD_BRANCHES = ("fine", "coarse")
+#: The default: the branch the official eval forward returns, which the official detect.py runs NMS on.
+DEFAULT_TRIPLE_HEAD = "fine"
 
 # --- names --------------------------------------------------------------------------------------------------
 
@@ -165,6 +193,74 @@ def sha256_problem(value: object) -> str | None:
     if not _full(SHA256_PATTERN, value):
         return f"{value!r} is not a sha256: give 64 hex digits"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The precision of each artifact family (:data:`PRECISION_FAMILIES`): ``"fp16"`` or ``"fp32"`` each.
+
+    ``weights``: the ``.pt`` and ``.safetensors`` files; ``export``: the ONNX graph (weights and input) and the
+    TorchScript module. The equivalence checks always compute in fp32, whatever is stored.
+    """
+
+    weights: str
+    export: str
+
+    def __str__(self) -> str:
+        return self.weights if self.weights == self.export else f"weights={self.weights},export={self.export}"
+
+
+#: The official tools' precisions: deploy ``.pt`` fp16 (``tools/reparameterization.ipynb``), ``export.py`` fp32
+#: unless ``--half``. What ``reparam convert`` writes without ``--precision``.
+OFFICIAL_PRECISION = Precision(weights="fp16", export="fp32")
+
+
+def parse_precision(text: object, default: Precision = OFFICIAL_PRECISION) -> Precision:
+    """Parse a ``--precision`` value (:data:`PRECISION_PATTERN`); families it does not name keep ``default``'s.
+
+    Examples: ``fp16`` -> weights fp16, export fp16; ``fp32`` -> both fp32; ``export=fp16`` -> weights fp16 (the
+    default), export fp16; ``weights=fp32,export=fp16``.
+
+    Raises:
+        SpecError: anything else (``int8``, ``FP16``, ``weights=fp16,weights=fp32``, an unknown family).
+    """
+    if not _full(PRECISION_PATTERN, text):
+        raise SpecError(f"precision {text!r} is not valid: use fp16 or fp32 (every artifact), or weights=P and/or "
+                        "export=P, comma-separated (weights: .pt/.safetensors, export: ONNX/TorchScript)")
+    assert isinstance(text, str)
+    if "=" not in text:
+        return Precision(text, text)
+    parts = dict(item.split("=") for item in text.split(","))
+    return Precision(parts.get("weights", default.weights), parts.get("export", default.export))
+
+
+def device_problem(device: object) -> str | None:
+    """Why ``device`` is not a device string reparam accepts (:data:`DEVICE_PATTERN`), or None.
+
+    Whether the device exists is decided where torch runs (:func:`reparam.converter.device.resolve_device`).
+    """
+    if not _full(DEVICE_PATTERN, device):
+        return f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N"
+    return None
+
+
+def resolve_formats(added: Iterable[str] | None = None, only: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The artifacts a conversion writes, in :data:`FORMATS` order.
+
+    ``only`` (CLI ``--only``, the CRD's ``formats``): exactly these. Else :data:`DEFAULT_FORMATS` plus ``added``
+    (CLI ``--format``: additive, so ``--format onnx`` writes ``.pt``, ``.safetensors`` and ``.onnx``).
+
+    Raises:
+        SpecError: both given, or a name outside :data:`FORMATS`.
+    """
+    added, only = list(added or []), list(only or [])
+    if added and only:
+        raise SpecError("--format adds to the default formats and --only replaces them: use one of them")
+    chosen = only or [*DEFAULT_FORMATS, *added]
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad:
+        raise SpecError(f"unknown format(s) {', '.join(map(repr, bad))}; choose from {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in chosen)
 
 
 # --- source URIs --------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Artifacts of ``<stem>.pt``:
 
 Everything is written into a staging folder inside ``out_dir`` and moved into place (``os.replace``, atomic on one
 file system) only when every file was written; a failure removes the staging folder and leaves ``out_dir`` as it was.
+Nothing this run did not write is ever deleted: deploy files of the same checkpoint from earlier runs are kept and
+listed as ``stale_outputs`` (policy: :mod:`.outdir`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .. import report as report_mod
 from ..errors import InvalidInputError, brief
 from ..hashing import hash_file
+from .outdir import artifact_names, stale_outputs
 
 if TYPE_CHECKING:
     from ..models import DetectionModel
@@ -42,7 +46,9 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write a report as ``report.json`` text (:func:`reparam.report.dumps`: status, command, versions, artifacts
+    first; the deploy config on one line)."""
+    path.write_text(report_mod.dumps(data) + "\n")
 
 
 def _staging(out: Path) -> Path:
@@ -59,27 +65,21 @@ def _publish(stage: Path, out: Path) -> None:
     stage.rmdir()
 
 
-def artifact_names(stem: str) -> list[str]:
-    """Every file name a conversion of ``<stem>.pt`` can write besides ``report.json``."""
-    base = f"{stem}-converted"
-    return [f"{base}.pt", f"{base}.safetensors", f"{base}.onnx", f"{base}-end2end.onnx", f"{base}.torchscript"]
+__all__ = ["artifact_names", "finish_report", "load_safetensors", "save_safetensors", "write_all",
+           "write_report_only"]
 
 
 def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None) -> Path:
     """Write just ``report.json`` (a failed conversion), atomically. Returns its path.
 
-    With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are removed first, so that
-    nothing in ``out`` looks like a good result of this (failed) conversion; the report lists them.
+    With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are listed in the report's
+    ``stale_outputs`` (they are kept: this run did not write them, and they are not its result).
     """
-    stale = [out / n for n in artifact_names(stem)] if stem else []
-    removed = [p.name for p in stale if p.is_file()]
-    if removed:
-        report["removed_stale_outputs"] = removed
+    if stem:
+        report["stale_outputs"] = stale_outputs(out, stem)
     stage = _staging(out)
     try:
         _write_json(stage / "report.json", report)
-        for p in stale:
-            p.unlink(missing_ok=True)
         _publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -205,9 +205,12 @@ def write_all(
             evaluate(stage, arts)
         main = next((a for a in arts if a["format"] == "pt"), arts[0] if arts else None)
         report["deploy_sha256"] = main["sha256"] if main else None
+        # like with like: the source .pt against the deploy .pt (no size comparison without a .pt artifact)
+        pt = next((a for a in arts if a["format"] == "pt"), None)
         before = int(report["source"].get("bytes") or 0)
-        after = int(main["bytes"]) if main else 0
-        report["bytes"] = {"before": before, "after": after, "saved": before - after}
+        report["bytes"] = {"before": before, "after": int(pt["bytes"]), "saved": before - int(pt["bytes"])} \
+            if pt and before else None
+        report["stale_outputs"] = stale_outputs(out, stem, [a["name"] for a in arts])
         report["status"] = "succeeded"
         _write_json(stage / "report.json", report)
         _publish(stage, out)

@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .. import __version__
-from ..spec import DEFAULT_ATOL, DEFAULT_FORMATS, FORMATS
+from .. import report as report_mod
+from ..spec import DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision, device_problem
 from ..errors import InvalidInputError, ValidationFailedError, brief, count_of
 from ..hashing import hash_file
 from ..models import DetectionModel, fuse_model
 from . import artifacts
 from .checkpoint import TRAINING_KEYS, compact, read_checkpoint, variant_of
 from .cpus import limit_threads
+from .device import resolve_device
 from .export.options import EXPORT_DEFAULTS, check_export_options
-from .pruning import derive_deploy_plan
+from .pruning import compare_with_published, derive_deploy_plan
 from .transfer import transfer_weights
 from .validation import CHECK_LEVELS, check_conversion, count_params
 
@@ -39,8 +41,10 @@ class ConvertOptions:
 
     Attributes:
         atol: tolerance on max |deploy - dual main| in output units (pixels / probability), fp32.
-        fp32: keep fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints).
-        half: fp16 weights in every artifact, ONNX/TorchScript included.
+        fp32: fp32 weights in the .pt/.safetensors (default: fp16, as the official deploy checkpoints); the
+            ``weights`` family of ``--precision`` (:func:`reparam.spec.parse_precision`).
+        half: fp16 ONNX/TorchScript (weights and input; default fp32, as the official ``export.py``); the
+            ``export`` family of ``--precision``. Independent of ``fp32``.
         fuse: fold BatchNorm into convs and re-parameterize RepConvN before export.
         formats: artifacts to write, from :data:`reparam.spec.FORMATS`.
         imgsz: validation / GFLOPs image size in pixels (rounded up to the model's largest stride).
@@ -58,6 +62,13 @@ class ConvertOptions:
             file (see :func:`.checkpoint.read_state_dict`); ``None`` for a training checkpoint.
         nc: with ``cfg``: the class count, checked against the weights (which decide it).
         names: with ``cfg``: class names, one per class (default ``class0`` ...).
+        head: the TripleDDetect branch to deploy (``--head``: ``fine``/``coarse``,
+            :data:`reparam.spec.TRIPLE_HEAD_BRANCHES`); None: the head's default (:func:`.pruning.head_rule`).
+        device: where the validation, the fusion check and the evaluation compute (:mod:`.device`; ``auto``: CUDA
+            when available, else CPU). Not part of :meth:`settings_key`: the artifacts do not depend on it.
+        check_device: a second device the equivalence check also runs on (``--check-device``; e.g. ``cuda``, the
+            device the model will serve on), or None. Its result goes to the report's ``validation.devices``; a
+            failure there fails the conversion.
     """
 
     atol: float = DEFAULT_ATOL
@@ -77,6 +88,14 @@ class ConvertOptions:
     nc: int | None = None
     names: tuple[str, ...] | None = None
     check_level: str = "fast"
+    head: str | None = None
+    device: str = DEFAULT_DEVICE
+    check_device: str | None = None
+
+    @property
+    def precision(self) -> Precision:
+        """The precision of each artifact family (:class:`reparam.spec.Precision`)."""
+        return Precision("fp32" if self.fp32 else "fp16", "fp16" if self.half else "fp32")
 
     def settings_key(self) -> str:
         """A stable digest of the settings that change the outputs (for idempotent registration)."""
@@ -85,7 +104,8 @@ class ConvertOptions:
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
                     + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
                     + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ())
-                    + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ()))
+                    + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ())
+                    + ((("head", self.head),) if self.head is not None else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def check(self) -> None:
@@ -93,8 +113,10 @@ class ConvertOptions:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad:
             raise InvalidInputError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
-        if self.fp32 and self.half:
-            raise InvalidInputError("--fp32 and --half contradict each other; pick one")
+        for flag, value in (("--device", self.device), ("--check-device", self.check_device)):
+            problem = device_problem(value) if value is not None else None
+            if problem:
+                raise InvalidInputError(f"{flag}: {problem}")
         if not (self.atol > 0):
             raise InvalidInputError(f"--atol must be > 0, got {self.atol}")
         if self.cfg is None and (self.nc is not None or self.names is not None):
@@ -108,6 +130,8 @@ class ConvertOptions:
                 raise InvalidInputError(f"--eval-atol must be > 0, got {self.eval_atol}")
             if not 32 <= self.eval_imgsz <= 4096:
                 raise InvalidInputError(f"--eval-imgsz must be between 32 and 4096 pixels, got {self.eval_imgsz}")
+        if self.head is not None and self.head not in TRIPLE_HEAD_BRANCHES:
+            raise InvalidInputError(f"--head must be one of {', '.join(TRIPLE_HEAD_BRANCHES)}, got {self.head!r}")
         if self.check_level not in CHECK_LEVELS:
             raise InvalidInputError(f"--check must be one of {', '.join(CHECK_LEVELS)}, got {self.check_level!r}")
         check_export_options(self)
@@ -192,23 +216,24 @@ class Pruned:
 
 def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, torch.Tensor], *,
           what: str = "checkpoint", fits: str = "its config", phase: Callable[[str], Any] | None = None,
-          stride: list[float] | None = None) -> Pruned:
+          stride: list[float] | None = None, branch: str | None = None) -> Pruned:
     """Build the dual model from ``cfg`` + ``state``, apply the pruning rule and build the deploy model.
 
     ``deploy_sd`` holds the transferred tensors in their saved dtype (e.g. fp16). ``phase(name)``, when given, is a
     context manager timing the ``derive`` and ``transfer`` steps; ``stride``, when known (the checkpoint's), spares
-    measuring it (see :func:`build_model`). Raises InvalidInputError when the weights do not fit the config
+    measuring it (see :func:`build_model`); ``branch`` picks a TripleDDetect branch (``--head``). Raises
+    InvalidInputError when the weights do not fit the config
     (``what``/``fits`` name both in the message) or the transfer is not exact.
     """
     timed = phase or (lambda _name: contextlib.nullcontext())
     with timed("derive"):
-        plan = derive_deploy_plan(cfg)
+        plan = derive_deploy_plan(cfg, branch)
     with timed("transfer"):
         dual = build_model(cfg, nc, names, state, what=what, fits=fits, keep_dtype=True, stride=stride)
         with torch.device("meta"):
             skeleton = DetectionModel(plan.deploy_cfg, ch=int(plan.deploy_cfg.get("ch", 3) or 3), nc=nc,
                                       stride=dual.model[-1].stride.tolist())
-        deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg)
+        deploy_sd, account = transfer_weights(state, list(skeleton.state_dict()), plan, cfg, branch)
         if not account.exact:
             raise InvalidInputError("weight transfer is not exact: " + "; ".join(account.problems))
         skeleton.names = dict(names)
@@ -218,18 +243,41 @@ def prune(cfg: dict[str, Any], nc: int, names: dict[int, str], state: dict[str, 
     return Pruned(plan, dual, deploy, deploy_sd, account)
 
 
-def _phases(timings: dict[str, float]) -> Callable[[str], Any]:
+#: What each timed step of :func:`convert` does, as its progress line says it (``yolo export`` style).
+STEPS = {
+    "load": "reading the checkpoint (safe unpickler)",
+    "derive": "deriving the deploy graph from the checkpoint's config",
+    "transfer": "copying the main-branch weights",
+    "validate": "equivalence check: deploy vs dual main output",
+    "stats": "counting parameters and GFLOPs",
+    "write": "writing the artifacts",
+}
+
+
+def _phases(timings: dict[str, float], say: Callable[[str], None] | None = None) -> Callable[[str], Any]:
     """``phase(name)``: a context manager adding wall (``<name>_s``) and process CPU time (``<name>_cpu_s``: user +
-    system of every thread, :func:`time.process_time`) of its block to ``timings``, in seconds."""
+    system of every thread, :func:`time.process_time`) of its block to ``timings``, in seconds.
+
+    With ``say``, each step prints ``<step> ...`` (:data:`STEPS`) as it starts and ``<step> done in X s`` as it ends
+    (``failed after X s`` when it raised), so a long step is never a silence.
+    """
 
     @contextmanager
     def phase(name: str) -> Iterator[None]:
         wall, cpu = time.perf_counter(), time.process_time()
+        what = STEPS.get(name, name)
+        if say:
+            say(f"{what} ...")
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + time.perf_counter() - wall, 4)
+            took = time.perf_counter() - wall
+            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + took, 4)
             timings[f"{name}_cpu_s"] = round(timings.get(f"{name}_cpu_s", 0.0) + time.process_time() - cpu, 4)
+            if say:
+                say(f"{what}: {'done in' if ok else 'failed after'} {took:.1f} s")
 
     return phase
 
@@ -242,13 +290,17 @@ def convert(
     source_info: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     eval_dataset: Any = None,
+    command: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert one dual checkpoint and write its deploy artifacts into ``out_dir``.
 
     With ``eval_dataset`` (a :class:`reparam.evaluation.Dataset`) the dual model and every artifact are evaluated on
     it before anything is published (:mod:`reparam.evaluation.conversion`; report section ``evaluation``).
 
-    Returns the report dict (also written as ``out_dir/report.json``).
+    ``command`` is the command line recorded in the report (the CLI passes ``reparam convert ...``).
+
+    Returns the report dict (also written as ``out_dir/report.json``; its fields: :class:`reparam.report.Report`,
+    its schema ``reparam/schemas/report.schema.json``).
 
     Raises:
         InvalidInputError / UnsafeCheckpointError: bad input (nothing written).
@@ -262,8 +314,11 @@ def convert(
     t0 = time.perf_counter()
     path = Path(source)
     timings: dict[str, float] = {}
-    phase = _phases(timings)
+    phase = _phases(timings, say)
     threads = limit_threads()
+    device = resolve_device(options.device)  # a missing CUDA device is refused before the checkpoint is read
+    check_device = (resolve_device(options.check_device, "--check-device") if options.check_device is not None
+                    else None)
 
     with phase("load"):
         ckpt = read_checkpoint(path, prefer_ema=options.prefer_ema, cfg=options.cfg, nc=options.nc,
@@ -276,25 +331,47 @@ def convert(
         + (f", config {ckpt.origin['config']}" if ckpt.origin else "") + ")")
     for note in (ckpt.origin or {}).get("notes", []):
         say(note)
+    say(f"device {device.torch} ({device.name})" + (f"; the equivalence check also on {check_device.torch} "
+                                                     f"({check_device.name})" if check_device else ""))
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, what="state_dict" if ckpt.origin else "checkpoint",
-                   fits=ckpt.fits, phase=phase, stride=ckpt.stride)
+                   fits=ckpt.fits, phase=phase, stride=ckpt.stride, branch=options.head)
     plan, dual, deploy, deploy_sd, account = pruned.plan, pruned.dual, pruned.deploy, pruned.deploy_sd, pruned.account
+    if {"onnx", "torchscript"} & set(options.formats):  # an export this model cannot have is refused before any work
+        from .export.modules import check_export_target
+
+        check_export_target(deploy, tuple(options.formats), bool(options.onnx.get("nms")))
     if ckpt.stride is None:  # a bare state_dict: the strides the model measured, as YOLOv9 does when it builds one
         ckpt.stride = [float(s) for s in dual.stride.tolist()]
 
     with phase("validate"):
         stride = int(max(ckpt.stride)) if ckpt.stride else 32
-        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level)
-        result, flops = check_conversion(dual, deploy, **check)
+        check = dict(imgsz=options.imgsz, stride=stride, seed=options.seed, atol=options.atol, level=options.check_level,
+                     branch=plan.branch)
+        result, flops = check_conversion(dual, deploy, **check, device=device.torch)
         fused_result = None
         fused = None
         if options.fuse:
             fused = fuse_model(copy.deepcopy(deploy).float()).eval()
-            fused_result, _ = check_conversion(dual, fused, **check)
+            fused_result, _ = check_conversion(dual, fused, **check, device=device.torch)
             if result.passed and not fused_result.passed:
                 result.passed = False
                 result.reason = f"fused model: {fused_result.reason}"
             result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
+            # the top-level max |diff| covers both models: so do the comparisons listed under it
+            result.comparisons += [dataclasses.replace(c, model="fused") for c in fused_result.comparisons]
+        devices = [{**device.to_dict(), "max_abs_diff": result.max_abs_diff, "passed": result.passed}]
+        if check_device is not None:
+            extra, _ = check_conversion(dual, deploy, **check, device=check_device.torch)
+            if fused is not None:
+                extra_fused, _ = check_conversion(dual, fused, **check, device=check_device.torch)
+                extra.max_abs_diff = max(extra.max_abs_diff, extra_fused.max_abs_diff)
+                extra.passed = extra.passed and extra_fused.passed
+                extra.reason = extra.reason or (f"fused model: {extra_fused.reason}" if extra_fused.reason else "")
+            devices.append({**check_device.to_dict(), "max_abs_diff": extra.max_abs_diff, "passed": extra.passed})
+            if result.passed and not extra.passed:
+                result.passed = False
+                result.reason = f"on {check_device.torch}: {extra.reason}"
+            result.max_abs_diff = max(result.max_abs_diff, extra.max_abs_diff)
     say(f"validation ({options.check_level}): max |diff| {result.max_abs_diff:.3g} (atol {options.atol:g}) -> "
         f"{'passed' if result.passed else 'FAILED'}")
 
@@ -305,6 +382,7 @@ def convert(
             "gflops_imgsz": int(flops["imgsz"]),
         }
 
+    published = compare_with_published(ckpt.cfg, plan)  # where the derived config differs from the published one
     removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
     info = dict(source_info or {})
@@ -315,12 +393,15 @@ def convert(
         info["sha256"] = hash_file(path)[0]
 
     report: dict[str, Any] = {
-        "reparam_version": __version__,
+        "status": "running",  # set below; first in report.json (reparam.report.LEAD)
+        "command": list(command) if command is not None else [],
+        "versions": report_mod.versions(),
         "source": info,
         "variant": variant_of(ckpt),
         "model_class": ckpt.model_class,
         "package_prefix": ckpt.package_prefix,
-        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head},
+        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head,
+                 "branch": plan.branch, "inputs": plan.head_inputs, "renamed": dict(plan.head_rename)},
         "pruned": plan.pruned,
         "nc": ckpt.nc,
         "names": {str(k): v for k, v in ckpt.names.items()},
@@ -338,13 +419,16 @@ def convert(
                     "main_branch": account.main_keys, "used_exactly_once": account.exact},
         **stats,
         "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
-        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed},
+        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed, "devices": devices},
+        "device": device.to_dict(),
         "fusion": None if fused_result is None else {
             "max_abs_diff_vs_dual": fused_result.max_abs_diff,
             "modules_before": sum(1 for _ in deploy.modules()),
             "modules_after": sum(1 for _ in fused.modules()),
         },
         "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
+                    "precision": dataclasses.asdict(options.precision), "device": options.device,
+                    "check_device": options.check_device,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
                     "onnx": dict(options.onnx), "export_atol": options.export_atol, "check": options.check_level,
                     **({"eval_data": options.eval_data, "eval_imgsz": options.eval_imgsz,
@@ -354,6 +438,7 @@ def convert(
                        if options.cfg is not None else {})},
         "settings_key": options.settings_key(),
         "deploy_config": copy.deepcopy(plan.deploy_cfg),
+        "published_config": published.to_dict() if published else None,
         "timing": timings,
         "threads": threads,
     }
@@ -363,15 +448,17 @@ def convert(
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
         err = ValidationFailedError(
-            f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}). "
+            f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}"
+            + (f"; {len(report['stale_outputs'])} earlier deploy file(s) kept there, stale"
+               if report.get("stale_outputs") else "") + "). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise err
 
-    evaluate = None
+    evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None
     if eval_dataset is not None:
-        def evaluate(stage: Path, arts: list[dict[str, Any]]) -> None:
+        def evaluate_artifacts(stage: Path, arts: list[dict[str, Any]]) -> None:
             from ..evaluation import EvalSettings
             from ..evaluation.conversion import evaluate_conversion
 
@@ -379,12 +466,14 @@ def convert(
             try:
                 report["evaluation"] = evaluate_conversion(
                     eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
-                    options.eval_atol, say)
+                    options.eval_atol, say, device=device.torch)
             except ValidationFailedError as err:
                 report["evaluation"] = getattr(err, "evaluation", None)
                 raise
             finally:
                 timings["evaluate_s"] = time.perf_counter() - t_eval
+
+        evaluate = evaluate_artifacts
 
     try:
         with phase("write"):
@@ -397,7 +486,7 @@ def convert(
         report["status"] = "validation_failed"
         report["timing"]["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise
     report["status"] = "succeeded"
     report["timing"]["total_s"] = time.perf_counter() - t0

@@ -35,6 +35,11 @@ EMPTY_TRAINING_STATE: dict[str, Any] = {
 }
 
 
+#: Our classes that YOLOv9 defines in ``models/yolo.py``; every other block lives in ``models/common.py``.
+_YOLO_CLASSES = ("DetectionModel", "SegmentationModel", "DDetect", "DualDDetect", "TripleDDetect", "DSegment",
+                 "DualDSegment")
+
+
 def official_names() -> dict[type, tuple[str, str]]:
     """Our class -> (official module, official class name), for every block :mod:`reparam.models` defines."""
     from .. import models
@@ -45,7 +50,7 @@ def official_names() -> dict[type, tuple[str, str]]:
         if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("reparam.models"):
             official = getattr(cls, "official_name", None)
             if official is None:
-                module = "models.yolo" if name in ("DetectionModel", "DDetect", "DualDDetect", "TripleDDetect") else "models.common"
+                module = "models.yolo" if name in _YOLO_CLASSES else "models.common"
                 official = f"{module}.{cls.__name__}"
             mod, _, qual = official.rpartition(".")
             out[cls] = (mod, qual)

@@ -20,7 +20,23 @@ the first ``nl`` feed the auxiliary half (``cv2``/``cv3``/``dfl``), the last ``n
 5. the head becomes ``DDetect`` over the main inputs, with the same args; its ``cv2``/``cv3``/``dfl`` weights
    come from the dual head's ``cv4``/``cv5``/``dfl2``.
 
-A graph whose last layer is already ``DDetect`` (a gelan checkpoint from ``train.py``) passes through unchanged.
+The same rule covers the other multi-branch heads (:data:`MULTI_HEADS`), which differ only in which ``from``
+entries are "main":
+
+* ``DualDSegment`` (yolov9-c-dseg): ``[aux P3-P5, main P3-P5, aux proto input, main proto input]``; the deploy head
+  is ``DSegment`` over the main P3-P5 and the main proto input (``cv7`` -> ``cv4``, ``proto2`` -> ``proto``). The
+  kept prototype path is the one the dual model trained, so the derived config keeps its depth: the published
+  ``gelan-c-dseg.yaml`` has RepNCSP depth 1 at that layer (deploy 22, dual 41) where ``yolov9-c-dseg.yaml`` trains
+  depth 2; :func:`compare_with_published` reports such differences.
+* ``TripleDDetect`` (yolov9-cf): ``[aux, coarse, fine]`` groups of P3-P5; ``branch`` (``--head``) picks ``fine``
+  (default) or ``coarse``, which becomes the deploy ``DDetect``; the other two and the layers only they need are
+  dropped. The default is the branch the official ``detect.py`` (WongKinYiu/yolov9 at 5b1ea9a) uses: line 98
+  ``pred = model(im, ...)``, line 102 ``non_max_suppression(pred, ...)``, which takes ``prediction[0]``
+  (``utils/general.py`` lines 902-903) of the ``(y, d)`` that ``TripleDDetect``'s eval forward returns, and that
+  ``y`` is the third (fine) branch's.
+
+A graph whose last layer is already ``DDetect`` or ``DSegment`` (a gelan checkpoint from ``train.py``) passes
+through unchanged.
 The official notebook (``tools/reparameterization.ipynb``) hard-codes the resulting offsets per variant; here
 they are derived, so custom configs work too.
 """
@@ -29,26 +45,133 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidInputError, brief
+from ..spec import DEFAULT_TRIPLE_HEAD
 
-#: Dual heads and, for each, the class of the deploy head and how its sub-module names map.
-#: Deploy head attribute <- dual head attribute (YOLOv9 models/yolo.py: DualDDetect.cv4/cv5/dfl2 is the main half).
+@dataclass(frozen=True)
+class Branch:
+    """One selectable branch of a multi-branch head and the deploy head it becomes.
+
+    Attributes:
+        group: which group of detection inputs the branch reads (0 = the first ``nl`` entries of the head's
+            ``from`` list, 1 = the next ``nl``, ...).
+        deploy_head: the deploy head class name (``DDetect``, ``DSegment``).
+        rename: deploy head sub-module name -> multi-branch head sub-module name it is copied from.
+        what: one phrase for reports (``"main"``, ``"fine (NMS-free)"``).
+    """
+
+    group: int
+    deploy_head: str
+    rename: dict[str, str]
+    what: str
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """How the ``from`` list of a multi-branch head is laid out, and its branches (WongKinYiu/yolov9
+    ``models/yolo.py``).
+
+    The ``from`` list holds ``groups`` groups of ``nl`` detection inputs (P3, P4, P5 each), then ``protos`` mask
+    prototype inputs, one per group that has a prototype conv (``DualDSegment``: ``[aux P3-P5, main P3-P5,
+    aux proto, main proto]``). A branch keeps its group's ``nl`` inputs and, with prototypes, its group's proto input.
+
+    Attributes:
+        groups: detection input groups; protos: trailing prototype inputs (0 or ``groups``).
+        branches: selectable branch name -> :class:`Branch`; default: the branch a conversion keeps unless told.
+        official_eval_branch: the group whose output the official eval ``forward`` returns (what ``detect.py`` /
+            ``segment/predict.py`` use).
+        order: the ``from`` list's layout in words, for messages.
+    """
+
+    groups: int
+    protos: int
+    branches: dict[str, Branch]
+    default: str
+    official_eval_branch: int
+    order: str
+
+    def layout(self, n_inputs: int, head: str, layer: int) -> int:
+        """``nl`` for a ``from`` list of ``n_inputs`` entries; InvalidInputError when it does not fit the layout."""
+        det = n_inputs - self.protos
+        if det < self.groups or det % self.groups:
+            what = f"{self.groups} x nl" + (f" + {self.protos} prototype inputs" if self.protos else "")
+            raise InvalidInputError(
+                f"the {head} head (layer {layer}) has {n_inputs} inputs; it needs {what} ({self.order})")
+        return det // self.groups
+
+    def positions(self, n_inputs: int, branch: Branch) -> list[int]:
+        """Positions in the head's ``from`` list that ``branch`` reads: its ``nl`` detection inputs, then its
+        prototype input when the head has them."""
+        nl = (n_inputs - self.protos) // self.groups
+        out = list(range(branch.group * nl, (branch.group + 1) * nl))
+        if self.protos:
+            out.append(n_inputs - self.protos + branch.group)
+        return out
+
+
+_MAIN_DETECT = {"cv2": "cv4", "cv3": "cv5", "dfl": "dfl2"}
+#: Multi-branch heads, by class name. Sources (WongKinYiu/yolov9 ``models/yolo.py``): ``DualDDetect`` reads
+#: ``[aux P3-P5, main P3-P5]`` (main half ``cv4``/``cv5``/``dfl2``); ``DualDSegment`` adds mask-coefficient towers
+#: ``cv6`` (aux) / ``cv7`` (main) and prototype convs ``proto`` (aux) / ``proto2`` (main) after them; ``TripleDDetect``
+#: (``models/detect/yolov9-cf.yaml``: "Auxiliary/Coarse(NMS-based)/Fine(NMS-free)") reads three groups,
+#: ``cv2``/``cv3``/``dfl``, ``cv4``/``cv5``/``dfl2``, ``cv6``/``cv7``/``dfl3``, and its eval forward returns the third
+#: (fine) one only, which is therefore what the official ``detect.py`` runs its NMS on (module docstring): the
+#: default here.
+MULTI_HEADS: dict[str, HeadRule] = {
+    "DualDDetect": HeadRule(groups=2, protos=0, default="main", official_eval_branch=1,
+                            order="auxiliary inputs first, main inputs second", branches={
+        "main": Branch(1, "DDetect", dict(_MAIN_DETECT), "main"),
+    }),
+    "DualDSegment": HeadRule(groups=2, protos=2, default="main", official_eval_branch=1,
+                             order="auxiliary P3-P5, main P3-P5, auxiliary proto input, main proto input", branches={
+        "main": Branch(1, "DSegment", {**_MAIN_DETECT, "cv4": "cv7", "proto": "proto2"}, "main"),
+    }),
+    "TripleDDetect": HeadRule(groups=3, protos=0, default=DEFAULT_TRIPLE_HEAD, official_eval_branch=2,
+                              order="auxiliary, coarse and fine P3-P5, in that order", branches={
+        "coarse": Branch(1, "DDetect", dict(_MAIN_DETECT), "coarse (NMS-based)"),
+        "fine": Branch(2, "DDetect", {"cv2": "cv6", "cv3": "cv7", "dfl": "dfl3"}, "fine (NMS-free)"),
+    }),
+}
+#: Dual heads and, for each, the class of the deploy head and how its sub-module names map (the default branch of
+#: :data:`MULTI_HEADS`). Deploy head attribute <- dual head attribute.
 DUAL_HEADS: dict[str, tuple[str, dict[str, str]]] = {
-    "DualDDetect": ("DDetect", {"cv2": "cv4", "cv3": "cv5", "dfl": "dfl2"}),
+    name: (rule.branches[rule.default].deploy_head, dict(rule.branches[rule.default].rename))
+    for name, rule in MULTI_HEADS.items()
 }
-#: Heads that need no pruning.
-DEPLOY_HEADS = ("DDetect", "Detect")
-#: Heads we recognise but cannot convert yet (the message says so instead of guessing).
+#: Heads that need no pruning (a ``train.py`` checkpoint: gelan detection or segmentation).
+DEPLOY_HEADS = ("DDetect", "Detect", "DSegment")
+#: Heads we recognise but do not convert (the message names them instead of guessing).
 UNSUPPORTED_HEADS = {
-    "TripleDDetect": "yolov9-cf (TripleDDetect) checkpoints are not supported yet",
-    "DualDSegment": "segmentation checkpoints (DualDSegment) are not supported yet",
-    "DSegment": "segmentation checkpoints (DSegment) are not supported yet",
+    "Panoptic": "panoptic checkpoints (Panoptic head, e.g. gelan-c-pan) are not supported",
+    "Segment": "Segment-head checkpoints (anchor-free Detect + Proto, e.g. gelan-c-seg) are not supported",
     "TripleDetect": "TripleDetect checkpoints are not supported",
-    "DualDetect": "DualDetect (anchor-based) checkpoints are not supported",
+    "DualDetect": "DualDetect checkpoints are not supported",
 }
+#: What reparam converts, for the messages above.
+SUPPORTED_HEADS = "detection (DualDDetect, TripleDDetect, DDetect) and segmentation (DualDSegment, DSegment)"
+
+
+def head_rule(head_name: str, branch: str | None = None) -> tuple[HeadRule, Branch] | None:
+    """The rule of a multi-branch head and the branch to keep (``branch``, else the rule's default); None for a
+    head that is not multi-branch.
+
+    Raises:
+        InvalidInputError: ``branch`` is not one of this head's branches (e.g. ``--head coarse`` for a
+            ``DualDDetect`` checkpoint).
+    """
+    rule = MULTI_HEADS.get(head_name)
+    if branch is None:
+        return None if rule is None else (rule, rule.branches[rule.default])
+    if rule is None or (len(rule.branches) == 1 and branch not in rule.branches):
+        raise InvalidInputError(f"--head {branch} selects a branch of a TripleDDetect head (yolov9-cf); this "
+                                f"checkpoint's head is {head_name}: leave --head out")
+    if branch not in rule.branches:
+        raise InvalidInputError(
+            f"--head {branch} does not name a branch of the {head_name} head: it has {', '.join(sorted(rule.branches))}")
+    return rule, rule.branches[branch]
 
 
 @dataclass
@@ -62,6 +185,8 @@ class DeployPlan:
         head_rename: deploy head sub-module name -> dual head sub-module name (empty when not pruned).
         dual_head: dual head module name (``"DualDDetect"``, or ``"DDetect"`` when nothing was pruned).
         pruned: False when the config had no auxiliary branch.
+        branch: the head branch kept (``"main"``; ``"fine"``/``"coarse"`` for TripleDDetect), None when not pruned.
+        head_inputs: positions in the dual head's ``from`` list that the deploy head reads (empty when not pruned).
     """
 
     deploy_cfg: dict[str, Any]
@@ -70,6 +195,8 @@ class DeployPlan:
     head_rename: dict[str, str] = field(default_factory=dict)
     dual_head: str = "DDetect"
     pruned: bool = True
+    branch: str | None = None
+    head_inputs: list[int] = field(default_factory=list)
 
     @property
     def head_index(self) -> int:
@@ -159,12 +286,13 @@ def ancestors(sources: Sequence[list[int]] | Mapping[int, list[int]], start: lis
     return keep
 
 
-def main_branch(dual_cfg: dict[str, Any]) -> tuple[set[int], int, set[str] | None]:
+def main_branch(dual_cfg: dict[str, Any], branch: str | None = None) -> tuple[set[int], int, set[str] | None]:
     """The main branch of a graph, from the config alone: ``(layers, head index, head sub-modules)``.
 
-    ``layers``: every layer the head's main inputs (the last ``nl`` of a dual head) depend on, head excluded;
-    ``head sub-modules``: the dual head's main half (``{"cv4", "cv5", "dfl2"}`` for ``DualDDetect``), or None when
-    the head is a deploy head (all of it is main, and every layer is main). Independent of any
+    ``layers``: every layer the kept head branch's inputs depend on (for a dual head its main inputs, the last
+    ``nl`` detection inputs and the main prototype input; for TripleDDetect the ``branch`` group), head excluded;
+    ``head sub-modules``: that branch's part of the head (``{"cv4", "cv5", "dfl2"}`` for ``DualDDetect``), or None
+    when the head is a deploy head (all of it is main, and every layer is main). Independent of any
     :class:`DeployPlan`, so the transfer's accounting (:func:`.transfer.transfer_weights`) can check a plan
     against it. Raises InvalidInputError as :func:`derive_deploy_plan` does for malformed configs.
     """
@@ -173,19 +301,27 @@ def main_branch(dual_cfg: dict[str, Any]) -> tuple[set[int], int, set[str] | Non
         raise InvalidInputError("the checkpoint's model config has no layers")
     head_i = len(layers) - 1
     head_name = layers[head_i][2].rsplit(".", 1)[-1]
-    if head_name not in DUAL_HEADS:
+    found = head_rule(head_name, branch)
+    if found is None:
         return set(range(head_i)), head_i, None
+    rule, chosen = found
     sources = [resolve_from(layer[0], i) for i, layer in enumerate(layers)]
     inputs = sources[head_i]
-    return ancestors(sources, inputs[len(inputs) // 2:]), head_i, set(DUAL_HEADS[head_name][1].values())
+    rule.layout(len(inputs), head_name, head_i)
+    main_in = [inputs[p] for p in rule.positions(len(inputs), chosen)]
+    return ancestors(sources, main_in), head_i, set(chosen.rename.values())
 
 
-def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
+def derive_deploy_plan(dual_cfg: dict[str, Any], branch: str | None = None) -> DeployPlan:
     """Apply the pruning rule to a dual config and return the deploy plan.
+
+    ``branch`` picks the head branch to keep where a head has several (TripleDDetect: ``"fine"``, the default, or
+    ``"coarse"``; see :data:`MULTI_HEADS`); None keeps the head's default branch.
 
     Raises:
         InvalidInputError: malformed config, a last layer that is not a detection head ("the main head cannot be
-            found"), a head whose input count is not even, or a head we do not support (named).
+            found"), a head whose input count does not fit its layout (:meth:`HeadRule.layout`), a head we do not
+            support (named), or a ``branch`` the head does not have.
     """
     layers = layers_of(dual_cfg)
     if not layers:
@@ -197,7 +333,8 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
     sources = [resolve_from(layer[0], i) for i, layer in enumerate(layers)]
 
     if head_name in UNSUPPORTED_HEADS:
-        raise InvalidInputError(UNSUPPORTED_HEADS[head_name])
+        raise InvalidInputError(f"{UNSUPPORTED_HEADS[head_name]}: reparam converts {SUPPORTED_HEADS} heads")
+    found = head_rule(head_name, branch) if head_name in MULTI_HEADS or head_name in DEPLOY_HEADS else None
     if head_name in DEPLOY_HEADS:
         return DeployPlan(
             deploy_cfg=copy.deepcopy(dual_cfg),
@@ -206,19 +343,16 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
             dual_head=head_name,
             pruned=False,
         )
-    if head_name not in DUAL_HEADS:
+    if found is None:
         raise InvalidInputError(
             f"cannot find the main detection head: the last layer ({head_i}) is '{head_mod}', expected one of "
-            f"{', '.join(list(DUAL_HEADS) + list(DEPLOY_HEADS))}"
+            f"{', '.join(list(MULTI_HEADS) + list(DEPLOY_HEADS))}"
         )
+    rule, chosen = found
     inputs = sources[head_i]
-    if len(inputs) < 2 or len(inputs) % 2:
-        raise InvalidInputError(
-            f"the {head_name} head (layer {head_i}) has {len(inputs)} inputs; a dual head needs 2 x nl "
-            "(auxiliary inputs first, main inputs second)"
-        )
-    nl = len(inputs) // 2
-    keep = ancestors(sources, inputs[nl:])
+    rule.layout(len(inputs), head_name, head_i)
+    positions = rule.positions(len(inputs), chosen)
+    keep = ancestors(sources, [inputs[p] for p in positions])
 
     # Rule 3: a leading Silence survives only if a kept layer other than layer 1 reads it by index.
     silence_dropped = False
@@ -238,10 +372,10 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
             raise InvalidInputError(f"layer {old} reads dropped layer {lost[0]}; the config is not a valid dual graph")
         deploy_layers.append([_encode_from(f, old, new_i, new_index), number, module, copy.deepcopy(args)])
 
-    deploy_head_name, rename = DUAL_HEADS[head_name]
+    deploy_head_name, rename = chosen.deploy_head, chosen.rename
     head_new_i = len(kept)
     head_module = head_mod[: -len(head_name)] + deploy_head_name
-    head_from = [x for x in (head_f if isinstance(head_f, (list, tuple)) else [head_f])][nl:]
+    head_from = [list(head_f)[p] for p in positions]
     deploy_layers.append(
         [_encode_from(head_from, head_i, head_new_i, {**new_index, head_i: head_new_i}), _head_n, head_module,
          copy.deepcopy(head_args)]
@@ -262,6 +396,8 @@ def derive_deploy_plan(dual_cfg: dict[str, Any]) -> DeployPlan:
         head_rename=dict(rename),
         dual_head=head_name,
         pruned=True,
+        branch=next(k for k, v in rule.branches.items() if v is chosen),
+        head_inputs=positions,
     )
 
 
@@ -271,3 +407,111 @@ def normalized_layers(cfg: dict[str, Any]) -> list[tuple[tuple[int, ...], Any, s
     for i, (f, number, module, args) in enumerate(layers_of(cfg)):
         out.append((tuple(resolve_from(f, i)), number, module.rsplit(".", 1)[-1], args))
     return out
+
+
+@dataclass
+class LayerDifference:
+    """One layer where the deploy config derived from a checkpoint differs from the published deploy config.
+
+    Attributes:
+        deploy_layer: index in the deploy graph; dual_layer: the dual layer it comes from.
+        module: the block (``RepNCSPELAN4``).
+        derived / published: the layer as ``[from (absolute), number, module, args]`` in each config.
+        tensors: how many of the derived layer's tensors the published layer has no place for (missing there or of
+            another shape): what a conversion into the published config would drop or could not load.
+        why: one sentence for the report.
+    """
+
+    deploy_layer: int
+    dual_layer: int | None
+    module: str
+    derived: list[Any]
+    published: list[Any]
+    tensors: int
+    why: str
+
+
+@dataclass
+class PublishedComparison:
+    """The derived deploy config against the published deploy config of the published dual config the checkpoint
+    was built from (:data:`reparam.models.published.PUBLISHED_DEPLOY`).
+
+    Attributes:
+        dual_config: the published dual config the checkpoint's config equals (``yolov9-c-dseg``).
+        deploy_config: its published deploy config (``gelan-c-dseg``).
+        differences: the layers that differ (empty: the derived config equals the published one).
+    """
+
+    dual_config: str
+    deploy_config: str
+    differences: list[LayerDifference] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (the report's ``config.published``)."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: equal, or where and why the derived config differs."""
+        if not self.differences:
+            return f"the derived deploy config equals the published {self.deploy_config}"
+        first = self.differences[0]
+        more = f" (and {len(self.differences) - 1} more layer(s))" if len(self.differences) > 1 else ""
+        return f"the derived deploy config differs from the published {self.deploy_config}: {first.why}{more}"
+
+
+def _same_architecture(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same layers (``from`` resolved, any ``nc``) and the same depth/width multiples."""
+    keys = ("depth_multiple", "width_multiple")
+    return all(a.get(k) == b.get(k) for k in keys) and normalized_layers(a) == normalized_layers(b)
+
+
+def compare_with_published(dual_cfg: dict[str, Any], plan: DeployPlan) -> PublishedComparison | None:
+    """Compare ``plan``'s derived deploy config with the published deploy config, layer by layer.
+
+    Returns None when the checkpoint's config is not one of the published dual configs (a custom architecture: there
+    is nothing to compare with) or was not pruned. YOLOv9's published ``gelan-c-dseg.yaml`` differs from the deploy
+    graph of ``yolov9-c-dseg.yaml``: its layer 22 (dual layer 41, the main prototype path's ``RepNCSPELAN4``) has
+    RepNCSP depth 1 where the dual config trains depth 2; this comparison reports that layer and the 36 trained
+    tensors the published config has no place for.
+    """
+    from ..models import DetectionModel
+    from ..models.published import PUBLISHED_DEPLOY, published_config
+
+    if not plan.pruned:
+        return None
+    nc = plan.deploy_cfg.get("nc", 80)
+    name = next((n for n in PUBLISHED_DEPLOY if _same_architecture(dual_cfg, published_config(n, nc=nc))), None)
+    if name is None:
+        return None
+    deploy_name = PUBLISHED_DEPLOY[name]
+    published = published_config(deploy_name, nc=nc)
+    ours, theirs = normalized_layers(plan.deploy_cfg), normalized_layers(published)
+    out = PublishedComparison(name, deploy_name)
+    differing = [i for i in range(max(len(ours), len(theirs)))
+                 if i >= len(ours) or i >= len(theirs) or ours[i] != theirs[i]]
+    if not differing:
+        return out
+    import torch
+
+    with torch.device("meta"):
+        own = DetectionModel(plan.deploy_cfg, nc=nc).state_dict()
+        other = DetectionModel(published, nc=nc).state_dict()
+    for i in differing:
+        mine = [list(ours[i][0]), *ours[i][1:]] if i < len(ours) else []
+        pub = [list(theirs[i][0]), *theirs[i][1:]] if i < len(theirs) else []
+        prefix = f"model.{i}."
+        lost = sum(1 for k, v in own.items() if k.startswith(prefix) and (k not in other or other[k].shape != v.shape))
+        module = (mine or pub)[2]
+        dual_i = plan.layer_map.get(i)
+        why = (f"deploy layer {i} (dual layer {dual_i}) {module} is {_layer_text(mine)} as the checkpoint trained it, "
+               f"where {deploy_name}.yaml has {_layer_text(pub)}; the derived config keeps the trained layer (the "
+               f"published one has no place for {lost} of its tensors)")
+        out.differences.append(LayerDifference(i, dual_i, module, mine, pub, lost, why))
+    return out
+
+
+def _layer_text(layer: list[Any]) -> str:
+    if not layer:
+        return "absent"
+    f, n, _module, args = layer
+    return f"from {f[0] if len(f) == 1 else f}, args {list(args)}" + (f", number {n}" if n != 1 else "")

@@ -51,10 +51,12 @@ def _layer(key: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", dual_cfg: dict) -> set[str]:
+def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", dual_cfg: dict,
+                     branch: str | None = None) -> set[str]:
     """Dual keys of the main branch, read from the dual graph itself (:func:`.pruning.main_branch`), not from a
-    deploy plan: the layers the head's main inputs depend on, and the main half of the head."""
-    layers, head, main_subs = main_branch(dual_cfg)
+    deploy plan: the layers the head's main inputs depend on, and the main half of the head (``branch``: the head
+    branch kept where there are several, e.g. TripleDDetect's ``"coarse"``; None: the head's default)."""
+    layers, head, main_subs = main_branch(dual_cfg, branch)
     out = set()
     for k in dual_sd:
         i, rest = _layer(k)
@@ -77,13 +79,15 @@ def canonical_zeros(t: torch.Tensor) -> torch.Tensor:
 
 
 def transfer_weights(
-    dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan, dual_cfg: dict
+    dual_sd: "OrderedDict[str, torch.Tensor]", deploy_keys: list[str], plan: DeployPlan, dual_cfg: dict,
+    branch: str | None = None,
 ) -> tuple["OrderedDict[str, torch.Tensor]", TransferAccount]:
     """Build the deploy state_dict for ``deploy_keys`` (the deploy model's own ``state_dict()`` keys, in order).
 
     The account compares the tensors used with the main branch of ``dual_cfg`` (the checkpoint's own graph, see
-    :func:`main_branch_keys`), so a plan that maps a deploy layer to the wrong dual layer, reads the auxiliary
-    half of the head or leaves a block out is not exact.
+    :func:`main_branch_keys`; ``branch``: the head branch the user chose, see :func:`.pruning.main_branch`), so a
+    plan that maps a deploy layer to the wrong dual layer, reads the auxiliary half of the head or leaves a block
+    out is not exact.
 
     Raises InvalidInputError when a deploy key has no source tensor or shapes differ — the checkpoint's weights
     do not fit its own config.
@@ -99,7 +103,7 @@ def transfer_weights(
             )
         out[k] = canonical_zeros(dual_sd[src])
         uses[src] += 1
-    main = main_branch_keys(dual_sd, dual_cfg)
+    main = main_branch_keys(dual_sd, dual_cfg, branch)
     problems = []
     twice = sorted(k for k, n in uses.items() if n > 1)
     if twice:

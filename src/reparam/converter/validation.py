@@ -6,6 +6,13 @@ main half (``cv4``/``cv5``/``dfl2``) is index 1. The deploy ``DDetect`` returns 
 shape. Both run in fp32 on the same seeded inputs; the largest absolute difference is reported in the units of
 ``y`` (pixels for boxes, probability for scores).
 
+Segmentation (``DualDSegment`` -> ``DSegment``, YOLOv9 ``models/yolo.py``): the eval output is
+``(cat(y, mc) [B, 4 + nc + nm, A], (maps, mc, p))`` with raw mask coefficients ``mc`` and the mask prototypes
+``p [B, nm, H/4, W/4]``; boxes, scores, mask coefficients and prototypes are each compared (every comparison's
+``parts``), and all must be within ``atol``. ``TripleDDetect`` (yolov9-cf): the deploy model is compared with the
+branch the conversion kept (``fine``, the one the official eval forward returns, or ``coarse``, evaluated on the
+inputs the head received in the same forward).
+
 Two check levels (:func:`check_conversion`):
 
 * ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]``
@@ -32,7 +39,7 @@ import torch
 from torch import nn
 
 from ..spec import DEFAULT_ATOL
-from .pruning import ancestors, resolve_from
+from .pruning import ancestors, head_rule, resolve_from
 
 #: Check levels of :func:`check_conversion` (``--check``), the default first.
 CHECK_LEVELS = ("fast", "full")
@@ -49,6 +56,12 @@ class Comparison:
     max_abs_diff: float
     #: how the dual model ran: ``"full"`` (both branches) or ``"main-only"`` (:func:`main_branch_forward`)
     dual: str = "full"
+    #: max |diff| of each part of the output: ``boxes``, ``scores`` and, for segmentation, ``mask_coefficients`` and
+    #: ``prototypes`` (:func:`output_parts`)
+    parts: dict[str, float] = field(default_factory=dict)
+    #: the model compared with the dual one: ``"deploy"`` (pruned, as saved) or ``"fused"`` (``--fuse``: BatchNorm
+    #: folded, RepConvN merged; its fp32 rounding is where a non-zero difference comes from)
+    model: str = "deploy"
 
 
 @dataclass
@@ -77,7 +90,8 @@ def main_output(out: Any) -> torch.Tensor:
     """The decoded main-branch prediction ``[B, 4 + nc, A]`` of a YOLOv9 head's eval output.
 
     Handles ``DDetect`` (``(y, d)``) and ``DualDDetect`` (``([y_aux, y_main], [d_aux, d_main])``), and export mode
-    (a bare tensor or list). Raises ``ValueError`` for anything else.
+    (a bare tensor or list). For segmentation heads it is ``[B, 4 + nc + nm, A]`` (mask coefficients last). Raises
+    ``ValueError`` for anything else.
     """
     y = out[0] if isinstance(out, tuple) else out
     if isinstance(y, (list, tuple)):
@@ -85,6 +99,58 @@ def main_output(out: Any) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.dim() != 3:
         raise ValueError(f"unexpected head output {type(y).__name__}")
     return y
+
+
+@dataclass
+class HeadOutput:
+    """A head's eval output, unpacked (:func:`unpack_output`).
+
+    Attributes:
+        y: ``[B, 4 + nc (+ nm), A]``: boxes (xywh, input pixels), class scores, and for segmentation the raw mask
+            coefficients.
+        maps: the raw per-level maps ``[B, 64 + nc, H_i, W_i]`` of that branch.
+        prototypes: segmentation only: the mask prototypes ``[B, nm, H_p, W_p]``; None for detection.
+    """
+
+    y: torch.Tensor
+    maps: list[torch.Tensor]
+    prototypes: torch.Tensor | None = None
+
+
+def unpack_output(out: Any) -> HeadOutput:
+    """Unpack the eval output of any supported head into :class:`HeadOutput` (the main branch of a dual head).
+
+    ``DDetect``/``TripleDDetect``: ``(y, maps)``; ``DualDDetect``: ``([y_aux, y_main], [maps_aux, maps_main])``;
+    ``DSegment``/``DualDSegment``: ``(cat(y, mc), (maps, mc, p))`` (YOLOv9 ``models/yolo.py``). Raises ``ValueError``
+    for anything else.
+    """
+    y = main_output(out)
+    rest = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    protos = None
+    if isinstance(rest, tuple) and len(rest) == 3 and isinstance(rest[2], torch.Tensor):  # (maps, mc, p)
+        rest, protos = rest[0], rest[2]
+    if isinstance(rest, (list, tuple)) and rest and isinstance(rest[0], (list, tuple)):  # [maps_aux, maps_main]
+        rest = rest[-1]
+    if not isinstance(rest, (list, tuple)) or not all(isinstance(m, torch.Tensor) for m in rest):
+        raise ValueError("cannot read the feature maps of the head's output")
+    return HeadOutput(y, list(rest), protos)
+
+
+def output_parts(out: HeadOutput, nc: int) -> dict[str, torch.Tensor]:
+    """The parts compared one by one: ``boxes [B, 4, A]``, ``scores [B, nc, A]`` and, for segmentation,
+    ``mask_coefficients [B, nm, A]`` and ``prototypes [B, nm, H_p, W_p]``."""
+    parts = {"boxes": out.y[:, :4], "scores": out.y[:, 4:4 + nc]}
+    if out.prototypes is not None:
+        parts["mask_coefficients"] = out.y[:, 4 + nc:]
+        parts["prototypes"] = out.prototypes
+    return parts
+
+
+def _branch_of(head: nn.Module, branch: str | None):
+    """``(rule, chosen branch)`` of a multi-branch head (:func:`.pruning.head_rule`), None for a deploy head."""
+    if not hasattr(head, "forward_branch"):
+        return None
+    return head_rule(type(head).__name__, branch)
 
 
 def aligned_size(size: int, stride: int) -> int:
@@ -159,22 +225,46 @@ def computing_in_fp32(*models: nn.Module) -> Iterator[None]:
         stash.clear()
 
 
-def main_branch_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The main-branch prediction ``[B, 4 + nc, A]`` of a dual model, running only the layers it depends on.
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """Within the block, CUDA convolutions and matmuls compute in true fp32 (TF32 off), as on the CPU.
+
+    TF32 (on by default for cuDNN convolutions on Ampere and newer GPUs) keeps 10 mantissa bits and would make the
+    equivalence check measure the GPU's rounding instead of the conversion. No effect on the CPU. The previous
+    settings are restored on exit.
+    """
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def main_branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = None) -> Any:
+    """The kept branch's eval output of a multi-branch model, running only the layers that branch depends on.
 
     Layers are routed exactly as YOLOv9's ``_forward_once`` (each layer reads ``from``: ``-1`` the previous layer,
-    the image at layer 0), but a layer runs only when the head's last ``nl`` (main) inputs depend on it, and each
-    output is dropped after its last reader. The head runs its main half (``DualDDetect.forward_main``). The
-    dependencies are read from the built model itself (each layer's ``f``), not from the deploy plan, so this is
-    an evaluation of the dual graph, independent of the conversion under test. A model without a dual head runs
-    its plain forward.
+    the image at layer 0), but a layer runs only when the head branch's inputs depend on it (for a dual head its
+    main inputs, :func:`.pruning.head_rule`; ``branch`` picks TripleDDetect's ``fine``/``coarse``), and each output
+    is dropped after its last reader. The head runs that branch alone (``forward_branch``). The dependencies are
+    read from the built model itself (each layer's ``f``), not from the deploy plan, so this is an evaluation of
+    the dual graph, independent of the conversion under test. A model without a multi-branch head runs its plain
+    forward.
+
+    Returns the head's eval output for that branch: ``(y, maps)``, or for segmentation ``(cat(y, mc), (maps, mc,
+    p))`` (read it with :func:`unpack_output`).
     """
     layers = list(model.model)  # type: ignore[attr-defined]
     head = layers[-1]
-    if not hasattr(head, "forward_main"):
-        return main_output(model(x))
+    found = _branch_of(head, branch)
+    if found is None:
+        return model(x)
+    rule, chosen = found
     sources = {m.i: resolve_from(m.f, m.i) for m in layers}
-    main_in = sources[head.i][head.nl:]
+    head_in = sources[head.i]
+    main_in = [head_in[p] for p in rule.positions(len(head_in), chosen)]
     needed = ancestors(sources, main_in)
     last_read: dict[int, int] = {}
     for i in sorted(needed) + [head.i]:
@@ -189,8 +279,44 @@ def main_branch_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for j in set(sources[m.i]):
             if last_read.get(j) == m.i:
                 del outputs[j]
-    y, _maps = head.forward_main([outputs[j] for j in main_in])
-    return y
+    return head.forward_branch([outputs[j] for j in main_in], chosen.group)
+
+
+@contextmanager
+def capturing_head_inputs(model: nn.Module) -> Iterator[list[Any]]:
+    """Within the block, every input list the model's head receives is appended to the yielded list."""
+    seen: list[Any] = []
+    handle = model.model[-1].register_forward_pre_hook(  # type: ignore[attr-defined,index]
+        lambda _m, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def select_branch(model: nn.Module, out: Any, head_inputs: list[torch.Tensor] | None, branch: str | None) -> Any:
+    """The kept branch's eval output, from a whole-model forward's output ``out`` and the inputs its head received.
+
+    When the kept branch is the one the head's own eval ``forward`` returns (the main branch of a dual head,
+    TripleDDetect's ``fine``; :attr:`.pruning.HeadRule.official_eval_branch`) ``out`` is returned as is. Otherwise
+    (TripleDDetect's ``coarse``) that branch is evaluated on ``head_inputs`` (``forward_branch``).
+    """
+    head = model.model[-1]  # type: ignore[attr-defined,index]
+    found = _branch_of(head, branch)
+    if found is None or found[1].group == found[0].official_eval_branch:
+        return out
+    rule, chosen = found
+    if head_inputs is None:
+        raise ValueError("the head's inputs were not captured")
+    return head.forward_branch([head_inputs[p] for p in rule.positions(len(head_inputs), chosen)], chosen.group)
+
+
+def branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = None) -> Any:
+    """The whole model's forward (every branch runs), returned as the kept branch's eval output
+    (:func:`select_branch`)."""
+    with capturing_head_inputs(model) as seen:
+        out = model(x)
+    return select_branch(model, out, seen[-1] if seen else None, branch)
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
@@ -202,16 +328,33 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
     return (float((a - b).abs().max()) if a.numel() else 0.0), ""
 
 
+def _compare_outputs(dual: HeadOutput, deploy: HeadOutput, nc: int, parts: dict[str, float]) -> tuple[float, str]:
+    """max |dual - deploy| over every part of the output (:func:`output_parts`), each part's max filled into
+    ``parts``; a reason when the parts differ in kind or shape or are not finite."""
+    a, b = output_parts(dual, nc), output_parts(deploy, nc)
+    if set(a) != set(b):
+        return float("inf"), f"output parts differ: dual main {sorted(a)} vs deploy {sorted(b)}"
+    worst, reasons = 0.0, []
+    for name in a:
+        d, why = _compare(a[name].float(), b[name].float())
+        parts[name] = d
+        worst = max(worst, d)
+        if why:
+            reasons.append(f"{name}: {why}")
+    return worst, "; ".join(reasons)
+
+
 def _stride_mismatch(x: torch.Tensor, out: Any, *models: nn.Module) -> str:
     """A reason when the models' head strides differ from those of the feature maps ``out`` holds (else "").
 
-    ``out`` is a head's eval output ``(y, maps)``; for a dual head ``maps`` is ``[maps_aux, maps_main]``. The
-    stride of level ``i`` is ``H / H_i`` (YOLOv9 measures it the same way, on a blank 256 px image).
+    ``out`` is a head's eval output (:func:`unpack_output`). The stride of level ``i`` is ``H / H_i`` (YOLOv9
+    measures it the same way, on a blank 256 px image).
     """
-    maps = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-    if isinstance(maps, (list, tuple)) and maps and isinstance(maps[0], (list, tuple)):
-        maps = maps[-1]
-    if not isinstance(maps, (list, tuple)) or not maps:
+    try:
+        maps = unpack_output(out).maps
+    except ValueError:
+        maps = []
+    if not maps:
         return "cannot read the feature maps of the dual model's head"
     measured = [x.shape[-2] / m.shape[-2] for m in maps]
     for model in models:
@@ -221,9 +364,29 @@ def _stride_mismatch(x: torch.Tensor, out: Any, *models: nn.Module) -> str:
     return ""
 
 
+@contextmanager
+def models_on(device: torch.device | str | None, *models: nn.Module) -> Iterator[None]:
+    """Within the block, ``models`` live on ``device`` (weights keep their dtype); on exit they go back to the CPU.
+
+    ``None`` or the CPU leaves them where they are (no copy). Artifacts are always written from CPU tensors, so a
+    model moved to CUDA for a check is moved back, also after an exception.
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type == "cpu":
+        yield
+        return
+    try:
+        for m in models:
+            m.to(dev)
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def check_conversion(
     dual: nn.Module, deploy: nn.Module, *, imgsz: int, stride: int, seed: int = 0, atol: float = DEFAULT_ATOL,
-    level: str = "fast",
+    level: str = "fast", branch: str | None = None, device: torch.device | str | None = None,
 ) -> tuple[ValidationResult, dict[str, float]]:
     """Prove that ``deploy`` computes the dual model's main branch; count both models' GFLOPs on the way.
 
@@ -233,6 +396,12 @@ def check_conversion(
         imgsz: full-size side in pixels (rounded up to ``stride``); stride: the largest head stride (pixels).
         seed: seed of the inputs; atol: tolerance on every max |diff| (output units: pixels / probability).
         level: ``"fast"`` or ``"full"`` (see the module docstring).
+        branch: the dual head's branch the deploy model was made from (TripleDDetect: ``"fine"``/``"coarse"``;
+            None: the head's default, :func:`.pruning.head_rule`).
+        device: where both models and the inputs compute (``None``/CPU: where they are; CUDA: moved there for the
+            check and back to the CPU after, :func:`models_on`). The inputs are drawn on the CPU with the seed and
+            then moved, so every device sees the same numbers; the computation stays fp32 on every device (no TF32:
+            :func:`strict_fp32`).
 
     Returns:
         ``(result, gflops)``: ``gflops = {"before": dual, "after": deploy, "imgsz": s}``, GFLOPs of one
@@ -247,6 +416,8 @@ def check_conversion(
     dual.eval()
     deploy.eval()
     inputs = fast_inputs(imgsz, stride, seed) if level == "fast" else sample_inputs(imgsz, stride, seed)
+    if device is not None:
+        inputs = [x.to(device) for x in inputs]
     s = int(inputs[0].shape[-1])
     comps: list[Comparison] = []
     reasons: list[str] = []
@@ -254,34 +425,38 @@ def check_conversion(
     main_only_vs_full = None
     flops: dict[str, float] = {}
 
-    def record(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, how: str) -> None:
+    nc = int(getattr(deploy.model[-1], "nc", 0))  # type: ignore[attr-defined,index]
+
+    def record(x: torch.Tensor, a: Any, b: Any, how: str) -> None:
         nonlocal worst
-        d, why = _compare(a, b)
+        ours, theirs = unpack_output(b), unpack_output(a)
+        parts: dict[str, float] = {}
+        d, why = _compare_outputs(theirs, ours, nc, parts)
         if why:
             reasons.append(why)
         worst = max(worst, d)
-        comps.append(Comparison(list(x.shape), list(b.shape), d, how))
+        comps.append(Comparison(list(x.shape), list(ours.y.shape), d, how, parts))
 
-    with computing_in_fp32(dual, deploy), torch.inference_mode():
+    with models_on(device, dual, deploy), strict_fp32(), computing_in_fp32(dual, deploy), torch.inference_mode():
         big, small = inputs
         if level == "fast":
-            record(big, main_branch_forward(dual, big).float(), main_output(deploy(big)).float(), "main-only")
+            record(big, main_branch_forward(dual, big, branch), deploy(big), "main-only")
         else:
-            record(big, main_output(dual(big)).float(), main_output(deploy(big)).float(), "full")
-        with counting_conv_flops(dual) as counter:
-            out = dual(small)
-        full = main_output(out).float()
+            record(big, branch_forward(dual, big, branch), deploy(big), "full")
+        with counting_conv_flops(dual) as counter, capturing_head_inputs(dual) as seen:
+            raw = dual(small)
+        out = select_branch(dual, raw, seen[-1] if seen else None, branch)
         why = _stride_mismatch(small, out, dual, deploy)
         if why:
             reasons.append(why)
         flops["before"] = scaled_gflops(counter["flops"], small.shape, s)
         with counting_conv_flops(deploy) as counter:
-            b = main_output(deploy(small)).float()
+            b = deploy(small)
         flops["after"] = scaled_gflops(counter["flops"], small.shape, s)
-        record(small, full, b, "full")
+        record(small, out, b, "full")
         if level == "fast":
-            lazy = main_branch_forward(dual, small).float()
-            d, why = _compare(lazy, full)
+            d, why = _compare_outputs(unpack_output(out), unpack_output(main_branch_forward(dual, small, branch)),
+                                      nc, {})
             main_only_vs_full = d
             if why or d > atol:
                 reasons.append(f"the main-only evaluation of the dual model differs from its full forward "

@@ -60,14 +60,20 @@ class LoadedModel:
     weights_dtype: str = "float32"
 
 
-def _torch_predictor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    from ..converter.validation import main_output
+def _torch_predictor(model: nn.Module, device: torch.device | str | None = None) -> Callable[[torch.Tensor],
+                                                                                           torch.Tensor]:
+    """``images -> y`` of a torch model in fp32; with a CUDA ``device`` the model is moved there (in place), each
+    batch goes there and the prediction comes back to the CPU."""
+    from ..converter.validation import main_output, strict_fp32
 
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     model = model.float().eval()
+    if dev.type != "cpu":
+        model.to(dev)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return main_output(model(x)).float()
+        with torch.inference_mode(), strict_fp32():
+            return main_output(model(x.to(dev))).float().cpu()
 
     return predict
 
@@ -77,11 +83,15 @@ def _dtype_of(model: nn.Module) -> str:
     return str(p.dtype).replace("torch.", "") if p is not None else "float32"
 
 
-def from_module(model: nn.Module, form: str = "fused", names: dict[int, str] | None = None) -> LoadedModel:
-    """Wrap an in-memory YOLOv9 model (ours, eval; any head: the main branch is evaluated)."""
+def from_module(model: nn.Module, form: str = "fused", names: dict[int, str] | None = None, *,
+                device: torch.device | str | None = None) -> LoadedModel:
+    """Wrap an in-memory YOLOv9 model (ours, eval; any head: the main branch is evaluated).
+
+    ``device``: where it computes (``None``: the CPU; a CUDA device moves the model there, in place, in fp32)."""
     stride = int(max(torch.as_tensor(model.stride).tolist()))
     dtype = _dtype_of(model)
-    return LoadedModel(form, dict(names or model.names), stride, _torch_predictor(model), weights_dtype=dtype)
+    return LoadedModel(form, dict(names or model.names), stride, _torch_predictor(model, device),
+                       weights_dtype=dtype)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -141,7 +151,7 @@ def _load_onnx(path: Path) -> LoadedModel:
                        precision=precision, weights_dtype="float16" if fp16 else "float32")
 
 
-def _load_torchscript(path: Path) -> LoadedModel:
+def _load_torchscript(path: Path, device: torch.device | str | None = None) -> LoadedModel:
     extra = {"config.txt": ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
@@ -154,18 +164,23 @@ def _load_torchscript(path: Path) -> LoadedModel:
     names, stride = _meta_names(meta, path)
     dtype = _dtype_of(module)
     module = module.float()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type != "cpu":
+        module = module.to(dev)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        from ..converter.validation import main_output
+        from ..converter.validation import main_output, strict_fp32
 
-        with torch.inference_mode():
-            return main_output(module(x)).float()
+        with torch.inference_mode(), strict_fp32():
+            return main_output(module(x.to(dev))).float().cpu()
 
     return LoadedModel("torchscript", names, stride, predict, weights_dtype=dtype)
 
 
-def load_model(path: str | Path, *, prefer_ema: bool = True) -> LoadedModel:
+def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.device | str | None = None) -> LoadedModel:
     """Load any model form reparam knows from a local file (see the module table).
+
+    ``device``: where torch forms compute (``None``: the CPU); ONNX runs on onnxruntime's CPU provider.
 
     Raises:
         InvalidInputError: not a model file, an end-to-end ONNX graph, no class names in the metadata.
@@ -179,15 +194,15 @@ def load_model(path: str | Path, *, prefer_ema: bool = True) -> LoadedModel:
     if path.suffix == ".safetensors":
         from ..converter.artifacts import load_safetensors
 
-        return from_module(load_safetensors(path, dtype=None), "safetensors")
+        return from_module(load_safetensors(path, dtype=None), "safetensors", device=device)
     if _is_torchscript(path):
-        return _load_torchscript(path)
+        return _load_torchscript(path, device)
     from ..converter.checkpoint import read_checkpoint
     from ..converter.convert import build_model
 
     ckpt = read_checkpoint(path, prefer_ema=prefer_ema)
     model = build_model(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
     form = "pt" if ckpt.head_name == "DDetect" else "dual"
-    loaded = from_module(model, form, ckpt.names)
+    loaded = from_module(model, form, ckpt.names, device=device)
     loaded.weights_dtype = ckpt.dtype
     return loaded

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import ValidationFailedError
@@ -28,7 +29,8 @@ from .settings import EvalSettings
 
 def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Module, fused: nn.Module | None,
                         stage: Path, artifacts: list[dict[str, Any]], atol: float,
-                        say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                        say: Callable[[str], None] = lambda _m: None, *,
+                        device: torch.device | str | None = None) -> dict[str, Any]:
     """Evaluate the dual model, ``fused`` (when given) and every artifact file in ``stage``.
 
     Args:
@@ -37,6 +39,8 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
         stage: the folder holding the artifact files; artifacts: the report's artifact dicts (``name``, ``format``,
             ``path``, ``nms``).
         atol: largest allowed ``|mAP@0.5:0.95 artifact - dual|``.
+        device: where the torch models (dual, fused, ``.pt``, ``.safetensors``, TorchScript) compute, in fp32
+            (``None``: the CPU); ONNX graphs run on onnxruntime's CPU provider whatever it says.
 
     Returns:
         The report's ``evaluation`` section (:func:`~.evaluate.comparison`, plus ``seconds``).
@@ -47,7 +51,7 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
             section).
     """
     t0 = time.perf_counter()
-    ref_model = from_module(dual, "dual")
+    ref_model = from_module(dual, "dual", device=device)
     say(f"evaluating on {dataset.source} ({len(dataset.items)} images, digest {dataset.digest[:12]})")
     ref = evaluate_model(ref_model, dataset, settings, label="evaluating dual")
     say(f"dual: mAP@0.5:0.95 {ref.map50_95:.4f}, mAP@0.5 {ref.map50:.4f}")
@@ -56,13 +60,13 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
     skipped: list[dict[str, Any]] = []
     candidates: list[tuple[str, Any, str | None]] = []
     if fused is not None:
-        candidates.append(("fused", from_module(fused, "fused"), None))
+        candidates.append(("fused", from_module(fused, "fused", device=device), None))
     for a in artifacts:
         if a.get("nms"):
             skipped.append({"format": a["format"], "path": a["path"], "passed": None,
                             "skipped": "end-to-end graph: its NMS thresholds are not the evaluation's"})
             continue
-        candidates.append((a["format"], lambda p=stage / a["name"]: load_model(p), a["path"]))
+        candidates.append((a["format"], lambda p=stage / a["name"]: load_model(p, device=device), a["path"]))
     for form, model, path in candidates:
         loaded = model() if callable(model) and not hasattr(model, "predict") else model
         res = evaluate_model(loaded, dataset, settings, path=path, label=f"evaluating {form}")

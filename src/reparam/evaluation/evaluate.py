@@ -36,29 +36,17 @@ from .settings import EvalSettings
 DEFAULT_EVAL_ATOL = 1e-3
 
 
-class _Bar:
-    """``label [#####     ] done/total images`` on stderr, redrawn at most 10 times a second; off when not a tty."""
+def _bar(label: str, total: int, enabled: bool | None = None):
+    """A tqdm progress bar of ``total`` images on stderr; off when ``enabled`` is False, or (``None``) when stderr
+    is not a terminal (logs and ``--json`` pipelines get no control characters)."""
+    from tqdm import tqdm
 
-    def __init__(self, label: str, total: int, enabled: bool | None = None):
-        if enabled is None:
-            try:
-                enabled = sys.stderr.isatty()
-            except (AttributeError, ValueError):
-                enabled = False
-        self.label, self.total, self.enabled, self.done, self._last = label, total, enabled, 0, 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled and (time.monotonic() - self._last > 0.1 or self.done >= self.total):
-            self._last = time.monotonic()
-            frac = self.done / max(1, self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * int(frac * 30):<30}] {self.done}/{self.total} images")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    if enabled is None:
+        try:
+            enabled = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            enabled = False
+    return tqdm(total=total, desc=label, unit="img", file=sys.stderr, disable=not enabled, leave=True)
 
 
 def _detections(y: torch.Tensor, settings: EvalSettings) -> tuple[torch.Tensor, ...]:
@@ -99,7 +87,7 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
     dets: list[np.ndarray | None] = [None] * len(items)
     shapes_run: set[tuple[int, int]] = set()
     late_skips: list[dict[str, str]] = []
-    bar = _Bar(label or f"evaluating {model.form}", len(items), progress)
+    bar = _bar(label or f"evaluating {model.form}", len(items), progress)
     t0 = time.perf_counter()
     t_fwd = t_nms = 0.0
     for idx, shape in batches:

@@ -7,14 +7,14 @@ checkpoint's ``model.yaml`` dict.
 
 from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, Proto, RepConvN, RepNBottleneck,
                      RepNCSP, RepNCSPELAN4, Silence, SP, SPPELAN, autopad, fold_batchnorm, fuse_model)
-from .graph import BLOCKS, BlockSpec, DetectionModel, parse_model, resolve_arg
+from .graph import BLOCKS, BlockSpec, DetectionModel, SegmentationModel, parse_model, resolve_arg
 from .heads import (DDetect, DFL, DSegment, DualDDetect, DualDSegment, TripleDDetect, dist2bbox, make_anchors,
                     make_divisible)
 
 __all__ = [
     "ADown", "AConv", "CBFuse", "CBLinear", "Concat", "Conv", "ELAN1", "Proto", "RepConvN", "RepNBottleneck",
     "RepNCSP", "RepNCSPELAN4", "Silence", "SP", "SPPELAN", "autopad", "fold_batchnorm", "fuse_model",
-    "BLOCKS", "BlockSpec", "DetectionModel", "parse_model", "resolve_arg",
+    "BLOCKS", "BlockSpec", "DetectionModel", "SegmentationModel", "parse_model", "resolve_arg",
     "DDetect", "DFL", "DSegment", "DualDDetect", "DualDSegment", "TripleDDetect", "dist2bbox", "make_anchors",
     "make_divisible",
 ]

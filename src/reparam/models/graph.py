@@ -25,7 +25,8 @@ from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, RepCon
                      RepNCSPELAN4, Silence, SP, SPPELAN, fuse_model)
 from .heads import DDetect, DSegment, DualDDetect, DualDSegment, TripleDDetect, _AnchorFreeHead, make_divisible
 
-__all__ = ["BlockSpec", "BLOCKS", "DetectionModel", "parse_model", "resolve_arg", "STRIDE_PROBE_SIZE"]
+__all__ = ["BlockSpec", "BLOCKS", "DetectionModel", "SegmentationModel", "SEGMENTATION_HEADS", "parse_model",
+           "resolve_arg", "STRIDE_PROBE_SIZE"]
 
 #: side of the blank image used to measure the head strides (YOLOv9: 2 x the largest stride)
 STRIDE_PROBE_SIZE = 256
@@ -81,6 +82,17 @@ BLOCKS: dict[str, BlockSpec] = {
 }
 
 _ACTIVATIONS_OK = (None, "nn.SiLU()")
+#: Heads whose model is a ``SegmentationModel`` (the class YOLOv9's ``segment/train*.py`` build for them).
+SEGMENTATION_HEADS = tuple(name for name, spec in BLOCKS.items() if spec.rule == "seghead")
+
+
+def _head_name(cfg: Any) -> str | None:
+    """The last layer's module name of a config dict, or None when it has none."""
+    try:
+        rows = list(cfg["backbone"]) + list(cfg["head"])
+        return str(rows[-1][2]).rsplit(".", 1)[-1]
+    except (KeyError, TypeError, IndexError):
+        return None
 
 
 def resolve_arg(token: Any, nc: int, anchors: Any) -> Any:
@@ -232,6 +244,13 @@ class DetectionModel(nn.Module):
         InvalidInputError: the config is malformed or names an unknown block.
     """
 
+    def __new__(cls, cfg: Any = None, *args: Any, **kwargs: Any):
+        # A segmentation config builds a SegmentationModel, as YOLOv9's segmentation training does; pickling and
+        # copying call __new__ with no config and get the class they ask for.
+        if cls is DetectionModel and _head_name(cfg) in SEGMENTATION_HEADS:
+            cls = SegmentationModel
+        return super().__new__(cls)
+
     def __init__(self, cfg: Mapping[str, Any], ch: int = 3, nc: int | None = None, *,
                  stride: Any = None):
         super().__init__()
@@ -312,3 +331,12 @@ class DetectionModel(nn.Module):
         """Fold BatchNorm into convs and re-parameterize RepConvN, in place (:func:`.blocks.fuse_model`)."""
         fuse_model(self)
         return self
+
+
+class SegmentationModel(DetectionModel):
+    """A :class:`DetectionModel` whose head is ``DSegment``/``DualDSegment`` (YOLOv9 ``models/yolo.py``: the official
+    ``SegmentationModel`` adds nothing to ``DetectionModel`` either). ``DetectionModel(cfg)`` returns one for a
+    segmentation config, so the deploy ``.pt`` pickles it under the official name ``models.yolo.SegmentationModel``.
+
+    Forward (eval): ``(cat(y, mc) [B, 4 + nc + nm, A], (maps, mc [B, nm, A], p [B, nm, H/4, W/4]))``.
+    """

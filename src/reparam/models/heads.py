@@ -251,9 +251,15 @@ class DualDDetect(_AnchorFreeHead):
         sizes, which both branches share (same strides), so ``y_1`` equals ``forward(x)[0][1]``; the converter
         checks that equality on every conversion (:func:`reparam.converter.validation.check_conversion`).
         """
-        d2 = self._raw(self.cv4, self.cv5, x_main)
-        anchors, strides = self._anchor_grid(d2)
-        return self._decode(d2, self.dfl2, anchors, strides), d2
+        return self.forward_branch(x_main, 1)
+
+    def forward_branch(self, x_branch: list[torch.Tensor], group: int):
+        """Branch ``group`` alone (0: ``cv2``/``cv3``/``dfl``, 1: ``cv4``/``cv5``/``dfl2``) on its ``nl`` inputs, in
+        eval: ``(y [B, 4 + nc, A], maps)``, the values :meth:`forward` computes for that branch."""
+        box, cls, dfl = _detect_branches(self)[group]
+        d = self._raw(box, cls, x_branch)
+        anchors, strides = self._anchor_grid(d)
+        return self._decode(d, dfl, anchors, strides), d
 
 
 class TripleDDetect(_AnchorFreeHead):
@@ -288,6 +294,16 @@ class TripleDDetect(_AnchorFreeHead):
     def _tower_pairs(self):
         return [(self.cv2, self.cv3), (self.cv4, self.cv5), (self.cv6, self.cv7)]
 
+    def forward_branch(self, x_branch: list[torch.Tensor], group: int):
+        """Branch ``group`` alone (0 auxiliary ``cv2``/``cv3``/``dfl``, 1 coarse ``cv4``/``cv5``/``dfl2``, 2 fine
+        ``cv6``/``cv7``/``dfl3``) on its ``nl`` inputs, in eval: ``(y [B, 4 + nc, A], maps)``. Group 2 equals
+        :meth:`forward`'s eval output; the others are what the official head computes and discards in eval (its
+        ``forward`` returned all three before the fine branch became the only output)."""
+        box, cls, dfl = _detect_branches(self)[group]
+        d = self._raw(box, cls, x_branch)
+        anchors, strides = self._anchor_grid(d)
+        return self._decode(d, dfl, anchors, strides), d
+
     def forward(self, x: list[torch.Tensor]):
         nl = self.nl
         d1 = self._raw(self.cv2, self.cv3, x[:nl])
@@ -298,6 +314,15 @@ class TripleDDetect(_AnchorFreeHead):
         anchors, strides = self._anchor_grid(d1)
         y = self._decode(d3, self.dfl3, anchors, strides)
         return y if self.export else (y, d3)
+
+
+def _detect_branches(head: nn.Module) -> list[tuple[nn.ModuleList, nn.ModuleList, DFL]]:
+    """``(box towers, class towers, DFL)`` of each branch of a multi-branch head, in ``from``-list group order
+    (official names: ``cv2``/``cv3``/``dfl``, ``cv4``/``cv5``/``dfl2``, ``cv6``/``cv7``/``dfl3``)."""
+    out = [(head.cv2, head.cv3, head.dfl), (head.cv4, head.cv5, head.dfl2)]
+    if hasattr(head, "dfl3"):
+        out.append((head.cv6, head.cv7, head.dfl3))
+    return out
 
 
 def _mask_branch(c_in: int, c_hidden: int, nm: int) -> nn.Sequential:
@@ -318,6 +343,10 @@ class DSegment(DDetect):
     Output: training: ``(maps, mc, p)``; eval: ``(cat(y, mc) [B, 4+nc+nm, A], (maps, mc, p))``
     with ``mc [B, nm, A]`` and ``p [B, nm, H, W]`` (the prototype input's size);
     export: ``(cat(y, mc), p)``.
+
+    ``detect`` is ``DDetect.forward``, as the official head stores it (and calls it; ours does not): a pickled
+    deploy model then carries it as ``getattr(models.yolo.DDetect, 'forward')``, which the official ``forward``
+    needs.
     """
 
     def __init__(self, nc: int = 80, nm: int = 32, npr: int = 256, ch: Sequence[int] = (),
@@ -327,6 +356,7 @@ class DSegment(DDetect):
         self.nm = nm
         self.npr = npr
         self.proto = Conv(ch[-1], nm, 1)
+        self.detect = DDetect.forward
         c4 = max(ch[0] // 4, nm)
         self.cv4 = nn.ModuleList(_mask_branch(x, c4, nm) for x in ch[:-1])
 
@@ -354,7 +384,8 @@ class DualDSegment(DualDDetect):
         inplace: kept for compatibility (unused).
 
     Output: training: ``(d, mc, p)`` with two entries each; eval: branch 1 only,
-    ``(cat(y_1, mc_1) [B, 4+nc+nm, A], (maps_1, mc_1, p_1))``.
+    ``(cat(y_1, mc_1) [B, 4+nc+nm, A], (maps_1, mc_1, p_1))``. ``detect`` is ``DualDDetect.forward``, as in the
+    official head.
     """
 
     def __init__(self, nc: int = 80, nm: int = 32, npr: int = 256, ch: Sequence[int] = (),
@@ -366,6 +397,7 @@ class DualDSegment(DualDDetect):
         self.npr = npr
         self.proto = Conv(ch[-2], nm, 1)
         self.proto2 = Conv(ch[-1], nm, 1)
+        self.detect = DualDDetect.forward
         c6 = max(ch[0] // 4, nm)
         c7 = max(ch[nl] // 4, nm)
         self.cv6 = nn.ModuleList(_mask_branch(x, c6, nm) for x in ch[:nl])
@@ -384,3 +416,26 @@ class DualDSegment(DualDDetect):
             return torch.cat([d[1], mc[1]], 1), p[1]
         y, maps = d
         return torch.cat([y[1], mc[1]], 1), (maps[1], mc[1], p[1])
+
+    def forward_branch(self, x_branch: list[torch.Tensor], group: int):
+        """Branch ``group`` alone, in eval, on its ``nl`` detection inputs followed by its prototype input.
+
+        Group 1 (main: ``cv4``/``cv5``/``dfl2``, ``cv7``, ``proto2``) gives exactly :meth:`forward`'s eval output
+        ``(cat(y_1, mc_1) [B, 4+nc+nm, A], (maps_1, mc_1 [B, nm, A], p_1 [B, nm, H, W]))`` without computing the
+        auxiliary branch; group 0 uses ``cv2``/``cv3``/``dfl``, ``cv6``, ``proto``.
+        """
+        nl = self.nl
+        box, cls, dfl = _detect_branches(self)[group]
+        masks, proto = (self.cv6, self.proto) if group == 0 else (self.cv7, self.proto2)
+        p = proto(x_branch[nl])
+        b = p.shape[0]
+        mc = torch.cat([masks[i](x_branch[i]).view(b, self.nm, -1) for i in range(nl)], 2)
+        d = self._raw(box, cls, x_branch[:nl])
+        anchors, strides = self._anchor_grid(d)
+        y = self._decode(d, dfl, anchors, strides)
+        return torch.cat([y, mc], 1), (d, mc, p)
+
+    def forward_main(self, x_main: list[torch.Tensor]):
+        """The main branch alone (:meth:`forward_branch` group 1): ``x_main`` = the main P3-P5 inputs, then the main
+        prototype input."""
+        return self.forward_branch(x_main, 1)

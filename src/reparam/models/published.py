@@ -1,7 +1,7 @@
 """Model configs: the published YOLOv9 / GELAN architectures (package data) and users' config files.
 
-The published detection configs of WongKinYiu/yolov9 (``models/detect/{yolov9,gelan}-{t,s,m,c,e}.yaml``) ship as
-``reparam/models/configs/<name>.yaml``, in the official config format (``nc``, ``depth_multiple``,
+The published configs of WongKinYiu/yolov9 (``models/detect/{yolov9,gelan}-{t,s,m,c,e}.yaml``, ``yolov9-cf.yaml``
+and ``models/segment/{yolov9,gelan}-c-dseg.yaml``) ship as ``reparam/models/configs/<name>.yaml``, in the official config format (``nc``, ``depth_multiple``,
 ``width_multiple``, ``anchors``, ``backbone``, ``head``; each layer ``[from, number, module, args]``). They are
 reparam's own description of those architectures (the one source: tests read them from here too), and what
 ``reparam convert weights.pt --cfg yolov9-c`` builds for a bare state_dict.
@@ -20,10 +20,19 @@ import yaml
 
 from ..errors import InvalidInputError, brief
 
-__all__ = ["CONFIG_SUFFIXES", "ResolvedConfig", "published_config", "published_names", "resolve_config"]
+__all__ = ["CONFIG_SUFFIXES", "PUBLISHED_DEPLOY", "ResolvedConfig", "published_config", "published_names",
+           "resolve_config"]
 
 #: File name endings of a config file.
 CONFIG_SUFFIXES = (".yaml", ".yml")
+#: Each published dual (PGI) config -> the published deploy config WongKinYiu/yolov9 gives for it (the README's
+#: model table and ``tools/reparameterization.ipynb``: yolov9-X -> gelan-X; yolov9-cf keeps the yolov9-c graph).
+#: Only for comparing: reparam derives the deploy graph from the checkpoint (``reparam.converter.pruning``).
+PUBLISHED_DEPLOY = {
+    **{f"yolov9-{v}": f"gelan-{v}" for v in "tsmce"},
+    "yolov9-cf": "gelan-c",
+    "yolov9-c-dseg": "gelan-c-dseg",
+}
 
 
 def _configs_dir():

@@ -86,8 +86,13 @@ def validate_spec(spec: dict[str, Any]) -> None:
     if sha and grammar.sha256_problem(sha):
         problems.append("spec.source.sha256 must be 64 hex digits (or empty to skip the check)")
     conv = spec.get("conversion") or {}
-    if conv.get("precision", grammar.DEFAULT_PRECISION) not in grammar.PRECISIONS:
-        problems.append(f"spec.conversion.precision must be one of {', '.join(grammar.PRECISIONS)}")
+    try:
+        grammar.parse_precision(conv.get("precision", grammar.DEFAULT_PRECISION))
+    except grammar.SpecError as err:
+        problems.append(f"spec.conversion.precision: {err}")
+    problem = grammar.device_problem(conv.get("device", grammar.DEFAULT_DEVICE))
+    if problem:
+        problems.append(f"spec.conversion.device: {problem}")
     formats = conv.get("formats") or list(grammar.OPERATOR_DEFAULT_FORMATS)
     bad = [f for f in formats if f not in grammar.FORMATS]
     if bad:
@@ -218,9 +223,10 @@ def command(spec: dict[str, Any]) -> list[str]:
         cmd += ["--sha256", source["sha256"]]
     if conv.get("fuse", True):
         cmd.append("--fuse")
-    cmd.append("--half" if conv.get("precision", grammar.DEFAULT_PRECISION) == "fp16" else "--fp32")
-    for fmt in conv.get("formats") or grammar.OPERATOR_DEFAULT_FORMATS:
-        cmd += ["--format", fmt]
+    cmd += ["--precision", conv.get("precision", grammar.DEFAULT_PRECISION)]
+    cmd += ["--device", conv.get("device", grammar.DEFAULT_DEVICE)]
+    for fmt in conv.get("formats") or grammar.OPERATOR_DEFAULT_FORMATS:  # exactly these: --only
+        cmd += ["--only", fmt]
     if conv.get("atol") is not None:
         cmd += ["--atol", repr(float(conv["atol"]))]
     reg = spec.get("registry")
@@ -250,10 +256,14 @@ def command(spec: dict[str, Any]) -> list[str]:
     return cmd
 
 
-def _limits(job_spec: dict[str, Any]) -> dict[str, Any]:
+def _limits(job_spec: dict[str, Any], device: str = grammar.DEFAULT_DEVICE) -> dict[str, Any]:
+    """The container's resources: ``spec.job.resources`` plus one :data:`GPU_RESOURCE` when it names none, except
+    for ``spec.conversion.device: cpu`` (a CPU conversion has no use for a GPU; resources given, by the resource
+    or the chart's ``jobDefaults``, are kept as they are)."""
     resources = dict(job_spec.get("resources") or {})
     limits = dict(resources.get("limits") or {})
-    limits.setdefault(GPU_RESOURCE, 1)
+    if device != "cpu":
+        limits.setdefault(GPU_RESOURCE, 1)
     resources["limits"] = limits
     return resources
 
@@ -315,7 +325,7 @@ def build_job(body: dict[str, Any], default_image: str, defaults: dict[str, Any]
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             *[dict(e) for e in job_spec.get("env") or []],
         ],
-        "resources": _limits(job_spec),
+        "resources": _limits(job_spec, (spec.get("conversion") or {}).get("device", grammar.DEFAULT_DEVICE)),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {

@@ -41,6 +41,7 @@ from typing import Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
+from ..report import Report
 from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
@@ -197,21 +198,22 @@ def update_tags(model_name: str, version, tags: Mapping[str, object] | None, cur
 
 
 def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idempotency_key: str) -> dict:
-    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags."""
-    val = report.get("validation") or {}
-    params = report.get("params") or {}
-    source = report.get("source") or {}
+    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags.
+
+    ``report`` is read through :class:`reparam.report.Report` (raises ``ValueError`` without a valid ``status``).
+    """
+    r = Report.from_dict(report)
     out = {
         TAG_KEY: idempotency_key,
-        f"{TAG_PREFIX}source_uri": redact(source.get("uri", "")),
-        f"{TAG_PREFIX}source_sha256": source.get("sha256", ""),
-        f"{TAG_PREFIX}deploy_sha256": report.get("deploy_sha256", ""),
-        f"{TAG_PREFIX}variant": report.get("variant", ""),
-        f"{TAG_PREFIX}nc": report.get("nc", ""),
-        f"{TAG_PREFIX}params_before": params.get("before", ""),
-        f"{TAG_PREFIX}params_after": params.get("after", ""),
-        f"{TAG_PREFIX}max_abs_diff": val.get("max_abs_diff", ""),
-        TAG_VALIDATION: "true" if val.get("passed") is True else "false",
+        f"{TAG_PREFIX}source_uri": redact(r.source.uri),
+        f"{TAG_PREFIX}source_sha256": r.source.sha256 or "",
+        f"{TAG_PREFIX}deploy_sha256": r.deploy_sha256 or "",
+        f"{TAG_PREFIX}variant": r.variant or "",
+        f"{TAG_PREFIX}nc": "" if r.nc is None else r.nc,
+        f"{TAG_PREFIX}params_before": "" if r.params_before is None else r.params_before,
+        f"{TAG_PREFIX}params_after": "" if r.params_after is None else r.params_after,
+        f"{TAG_PREFIX}max_abs_diff": "" if r.validation.max_abs_diff is None else r.validation.max_abs_diff,
+        TAG_VALIDATION: "true" if r.validation.passed is True else "false",
         f"{TAG_PREFIX}version": __version__,
     }
     for k, v in (lineage or {}).items():
@@ -222,26 +224,15 @@ def version_tags(report: dict, *, tags: dict | None, lineage: dict | None, idemp
 
 
 def run_metrics(report: dict) -> dict[str, float]:
-    """Numeric conversion metrics for the run: max_abs_diff, params_before/after, bytes_before/after,
-    duration_s (those present)."""
-    out: dict[str, float] = {}
-    val = report.get("validation") or {}
-    params = report.get("params") or {}
-    if isinstance(val.get("max_abs_diff"), (int, float)):
-        out["max_abs_diff"] = float(val["max_abs_diff"])
-    for k in ("before", "after"):
-        if isinstance(params.get(k), (int, float)):
-            out[f"params_{k}"] = float(params[k])
-    bytes_before = (report.get("source") or {}).get("bytes", (report.get("bytes") or {}).get("before"))
-    pt = [a for a in report.get("artifacts") or [] if a.get("format") == "pt"]
-    bytes_after = pt[0].get("bytes") if pt else (report.get("bytes") or {}).get("after")
-    if isinstance(bytes_before, (int, float)):
-        out["bytes_before"] = float(bytes_before)
-    if isinstance(bytes_after, (int, float)):
-        out["bytes_after"] = float(bytes_after)
-    if isinstance(report.get("duration_s"), (int, float)):
-        out["duration_s"] = float(report["duration_s"])
-    return out
+    """Numeric conversion metrics for the run (those known): max_abs_diff, params_before/after, bytes_before (the
+    source checkpoint), bytes_after (the deploy ``.pt``), duration_s (the conversion's wall time, the report's
+    ``timing.total_s``). Read through :class:`reparam.report.Report`."""
+    r = Report.from_dict(report)
+    pt = r.artifact("pt")
+    values = {"max_abs_diff": r.validation.max_abs_diff, "params_before": r.params_before,
+              "params_after": r.params_after, "bytes_before": r.source.bytes, "bytes_after": pt.bytes if pt else None,
+              "duration_s": r.duration_s}
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _experiment_id(client, name: str) -> str:
@@ -278,29 +269,9 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
     if len(onnx_files) > 1:
         raise RegistryError(f"{count_of([p.name for p in onnx_files], '.onnx files')} in {artifacts_dir}; a deploy model has one")
     model = Model(model_id=model_id, run_id=run_id, artifact_path=None)
+    dest.mkdir(parents=True, exist_ok=True)
     if onnx_files:
-        import mlflow.onnx
-        import onnx
-
-        src = onnx_files[0]
-        # MLflow would otherwise run `pip install --dry-run` on the requirements (needs a package index;
-        # a conversion Job may have none). The requirements are MLflow's own defaults for the flavor.
-        os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
-        mlflow.onnx.save_model(
-            onnx.load(str(src), load_external_data=False),
-            str(dest),
-            mlflow_model=model,
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            save_as_external_data=False,
-        )
-        # keep the exported bytes exactly (their sha256 is in the report) under their own name
-        (dest / "model.onnx").unlink(missing_ok=True)
-        model = Model.load(str(dest / "MLmodel"))
-        for flavor in ("onnx", "python_function"):
-            if flavor in model.flavors and "data" in model.flavors[flavor]:
-                model.flavors[flavor]["data"] = src.name
-    else:
-        dest.mkdir(parents=True, exist_ok=True)
+        _add_onnx_flavor(model, dest, onnx_files[0].name)
     model.metadata = {"reparam_version": __version__, "variant": report.get("variant"), "nc": report.get("nc")}
     model.model_id, model.run_id = model_id, run_id
     for p in files:
@@ -309,6 +280,45 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict, model_id: st
         (dest / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     model.save(str(dest / "MLmodel"))
     return sorted(p.name for p in dest.iterdir())
+
+
+def _add_onnx_flavor(model, dest: Path, data: str) -> None:
+    """Describe the ONNX file ``data`` (kept byte for byte under its own name) as MLflow's ``onnx`` and
+    ``python_function`` flavors, so ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` run it.
+
+    Written with :class:`mlflow.models.Model`'s public ``add_flavor`` and the fields ``mlflow.onnx.save_model``
+    writes (MLflow's ``mlflow/onnx/__init__.py``: ``onnx_version``, ``data``, ``providers``, ``code``; pyfunc
+    ``loader_module: mlflow.onnx`` with its environment files), instead of calling ``mlflow.onnx`` itself: that
+    module imports pandas, which the ``mlflow-skinny`` client of the ``[converter]`` extra does not install.
+    The requirements are the flavor's own (mlflow, onnx, onnxruntime), pinned to the versions installed here, and
+    nothing is resolved against a package index (a conversion Job may have none).
+    """
+    import platform
+    from importlib import metadata
+
+    import yaml
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    mlflow_version = version("mlflow") or version("mlflow-skinny")
+    reqs = [f"{d}=={v}" if v else d for d, v in (("mlflow", mlflow_version), ("onnx", version("onnx")),
+                                                  ("onnxruntime", version("onnxruntime")))]
+    py = platform.python_version()
+    (dest / "requirements.txt").write_text("\n".join(reqs))
+    (dest / "python_env.yaml").write_text(yaml.safe_dump(
+        {"python": py, "build_dependencies": ["pip", "setuptools", "wheel"], "dependencies": ["-r requirements.txt"]},
+        sort_keys=False))
+    (dest / "conda.yaml").write_text(yaml.safe_dump(
+        {"channels": ["conda-forge"], "dependencies": [f"python={py}", "pip", {"pip": reqs}]},
+        default_flow_style=False))
+    model.add_flavor("python_function", loader_module="mlflow.onnx", data=data,
+                     env={"conda": "conda.yaml", "virtualenv": "python_env.yaml"}, python_version=py)
+    model.add_flavor("onnx", onnx_version=version("onnx"), data=data,
+                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"], code=None)
 
 
 def register(

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 from urllib.parse import quote, urlsplit
 
-from ..errors import InvalidInputError, ReparamError, SourceError, count_of
+from ..errors import IntegrityError, InvalidInputError, ReparamError, SourceError, count_of
 from ..hashing import CHUNK, hash_file
 from ..spec import SHA256_PATTERN
 from . import tracking
@@ -96,11 +96,12 @@ def fetch(
         :class:`FetchedSource`.
 
     Raises:
+        IntegrityError: a local file whose sha256 is not ``sha256`` (not retryable).
         InvalidInputError: malformed URI or malformed ``sha256``; a model version in ``FAILED_REGISTRATION`` or
             whose logged model is ``FAILED`` (retrying cannot help).
         SourceError: a model version (or its logged model) still pending after ``registry_wait``; unreachable
             store, bad credentials, missing object/run/version/alias, no or several checkpoint candidates in a
-            model version, sha256 mismatch. The message names the step and the
+            model version, sha256 mismatch of a download. The message names the step and the
             cause, never credentials.
     """
     ref = parse_source(uri)
@@ -118,22 +119,41 @@ def fetch(
                    "models": functools.partial(_fetch_model, wait_s=registry_wait)}[ref.kind]
         fetched = fetcher(ref, shown, workdir, tracking_uri, progress)
     if sha256 is not None and fetched.sha256 != sha256.strip().lower():
-        if ref.kind != "local":
-            fetched.path.unlink(missing_ok=True)
+        expected = sha256.strip().lower()
+        if ref.kind == "local":  # the same bytes next time: not retryable
+            raise IntegrityError(f"'{shown}' has sha256 {fetched.sha256}, not the pinned --sha256 {expected}: "
+                                 "the wrong or a corrupted file; check the file or the pinned hash")
+        fetched.path.unlink(missing_ok=True)
         raise SourceError(
-            f"fetch {shown}: verify sha256 failed: expected {sha256.strip().lower()}, got {fetched.sha256} "
+            f"fetch {shown}: verify sha256 failed: expected {expected}, got {fetched.sha256} "
             "(wrong file or corrupted download)"
         )
     return fetched
+
+
+def check_local(uri: str) -> None:
+    """Raise :class:`InvalidInputError` at once when ``uri`` is a local path that does not exist (else nothing).
+
+    Cheap and torch-free: the CLI calls it before importing the converter, so a mistyped path is reported in
+    milliseconds rather than after torch has loaded. Other URIs are left to :func:`fetch`.
+    """
+    ref = parse_source(uri)
+    if ref.kind == "local":
+        _local_path(ref, redact(ref.uri))
+
+
+def _local_path(ref: SourceRef, shown: str) -> Path:
+    path = Path(os.path.expanduser(ref.path or ""))
+    if not path.exists():  # a local path will not appear by retrying: invalid input, not a source outage
+        raise InvalidInputError(f"checkpoint '{shown}' does not exist (no such file)")
+    return path
 
 
 # --- local ---------------------------------------------------------------------------------------------
 
 
 def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
-    path = Path(os.path.expanduser(ref.path or ""))
-    if not path.exists():  # a local path will not appear by retrying: invalid input, not a source outage
-        raise InvalidInputError(f"checkpoint '{shown}' does not exist (no such file)")
+    path = _local_path(ref, shown)
     if path.is_dir():
         path = _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()], path)
     try:
@@ -172,60 +192,34 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-class _Progress:
-    """A one-line progress bar on stderr (redrawn at most 10 times a second)."""
-
-    def __init__(self, label: str, total: int | None, enabled: bool):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done = 0
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.enabled and (time.monotonic() - self._last > 0.1):
-            self._draw()
-
-    def _draw(self) -> None:
-        self._last = time.monotonic()
-        mib = self.done / 2**20
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            line = f"\r{self.label} [{bar:<30}] {mib:7.1f}/{self.total / 2**20:.1f} MiB {frac:4.0%}"
-        else:
-            line = f"\r{self.label} {mib:7.1f} MiB"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _stream_to_file(
     chunks: Iterable[bytes], dest: Path, label: str, total: int | None, progress: bool
 ) -> tuple[str, int]:
     """Write ``chunks`` to ``dest`` (via ``dest.part``), hashing as they pass; returns (sha256, bytes)."""
     part = dest.with_name(dest.name + ".part")
     h = hashlib.sha256()
-    bar = _Progress(label, total, progress)
+    from tqdm import tqdm
+
+    done = 0
+    # tqdm on stderr, only when asked (``progress``: by default when stderr is a terminal)
+    bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               disable=not progress)
     try:
         with open(part, "wb") as fh:
             for chunk in chunks:
                 if chunk:
                     fh.write(chunk)
                     h.update(chunk)
+                    done += len(chunk)
                     bar.update(len(chunk))
         bar.close()
-        if total is not None and bar.done != total:
-            raise SourceError(f"download truncated: got {bar.done} of {total} bytes")
+        if total is not None and done != total:
+            raise SourceError(f"download truncated: got {done} of {total} bytes")
         os.replace(part, dest)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return h.hexdigest(), bar.done
+    return h.hexdigest(), done
 
 
 def _dest_for(workdir: Path, name: str) -> Path:

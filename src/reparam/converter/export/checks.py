@@ -32,8 +32,18 @@ from .options import HALF_RTOL, ExportOptions
 __all__ = ["compare_detections", "max_diff", "no_fp16_kernel", "run_checks"]
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in fp32; ``inf`` when the shapes differ, 0 for empty tensors."""
+def outputs_of(value: Any) -> list[torch.Tensor]:
+    """An artifact's or model's outputs as a list: one tensor (detection) or several (segmentation: ``output0``,
+    then the prototypes ``output1``)."""
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+def max_diff(a: Any, b: Any) -> float:
+    """max |a - b| in fp32 over one tensor or matching lists of them; ``inf`` when the shapes (or counts) differ, 0
+    for empty tensors."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        a, b = outputs_of(a), outputs_of(b)
+        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("inf")
     if a.shape != b.shape:
         return float("inf")
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
@@ -87,24 +97,36 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
-def _half_atol(ref: torch.Tensor, atol: float) -> float:
-    scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+def _half_atol(ref: Any, atol: float) -> float:
+    scale = max((float(t.float().abs().max()) for t in outputs_of(ref) if t.numel()), default=0.0)
     return max(atol, HALF_RTOL * max(scale, 1.0))
 
 
-def _compare_run(kind: str, x: torch.Tensor, ref: torch.Tensor, got: list[torch.Tensor], tol: float,
+def _compare_run(kind: str, x: torch.Tensor, ref: Any, got: list[torch.Tensor], tol: float,
                  nms: ExportOptions | None) -> dict[str, Any]:
-    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs, then the NMS boxes and raw scores."""
+    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs, then the NMS boxes and raw scores. Without
+    NMS every output of the reference (one; two for segmentation) is compared with the artifact's output of the
+    same position (``output_max_abs_diff`` per output)."""
     run: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
     if nms is None:
-        y = got[0]
-        if tuple(ref.shape) != tuple(y.shape):
-            d, why = float("inf"), f"output shape {list(y.shape)} vs torch {list(ref.shape)}"
-        elif not torch.isfinite(y.float()).all():
-            d, why = float("inf"), "non-finite values in the output"
-        else:
-            d = max_diff(ref, y)
-            why = "" if d <= tol else f"max |diff| {d:.3g} exceeds {tol:.3g}"
+        refs = outputs_of(ref)
+        d, why, per = 0.0, "", []
+        if len(got) < len(refs):
+            d, why = float("inf"), f"{len(got)} output(s) vs {len(refs)} in torch"
+        for i, (r, y) in enumerate(zip(refs, got)):
+            if why:
+                break
+            if tuple(r.shape) != tuple(y.shape):
+                d, why = float("inf"), f"output {i} shape {list(y.shape)} vs torch {list(r.shape)}"
+            elif not torch.isfinite(y.float()).all():
+                d, why = float("inf"), f"non-finite values in output {i}"
+            else:
+                per.append(max_diff(r, y))
+                d = max(d, per[-1])
+        if not why and d > tol:
+            why = f"max |diff| {d:.3g} exceeds {tol:.3g}"
+        if len(refs) > 1:
+            run["output_max_abs_diff"] = per
     else:
         boxes_ref, scores_ref = nms_inputs(ref)
         outs, boxes_got, scores_got = list(got[:4]), got[4].float(), got[5].float()

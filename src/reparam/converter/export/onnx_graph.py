@@ -16,11 +16,13 @@ from .nms import NMS_OUTPUTS, NMSHead
 from .modules import EndToEnd
 from .options import EXPORT_DEFAULTS
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "export_onnx", "declared_shapes", "upcast_onnx", "run_onnx",
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "PROTO_NAME", "export_onnx", "declared_shapes", "upcast_onnx", "run_onnx",
            "with_nms_inputs"]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
+#: the mask prototypes of a segmentation model (``[batch, nm, height / 4, width / 4]``), as YOLOv9's export names it
+PROTO_NAME = "output1"
 
 
 def quiet(fn: Callable[[], Any]) -> Any:
@@ -31,7 +33,9 @@ def quiet(fn: Callable[[], Any]) -> Any:
 
 
 def _output_names(module: nn.Module) -> list[str]:
-    return list(NMS_OUTPUTS) if isinstance(module, (EndToEnd, NMSHead)) else [OUTPUT_NAME]
+    if isinstance(module, (EndToEnd, NMSHead)):
+        return list(NMS_OUTPUTS)
+    return [OUTPUT_NAME, PROTO_NAME] if getattr(module, "segmentation", False) else [OUTPUT_NAME]
 
 
 def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: int = EXPORT_DEFAULTS.opset,
@@ -39,7 +43,8 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     """Export ``module`` (fp32) to ONNX with the TorchScript-based exporter and declare its output shapes.
 
     Args:
-        module: :class:`~.modules.Predictions` (output ``output0``), :class:`~.modules.EndToEnd` or a bare
+        module: :class:`~.modules.Predictions` (output ``output0``; a segmentation model also ``output1``, the
+            prototypes), :class:`~.modules.EndToEnd` or a bare
             :class:`~reparam.converter.export.nms.NMSHead` (outputs :data:`~reparam.converter.export.nms.NMS_OUTPUTS`).
         path: the ``.onnx`` file to write (one file, weights inside).
         sample: tracing input (``images [B, 3, H, W]``, or ``y [B, 4 + nc, A]`` for a bare NMSHead), fp32; its
@@ -65,8 +70,10 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     axes: dict[str, dict[int, str]] | None = None
     if dynamic:
         axes = {INPUT_NAME: in_axes, **{name: {0: "batch"} for name in outputs}}
-        if outputs == [OUTPUT_NAME]:
+        if outputs[0] == OUTPUT_NAME:
             axes[OUTPUT_NAME] = {0: "batch", 2: "anchors"}
+        if PROTO_NAME in outputs:
+            axes[PROTO_NAME] = {0: "batch", 2: "proto_height", 3: "proto_width"}
     module = module.float().eval()
     x = sample.float()
     quiet(lambda: torch.onnx.export(

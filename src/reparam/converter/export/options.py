@@ -87,7 +87,7 @@ class ExportOptions:
                 raise InvalidInputError(f"--{flag} applies to the ONNX export; add --format onnx")
         if self.multi_label and not self.nms:
             raise InvalidInputError("--multi-label chooses the NMS semantics; add --nms")
-        hi = max_opset()
+        hi = max_opset() if wants_onnx else MIN_OPSET  # asks torch: only when an ONNX file is wanted
         if wants_onnx and not (MIN_OPSET <= int(self.opset) <= hi):
             raise InvalidInputError(
                 f"--opset {self.opset} is not supported: choose {MIN_OPSET}..{hi} (default {EXPORT_DEFAULTS.opset})")

@@ -13,8 +13,8 @@ from torch import nn
 from ...errors import InvalidInputError, ValidationFailedError
 from .nms import NMSHead
 from ..validation import main_output, sample_inputs
-from .checks import max_diff, run_checks
-from .modules import EndToEnd, Predictions, deploy_head, export_metadata
+from .checks import max_diff, outputs_of, run_checks
+from .modules import EndToEnd, Predictions, check_export_target, deploy_head, export_metadata
 from .onnx_graph import INPUT_NAME, export_onnx, quiet, run_onnx, upcast_onnx, with_nms_inputs
 from .options import ExportOptions
 from .torchscript import export_torchscript
@@ -62,6 +62,7 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
     if export_model is dual:
         raise InvalidInputError("export got the dual model; export starts from the deploy model")
     deploy_head(export_model)
+    check_export_target(export_model, tuple(options.formats), bool(eo.nms))
     atol = float(eo.export_atol)
     half = bool(options.half)
     model = copy.deepcopy(export_model).float().eval()
@@ -139,7 +140,8 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         check["runtime"] = f"torch {torch.__version__} (torch.jit.load, CPU)"
         if not half and dual_main:
             with torch.no_grad():
-                check["vs_dual_max_abs_diff"] = max(max_diff(loaded(x), dual_main[tuple(x.shape)]) for x in inputs)
+                check["vs_dual_max_abs_diff"] = max(max_diff(outputs_of(loaded(x))[0], dual_main[tuple(x.shape)])
+                                                    for x in inputs)
         arts.append({"name": name, "format": "torchscript", "dtype": _dtype_name(half), "input": INPUT_NAME,
                      "check": check})
         timings["export_torchscript_s"] = time.perf_counter() - t
@@ -156,5 +158,5 @@ def _fail_if(check: dict[str, Any], what: str, report: dict[str, Any]) -> None:
     err = ValidationFailedError(
         f"{what} export check failed: {check.get('reason')}; nothing was published. Loosen --export-atol only if "
         "the difference is rounding")
-    err.report = report  # type: ignore[attr-defined]
+    err.report = report
     raise err
