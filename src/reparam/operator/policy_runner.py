@@ -88,12 +88,16 @@ class PolicyRunner:
         watch = self._watches.setdefault(key, _Watch())
         watch.floor = max(watch.floor, int((body.get("status") or {}).get("historyFloor") or 0))
         backoff = 0.0
-        trigger = "poll"
         try:
             while not stopped:
+                # take the wake-up reasons before the pass: a webhook that arrives during the pass (say, during a
+                # history refresh) keeps the event set, so the next wait returns at once and nothing is lost
+                reasons = set(watch.reasons)
+                watch.reasons.clear()
+                watch.wake.clear()
+                trigger = "webhook" if "webhook" in reasons else "poll"
                 try:
-                    delay = await self._pass(_plain(body), watch, trigger, read="history" not in watch.reasons
-                                             or bool(watch.reasons - {"history"}))
+                    delay = await self._pass(_plain(body), watch, trigger, read=reasons != {"history"})
                 except ApiError as err:  # the Kubernetes API, not the registry: retried the same way
                     logger.warning("policy %s/%s: %s", key[0], key[1], err)
                     delay = None
@@ -102,13 +106,10 @@ class PolicyRunner:
                     delay = min(backoff, max(BACKOFF_FIRST, self._interval(body)))
                 else:
                     backoff = 0.0
-                watch.reasons.clear()
-                watch.wake.clear()
                 try:
                     await asyncio.wait_for(watch.wake.wait(), delay * (1 + random.uniform(0, JITTER)))
                 except asyncio.TimeoutError:
                     pass
-                trigger = "webhook" if "webhook" in watch.reasons else "poll"
         finally:
             if self._watches.get(key) is watch:
                 del self._watches[key]
