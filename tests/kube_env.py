@@ -42,6 +42,8 @@ from kmock._internal import dicts as kmock_dicts
 from reparam.operator import jobs
 
 MC_RESOURCE = kmock.resource(jobs.GROUP, jobs.VERSION, jobs.PLURAL)
+POLICY_PLURAL, POLICY_KIND = "modelconversionpolicies", "ModelConversionPolicy"
+POLICY_RESOURCE = kmock.resource(jobs.GROUP, jobs.VERSION, POLICY_PLURAL)
 JOBS = kmock.resource("batch", "v1", "jobs")
 PODS = kmock.resource("", "v1", "pods")
 EVENTS = kmock.resource("", "v1", "events")
@@ -222,6 +224,9 @@ class KubeEnv:
         emu.resources.load_bundled()
         emu.resources[f"{jobs.GROUP}/{jobs.VERSION}/{jobs.PLURAL}"] = kmock.ResourceInfo(
             kind=jobs.KIND, singular="modelconversion", namespaced=True, shortnames={"mconv"},
+            verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status"})
+        emu.resources[f"{jobs.GROUP}/{jobs.VERSION}/{POLICY_PLURAL}"] = kmock.ResourceInfo(
+            kind=POLICY_KIND, singular=POLICY_KIND.lower(), namespaced=True, shortnames={"mcpolicy"},
             verbs={"create", "delete", "get", "list", "patch", "update", "watch"}, subresources={"status"})
         server = kmock.Server(emu)
         await server.__aenter__()

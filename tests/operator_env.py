@@ -26,11 +26,13 @@ def free_port() -> int:
 class OperatorProcess:
     """One operator process; ``start()`` waits for kopf's liveness endpoint."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log
         self.extra = list(extra)
+        self.extra_env = dict(env or {})
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -42,6 +44,7 @@ class OperatorProcess:
         env = child_env(KUBECONFIG=str(self.kubeconfig))
         for var in [v for v in env if v.startswith("REPARAM_") and v not in ("REPARAM_FIXTURES",)]:
             env.pop(var)
+        env.update(self.extra_env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -204,7 +204,7 @@ class MlflowServer:
         _stop(self.proc)
 
 
-def _start_mlflow(root: Path, s3: S3Server, prefix: str) -> MlflowServer:
+def _start_mlflow(root: Path, s3: S3Server, prefix: str, extra_env: dict[str, str] | None = None) -> MlflowServer:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     backend = f"sqlite:///{root / 'mlflow.db'}"
@@ -216,6 +216,7 @@ def _start_mlflow(root: Path, s3: S3Server, prefix: str) -> MlflowServer:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "DO_NOT_TRACK": "true",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
@@ -248,12 +249,14 @@ def mlflow_server(tmp_path_factory, s3_server) -> Iterator[MlflowServer]:
 @pytest.fixture(scope="session")
 def mlflow_server_factory(tmp_path_factory, s3_server) -> Iterator[Callable[[], MlflowServer]]:
     """Call it to start a dedicated mlflow server (own sqlite file, own artifact prefix) that a test
-    may stop; all still running are stopped at the end of the session."""
+    may stop (``start(VAR="value")`` adds to its environment); all still running are stopped at the end of the
+    session."""
     started: list[MlflowServer] = []
 
-    def start() -> MlflowServer:
+    def start(**extra_env: str) -> MlflowServer:
         n = len(started)
-        server = _start_mlflow(tmp_path_factory.mktemp(f"mlflow-extra{n}"), s3_server, f"mlartifacts-extra{n}")
+        server = _start_mlflow(tmp_path_factory.mktemp(f"mlflow-extra{n}"), s3_server, f"mlartifacts-extra{n}",
+                               extra_env)
         started.append(server)
         return server
 

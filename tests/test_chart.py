@@ -31,6 +31,7 @@ from reparam.operator.metrics import Metrics
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "reparam-operator"
 CRD_FILE = ROOT / "crds" / "modelconversion.yaml"
+POLICY_CRD_FILE = ROOT / "crds" / "modelconversionpolicy.yaml"
 EXAMPLES = ROOT / "examples"
 RELEASE, NAMESPACE = "rp", "reparam-system"
 #: Kubernetes versions the rendered objects are validated against: the oldest the
@@ -61,6 +62,9 @@ VALUES: dict[str, dict[str, Any]] = {
                         "mlflow": {"trackingUri": "https://mlflow.example.internal"}},
         "priorityClassName": "system-cluster-critical",
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+        "webhook": {"enabled": True, "secretName": "mlflow-webhook", "toleranceSeconds": 120,
+                    "ingress": {"enabled": True, "className": "nginx", "host": "hooks.example.com",
+                                "tls": [{"hosts": ["hooks.example.com"], "secretName": "hooks-tls"}]}},
     },
 }
 
@@ -172,26 +176,29 @@ def test_values_schema_accepts_every_values_file(chart) -> None:
 
 
 def test_crd_comes_from_crds_dir_through_a_symlink(chart, tmp_path: Path) -> None:
-    link = CHART / "crds" / "modelconversion.yaml"
-    assert link.is_symlink() and link.resolve() == CRD_FILE.resolve()
-    (crd,) = chart.crds
-    assert crd["name"] == "crds/modelconversion.yaml"
-    assert crd["data"] == CRD_FILE.read_text()
+    files = {"crds/modelconversion.yaml": CRD_FILE, "crds/modelconversionpolicy.yaml": POLICY_CRD_FILE}
+    for name, target in files.items():
+        link = CHART / name
+        assert link.is_symlink() and link.resolve() == target.resolve()
+    assert {c["name"]: c["data"] for c in chart.crds} == {n: t.read_text() for n, t in files.items()}
     # `helm package` stores the resolved file, so a packaged chart is self-contained
     archive = helm.package(CHART, destination=tmp_path)
     with tarfile.open(archive) as tar:
-        member = tar.getmember("reparam-operator/crds/modelconversion.yaml")
-        assert member.isfile()
-        assert tar.extractfile(member).read().decode() == CRD_FILE.read_text()
+        for name, target in files.items():
+            member = tar.getmember(f"reparam-operator/{name}")
+            assert member.isfile()
+            assert tar.extractfile(member).read().decode() == target.read_text()
     with helm.Chart.load(archive) as packaged:
-        assert [c["data"] for c in packaged.crds] == [CRD_FILE.read_text()]
+        assert sorted(c["data"] for c in packaged.crds) == sorted(t.read_text() for t in files.values())
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_crd_validates_against_kubernetes(chart, version: str) -> None:
-    crd = yaml.safe_load(chart.crds[0]["data"])
-    kubernetes_validate.validate(crd, version, strict=True)
-    assert crd["metadata"]["name"] == f"{jobs.PLURAL}.{jobs.GROUP}"
+    crds = {c["name"]: yaml.safe_load(c["data"]) for c in chart.crds}
+    for crd in crds.values():
+        kubernetes_validate.validate(crd, version, strict=True)
+    assert crds["crds/modelconversion.yaml"]["metadata"]["name"] == f"{jobs.PLURAL}.{jobs.GROUP}"
+    assert crds["crds/modelconversionpolicy.yaml"]["metadata"]["name"] == f"modelconversionpolicies.{jobs.GROUP}"
 
 
 CRD = yaml.safe_load(CRD_FILE.read_text())
@@ -299,6 +306,8 @@ def test_operator_settings_from_the_rendered_environment(chart, case: str) -> No
     """The Deployment's environment, read by the operator's own settings parser."""
     values = chart.merge_values(VALUES[case])
     env = container_env(one(render(chart, VALUES[case]), "Deployment"))
+    if "REPARAM_WEBHOOK_PORT" in env:  # the kubelet fills it from the Secret (test_webhook_port_secret_...)
+        env["REPARAM_WEBHOOK_SECRET"] = "from-the-secret"
     cfg = settings_mod.from_env(env)
     assert cfg.namespaces == tuple(values["watchNamespaces"])
     assert cfg.clusterwide is (not values["watchNamespaces"])
@@ -354,8 +363,11 @@ def test_job_defaults_are_a_valid_partial_spec(chart) -> None:
 # ---------------------------------------------------------------------- RBAC
 
 EXPECTED_RULES = {
-    ("reparam.dev", "modelconversions"): {"get", "list", "watch", "patch"},
+    # a ModelConversionPolicy creates conversions and deletes finished ones beyond its historyLimit
+    ("reparam.dev", "modelconversions"): {"get", "list", "watch", "patch", "create", "delete"},
     ("reparam.dev", "modelconversions/status"): {"get", "patch"},
+    ("reparam.dev", "modelconversionpolicies"): {"get", "list", "watch", "patch"},
+    ("reparam.dev", "modelconversionpolicies/status"): {"get", "patch"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
@@ -401,12 +413,44 @@ def test_rbac_clusterwide_only_without_namespaces(chart) -> None:
     assert container_env(one(objs, "Deployment"))["REPARAM_CLUSTERWIDE"] == "true"
 
 
+def test_webhook_port_secret_service_and_ingress(chart) -> None:
+    """webhook.enabled: the operator serves POST /webhooks/mlflow on its own port with the signing secret from
+    the Secret; a Service and (optional) Ingress route only that path to it."""
+    assert not [o for o in render(chart, {}) if o["metadata"]["name"].endswith("-webhook")]
+    objs = render(chart, VALUES["everything"])
+    deploy = one(objs, "Deployment")
+    (c,) = deploy["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = container_env(deploy)
+    secret_env = next(e for e in c["env"] if e["name"] == "REPARAM_WEBHOOK_SECRET")
+    assert "value" not in secret_env
+    assert secret_env["valueFrom"] == {"secretKeyRef": {"name": "mlflow-webhook", "key": "secret"}}
+    cfg = settings_mod.from_env({**env, "REPARAM_WEBHOOK_SECRET": "from-the-secret"})
+    assert cfg.webhook_port == ports["webhook"] == 9443 and cfg.webhook_port != cfg.metrics_port
+    assert cfg.webhook_tolerance == 120 and cfg.webhook_host == "0.0.0.0"
+    svc = next(o for o in by_kind(objs, "Service") if o["metadata"]["name"] == f"{RELEASE}-reparam-operator-webhook")
+    assert svc["spec"]["ports"] == [{"name": "webhook", "port": 9443, "targetPort": "webhook", "protocol": "TCP"}]
+    assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    ing = one(objs, "Ingress")
+    (rule,) = ing["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert rule["host"] == "hooks.example.com" and ing["spec"]["ingressClassName"] == "nginx"
+    assert (path["path"], path["pathType"]) == ("/webhooks/mlflow", "Exact")
+    assert path["backend"]["service"] == {"name": svc["metadata"]["name"], "port": {"name": "webhook"}}
+    # the operator refuses a webhook port without a secret (one line, exit 2), so does helm without a Secret name
+    with pytest.raises(settings_mod.InvalidInputError, match="REPARAM_WEBHOOK_SECRET"):
+        settings_mod.from_env(env)
+    with pytest.raises(Exception, match="webhook.secretName"):
+        render(chart, {"webhook": {"enabled": True}})
+
+
 # ---------------------------------------------------------------- monitoring
 
 
 def test_metrics_service_and_service_monitor_select_the_operator(chart) -> None:
     objs = render(chart, VALUES["everything"])
-    deploy, svc, sm = one(objs, "Deployment"), one(objs, "Service"), one(objs, "ServiceMonitor")
+    deploy, sm = one(objs, "Deployment"), one(objs, "ServiceMonitor")
+    svc = next(o for o in by_kind(objs, "Service") if o["metadata"]["name"].endswith("-metrics"))
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     (port,) = svc["spec"]["ports"]

@@ -22,7 +22,20 @@ def test_env_then_flags() -> None:
     ({"REPARAM_MAX_CONCURRENT": "0"}, "at least 1"),
     ({"REPARAM_CLUSTERWIDE": "maybe"}, "REPARAM_CLUSTERWIDE"),
     ({"REPARAM_METRICS_PORT": "70000"}, "port"),
+    ({"REPARAM_WEBHOOK_PORT": "9443"}, "REPARAM_WEBHOOK_SECRET is empty"),
+    ({"REPARAM_WEBHOOK_PORT": "9443", "REPARAM_WEBHOOK_SECRET": "s", "REPARAM_WEBHOOK_TOLERANCE": "-1"},
+     "tolerance must be positive"),
 ])
 def test_bad_env_is_a_clear_error(env: dict, needle: str) -> None:
     with pytest.raises(InvalidInputError, match=needle):
         settings.from_env(env)
+
+
+def test_webhook_settings_secret_only_from_the_environment() -> None:
+    env = {"REPARAM_WEBHOOK_PORT": "9443", "REPARAM_WEBHOOK_SECRET": "s3cret"}
+    s = settings.parse(["--webhook-port", "9000", "--webhook-tolerance", "60"], env)
+    assert (s.webhook_port, s.webhook_secret, s.webhook_tolerance) == (9000, "s3cret", 60.0)
+    assert "s3cret" not in repr(s)
+    assert settings.from_env({}).webhook_port == 0  # off unless asked for
+    with pytest.raises(SystemExit):
+        settings.parse(["--webhook-secret", "x"], env)

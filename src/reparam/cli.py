@@ -264,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
     _add_registry_wait(e)
 
+    w = sub.add_parser("webhook", help="MLflow registry webhooks for ModelConversionPolicy")
+    wsub = w.add_subparsers(dest="webhook_command", required=True)
+    wr = wsub.add_parser("register", help="create the MLflow webhook that delivers registry events to the operator")
+    wr.add_argument("--url", required=True, help="the operator's endpoint, https://HOST/webhooks/mlflow")
+    wr.add_argument("--secret-env", required=True, metavar="VAR",
+                    help="environment variable holding the signing secret (never the secret itself)")
+    wr.add_argument("--model", required=True, help="the source registered model (names the webhook)")
+    wr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")
+    wr.add_argument("-v", "--verbose", action="store_true", help="on an error, also print the whole message")
+
     o = sub.add_parser("operator", help="run the Kubernetes operator (needs reparam[operator])", add_help=False)
     o.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -722,6 +732,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return err.exit_code
 
 
+def cmd_webhook(args: argparse.Namespace) -> int:
+    """``reparam webhook register``: create the MLflow webhook (:func:`reparam.store.webhooks.register_webhook`)."""
+    from .store.webhooks import register_webhook
+
+    try:
+        secret = os.environ.get(args.secret_env, "")
+        if not secret:
+            raise InvalidInputError(f"environment variable {args.secret_env} is empty or unset: it must hold the "
+                                    "webhook secret (the operator's REPARAM_WEBHOOK_SECRET)")
+        info = register_webhook(args.url, secret, args.model, args.tracking_uri)
+    except ReparamError as err:
+        _print_error(str(err), args.verbose)
+        return err.exit_code
+    print(f"webhook {info.webhook_id} ({info.name}) -> {info.url}: {', '.join(info.events)}")
+    return exitcodes.OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     """``reparam operator``: hand over to :func:`reparam.operator.main.run`."""
     try:
@@ -743,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the report's "command"
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "operator": cmd_operator}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "evaluate": cmd_evaluate, "operator": cmd_operator,
+                "webhook": cmd_webhook}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -430,3 +430,60 @@ def parse_source_uri(uri: object, show: Callable[[str], str] = str) -> SourceRef
         raise SpecError(f"unsupported source scheme {scheme!r} in {shown!r}: use a local path, s3://, models:/, "
                         "runs:/ or http(s)://")
     return SourceRef("local", uri, path=uri)
+
+
+# --- ModelConversionPolicy (issue #13): polling interval, version selectors, history ------------------------
+
+#: A polling interval: a Go/Kubernetes duration of whole units (``30s``, ``5m``, ``1h30m``, ``1500ms``), as Flux's
+#: ``ImageRepository.spec.interval`` is written (CRD ``spec.interval`` pattern).
+INTERVAL_PATTERN = r"^(?:[0-9]+(?:ms|s|m|h))+$"
+#: The shortest interval a policy may poll at (a registry is not a queue) and the default.
+INTERVAL_MIN_S = 1.0
+DEFAULT_INTERVAL = "5m"
+#: How many finished conversions a policy keeps (``spec.historyLimit`` default) and at most.
+DEFAULT_HISTORY_LIMIT = 10
+HISTORY_LIMIT_MAX = 100
+#: The selectors of ``spec.source.select`` (exactly one): the version an alias points at, versions carrying all
+#: the given tags, or every new version.
+SELECTORS = ("alias", "tag", "newest")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_interval(text: object) -> float:
+    """Seconds of a duration such as ``5m`` or ``1h30m`` (:data:`INTERVAL_PATTERN`).
+
+    Raises:
+        SpecError: not a duration, or shorter than :data:`INTERVAL_MIN_S`.
+    """
+    if not _full(INTERVAL_PATTERN, text):
+        raise SpecError(f"interval {text!r} is not a duration: write e.g. 30s, 5m or 1h30m (units ms, s, m, h)")
+    assert isinstance(text, str)
+    seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"([0-9]+)(ms|s|m|h)", text))
+    if seconds < INTERVAL_MIN_S:
+        raise SpecError(f"interval {text!r} is shorter than {INTERVAL_MIN_S:g}s")
+    return seconds
+
+
+def selector_problem(select: object) -> str | None:
+    """Why ``select`` is not one selector of :data:`SELECTORS`, or None.
+
+    Accepted: ``{"alias": "<alias>"}`` (:func:`alias_problem`), ``{"tag": {"<key>": "<value>", ...}}`` (at least one
+    tag, keys as :func:`tag_key_problem`), ``{"newest": true}``.
+    """
+    if not isinstance(select, dict) or len(select) != 1 or next(iter(select)) not in SELECTORS:
+        keys = sorted(select) if isinstance(select, dict) else select
+        return f"select {keys!r} must be exactly one of {', '.join(SELECTORS)}"
+    kind, value = next(iter(select.items()))
+    if kind == "alias":
+        return alias_problem(value)
+    if kind == "newest":
+        return None if value is True else "select.newest must be true"
+    if not isinstance(value, dict) or not value:
+        return "select.tag must map at least one tag key to its value"
+    for key, val in value.items():
+        problem = tag_key_problem(key)
+        if problem:
+            return problem
+        if not isinstance(val, str) or len(val) > TAG_VALUE_MAX:
+            return f"select.tag value of {key!r} must be a string of at most {TAG_VALUE_MAX} characters"
+    return None

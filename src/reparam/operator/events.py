@@ -72,8 +72,10 @@ class EventLimiter:
         self._buckets.pop(uid, None)
 
 
-def body(meta: dict[str, Any], type_: str, reason: str, message: str, now: datetime.datetime) -> dict[str, Any]:
-    """A ``core/v1`` Event about the ``ModelConversion`` with ``meta``; ``type_`` is ``Normal`` or ``Warning``.
+def body(meta: dict[str, Any], type_: str, reason: str, message: str, now: datetime.datetime,
+         kind: str = jobs.KIND) -> dict[str, Any]:
+    """A ``core/v1`` Event about the ``ModelConversion`` (or another ``reparam.dev`` ``kind``: a
+    ``ModelConversionPolicy``) with ``meta``; ``type_`` is ``Normal`` or ``Warning``.
 
     The name is ``<resource>.<hash>`` (client-go's ``<name>.<unique>``) derived from the uid, reason, message and
     time, so a retried POST of the same Event gets 409 rather than a duplicate.
@@ -86,7 +88,7 @@ def body(meta: dict[str, Any], type_: str, reason: str, message: str, now: datet
         "kind": "Event",
         "metadata": {"name": f"{meta['name'][:200]}.{digest}", "namespace": meta["namespace"]},
         "involvedObject": {
-            "apiVersion": jobs.API_VERSION, "kind": jobs.KIND, "name": meta["name"],
+            "apiVersion": jobs.API_VERSION, "kind": kind, "name": meta["name"],
             "namespace": meta["namespace"], "uid": meta.get("uid"),
             "resourceVersion": meta.get("resourceVersion"),
         },

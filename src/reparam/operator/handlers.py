@@ -9,7 +9,10 @@ Importing this module registers, in kopf's default registry:
   with its owner through the garbage collector);
 * events of Jobs labelled ``app.kubernetes.io/managed-by=reparam-operator``;
 * events of pods with that label (the Job copies it from its template): image pulls,
-  scheduling, disruptions and failed attempts while the Job runs.
+  scheduling, disruptions and failed attempts while the Job runs;
+* ``ModelConversionPolicy``: one daemon per policy (:class:`.policy_runner.PolicyRunner`), woken by a
+  change of its spec, of one of its conversions' phase, or by an MLflow webhook delivered to
+  ``POST /webhooks/mlflow`` (:mod:`.webhooks`, on its own port when ``--webhook-port`` is set).
 
 Each handler is timed and counted in :mod:`.metrics` by handler and result.
 """
@@ -24,9 +27,10 @@ from typing import Any
 
 import kopf
 
-from . import jobs, metrics as metrics_mod
+from . import jobs, metrics as metrics_mod, policy as policy_mod, webhooks
 from . import settings as settings_mod
 from .kube import KubeClient
+from .policy_runner import PolicyRunner
 from .reconciler import Reconciler
 
 logger = logging.getLogger("reparam.operator")
@@ -94,6 +98,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rec = Reconciler(client, cfg, m)
     await rec.seed()
     _state["reconciler"] = rec
+    tracking = str(((cfg.job_defaults or {}).get("registry") or {}).get("trackingUri") or "")
+    policies = PolicyRunner(KubeClient.login(settings), m, tracking)
+    _state["policies"] = policies
+    if cfg.webhook_port:
+        app = webhooks.app(cfg.webhook_secret, cfg.webhook_tolerance, m, policies.trigger)
+        _state["webhook_server"] = await webhooks.serve(cfg.webhook_host, cfg.webhook_port, app)
+        logger.info("MLflow webhooks on http://%s:%d%s", cfg.webhook_host, cfg.webhook_port, webhooks.PATH)
     if cfg.metrics_port:
         _state["metrics_server"] = m.serve(cfg.metrics_host, cfg.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
@@ -104,6 +115,12 @@ async def cleanup(**_: Any) -> None:
     rec = _state.pop("reconciler", None)
     if rec is not None:
         await rec.close()
+    web = _state.pop("webhook_server", None)
+    if web is not None:
+        await web.cleanup()
+    policies = _state.pop("policies", None)
+    if isinstance(policies, PolicyRunner):
+        await policies.client.close()
     served = _state.pop("metrics_server", None)
     if served is not None:
         server, thread = served
@@ -145,6 +162,37 @@ async def job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
 @instrumented("pod_event")
 async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
     await reconciler().pod_event(type or "ADDED", _plain(body))
+
+
+def policies() -> PolicyRunner:
+    """The running operator's policy loops (after start-up)."""
+    runner = _state.get("policies")
+    if not isinstance(runner, PolicyRunner):
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return runner
+
+
+@kopf.daemon(jobs.GROUP, jobs.VERSION, policy_mod.PLURAL, id="policy", cancellation_timeout=5.0)
+async def policy_daemon(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    while "policies" not in _state and not stopped:
+        await stopped.wait(0.2)
+    if not stopped:
+        await policies().run(body, stopped)
+
+
+@kopf.on.update(jobs.GROUP, jobs.VERSION, policy_mod.PLURAL, field="spec", id="policy-spec")
+async def policy_spec_changed(meta: kopf.Meta, **_: Any) -> None:
+    policies().refresh(str(meta.get("namespace")), str(meta.get("name")), reason="spec")
+
+
+# any event of a policy's conversion (created, phase changed, deleted) refreshes the policy's history; kopf's
+# field handlers would not see status changes (its diff base leaves status out)
+@kopf.on.event(jobs.GROUP, jobs.VERSION, jobs.PLURAL, id="policy-history",
+               labels={policy_mod.LABEL_POLICY: kopf.PRESENT})
+async def policy_conversion_changed(meta: kopf.Meta, **_: Any) -> None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == policy_mod.KIND:
+            policies().refresh(str(meta.get("namespace")), str(ref.get("name")))
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

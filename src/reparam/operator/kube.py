@@ -251,3 +251,30 @@ class KubeClient:
         """Create a ``core/v1`` Event."""
         return await self._call(self.core.create_namespaced_event(
             namespace, event, **self._opts()))  # type: ignore[arg-type]  # dict body, as create_job
+
+    # ------------------------------------------------- policies and the conversions they create (issue #13)
+    async def create_conversion(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create a ``ModelConversion``; :class:`ApiError` 409 when one of that name exists, 422 when the API
+        server's schema refuses it."""
+        return await self._call(self.custom.create_namespaced_custom_object(
+            jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL, manifest, **self._opts()))
+
+    async def list_conversions_labelled(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The ``ModelConversions`` of ``namespace`` matching the equality ``labels``."""
+        return list((await self._call(self.custom.list_namespaced_custom_object(
+            jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL, label_selector=selector(labels),
+            **self._opts()))).get("items") or [])
+
+    async def delete_conversion(self, namespace: str, name: str) -> bool:
+        """Delete a ``ModelConversion`` (``Background``: its Job goes through the garbage collector);
+        ``False`` when it was already gone."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        return await self._maybe(self.custom.delete_namespaced_custom_object(
+            jobs.GROUP, jobs.VERSION, namespace, jobs.PLURAL, name, body=body,  # type: ignore[arg-type]  # dict body
+            **self._opts())) is not None
+
+    async def patch_policy_status(self, namespace: str, plural: str, name: str, patch: dict[str, Any]) -> None:
+        """JSON merge patch of a policy's status subresource (as :meth:`patch_conversion_status`)."""
+        await self._call(self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+            jobs.GROUP, jobs.VERSION, namespace, plural, name, patch,
+            _content_type="application/merge-patch+json", **self._opts()))

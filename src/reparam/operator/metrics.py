@@ -27,6 +27,10 @@ OUTCOMES = ("succeeded", "failed", "validation_failed")
 RESULTS = ("ok", "temporary_error", "permanent_error", "error")
 
 
+#: Results of an MLflow webhook delivery (:mod:`.webhooks`).
+WEBHOOK_RESULTS = ("accepted", "bad_signature", "stale", "replay", "ignored", "malformed")
+
+
 class Metrics:
     """All operator metrics on one registry (the process default unless given)."""
 
@@ -80,6 +84,25 @@ class Metrics:
             "reparam_conversion_retries_total",
             "Converter pods that failed or were disrupted while the Job retried them, by reason.",
             ["reason"], registry=reg)
+        # ModelConversionPolicy (issue #13)
+        self.policy_conversions_total = Counter(
+            "reparam_policy_conversions_total",
+            "ModelConversions a policy created, by what triggered the registry read (webhook, poll).",
+            ["trigger"], registry=reg)
+        self.policy_poll_errors_total = Counter(
+            "reparam_policy_poll_errors_total", "Registry reads of a policy that failed (registry unreachable).",
+            registry=reg)
+        self.policy_registry_requests_total = Counter(
+            "reparam_policy_registry_reads_total", "Registry reads made by policies (two MLflow requests each).",
+            registry=reg)
+        self.webhook_deliveries_total = Counter(
+            "reparam_webhook_deliveries_total",
+            "MLflow webhook deliveries by result (accepted, bad_signature, stale, replay, ignored, malformed).",
+            ["result"], registry=reg)
+        for trigger in ("webhook", "poll"):
+            self.policy_conversions_total.labels(trigger=trigger)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries_total.labels(result=result)
         for reason in (*termination.FAILURE_REASONS, termination.OTHER):
             self.failures_total.labels(reason=reason)
             self.retries_total.labels(reason=reason)

@@ -19,6 +19,10 @@ REPARAM_SCANNING               ``--no-scanning``        "false": no CRD/namespac
 REPARAM_PEERING                ``--peering NAME``       kopf peering (default: standalone)
 REPARAM_JOB_DEFAULTS           ``--job-defaults JSON``  defaults for spec.job / spec.registry.trackingUri
 REPARAM_SCHEDULE_TIMEOUT       ``--schedule-timeout``   seconds a pod may stay unschedulable (default 900)
+REPARAM_WEBHOOK_PORT           ``--webhook-port``       port of ``POST /webhooks/mlflow``; 0 (default) off
+REPARAM_WEBHOOK_HOST           ``--webhook-host``       address the webhook endpoint binds to
+REPARAM_WEBHOOK_SECRET         (environment only)       HMAC secret of MLflow's webhook signatures
+REPARAM_WEBHOOK_TOLERANCE      ``--webhook-tolerance``  seconds a delivery's timestamp may be old (300)
 =============================  ======================  ==========================================
 """
 
@@ -60,13 +64,25 @@ class Settings:
     #: Seconds a converter pod may stay unschedulable before the conversion fails (``spec.job.scheduleTimeoutSeconds``
     #: overrides it per resource); the default queue of Kueue is ``job_defaults["job"]["queueName"]``.
     schedule_timeout: float = float(DEFAULT_SCHEDULE_TIMEOUT)
+    #: ``POST /webhooks/mlflow`` (issue #13): address and port (0: off), the HMAC secret MLflow signs with
+    #: (only from the environment, ``REPARAM_WEBHOOK_SECRET``: a secret does not belong on a command line) and
+    #: how old (seconds) a delivery's timestamp may be.
+    webhook_host: str = "0.0.0.0"
+    webhook_port: int = 0
+    webhook_secret: str = dataclasses.field(default="", repr=False)
+    webhook_tolerance: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
             raise InvalidInputError(
                 f"max concurrent conversions must be at least 1, got {self.max_concurrent}"
             )
-        for port in (self.metrics_port, self.liveness_port):
+        if self.webhook_port and not self.webhook_secret:
+            raise InvalidInputError("the webhook port is set but REPARAM_WEBHOOK_SECRET is empty: set the secret "
+                                    "MLflow signs deliveries with (from a Kubernetes Secret), or --webhook-port 0")
+        if self.webhook_tolerance <= 0:
+            raise InvalidInputError(f"webhook tolerance must be positive seconds, got {self.webhook_tolerance}")
+        for port in (self.metrics_port, self.liveness_port, self.webhook_port):
             if not 0 <= port <= 65535:
                 raise InvalidInputError(f"port must be within 0..65535, got {port}")
         if self.schedule_timeout <= 0:
@@ -152,6 +168,14 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         kw["peering"] = env["REPARAM_PEERING"]
     if env.get("REPARAM_SCHEDULE_TIMEOUT"):
         kw["schedule_timeout"] = _float(env["REPARAM_SCHEDULE_TIMEOUT"], "REPARAM_SCHEDULE_TIMEOUT")
+    if env.get("REPARAM_WEBHOOK_HOST"):
+        kw["webhook_host"] = env["REPARAM_WEBHOOK_HOST"]
+    if env.get("REPARAM_WEBHOOK_PORT"):
+        kw["webhook_port"] = _int(env["REPARAM_WEBHOOK_PORT"], "REPARAM_WEBHOOK_PORT")
+    if env.get("REPARAM_WEBHOOK_SECRET"):
+        kw["webhook_secret"] = env["REPARAM_WEBHOOK_SECRET"]
+    if env.get("REPARAM_WEBHOOK_TOLERANCE"):
+        kw["webhook_tolerance"] = _float(env["REPARAM_WEBHOOK_TOLERANCE"], "REPARAM_WEBHOOK_TOLERANCE")
     if env.get("REPARAM_JOB_DEFAULTS"):
         kw["job_defaults"] = parse_job_defaults(env["REPARAM_JOB_DEFAULTS"])
     return Settings(**kw)  # type: ignore[arg-type]  # kw holds each field's own type (parsed above); mypy sees object
@@ -178,6 +202,11 @@ def parser() -> argparse.ArgumentParser:
                         '\'{"job": {"nodeSelector": {"gpu": "h100"}}}\'')
     p.add_argument("--schedule-timeout", type=float,
                    help="seconds a converter pod may stay unschedulable before the conversion fails (default 900)")
+    p.add_argument("--webhook-host", help="address POST /webhooks/mlflow binds to")
+    p.add_argument("--webhook-port", type=int,
+                   help="port of POST /webhooks/mlflow (0: off; the secret comes from REPARAM_WEBHOOK_SECRET)")
+    p.add_argument("--webhook-tolerance", type=float,
+                   help="seconds a webhook delivery's timestamp may be old (default 300)")
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p
 
