@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from ..errors import InvalidInputError, RegistryError
 from . import tracking
@@ -49,8 +50,10 @@ def register_webhook(url: str, secret: str, model: str, tracking_uri: str | None
         raise RegistryError(f"{redact(uri)} has no webhooks: MLflow delivers them only from a SQL-backed "
                             "registry (a file store cannot); poll with spec.interval instead")
     client = tracking.client(uri)
+    # MLflow types ``events`` as a Literal of its event names, which grows with its releases; ours are plain strings
+    events: list[Any] = list(EVENTS)
     try:
-        hook = client.create_webhook(name=webhook_name(model), url=url, events=list(EVENTS), secret=secret,
+        hook = client.create_webhook(name=webhook_name(model), url=url, events=events, secret=secret,
                                      description=f"reparam ModelConversionPolicy events for {model}")
     except Exception as err:  # noqa: BLE001 - every failure becomes one line
         text = tracking.describe_error(err)
