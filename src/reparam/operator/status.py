@@ -43,14 +43,7 @@ def timestamp(now: datetime.datetime) -> str:
     return now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(text: str | None) -> datetime.datetime | None:
-    """Parse an RFC 3339 time from the API (``None`` when absent or malformed)."""
-    if not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+parse_time = termination.parse_time  # one parser of the API's times (termination sits below this module)
 
 
 def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:

@@ -119,7 +119,8 @@ class PodProblem:
     exit_code: int | None = None
 
 
-def _parse_time(text: str | None) -> datetime.datetime | None:
+def parse_time(text: str | None) -> datetime.datetime | None:
+    """Parse an RFC 3339 time from the API (``None`` when absent or malformed)."""
     if not text:
         return None
     try:
@@ -173,7 +174,7 @@ def pod_problem(pod: dict[str, Any], container: str, now: datetime.datetime,
     scheduled = _condition(pod, "PodScheduled")
     if (status.get("phase") in (None, "Pending") and scheduled and scheduled.get("status") == "False"
             and scheduled.get("reason") == "Unschedulable"):
-        since = _parse_time(scheduled.get("lastTransitionTime")) or now
+        since = parse_time(scheduled.get("lastTransitionTime")) or now
         due = since + datetime.timedelta(seconds=schedule_timeout)
         said = scheduled.get("message") or "the scheduler gave no message"
         if now >= due:
