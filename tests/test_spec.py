@@ -86,7 +86,11 @@ def _argv(field: str, value: str) -> list[str]:
         base[1] = value
     extra = {"sha256": ["--sha256", value], "alias": ["--alias", value], "model_name": ["--register", value],
              "tag_key": ["--tag", f"{value}=x"], "format": ["--format", value],
-             "precision": ["--precision", value], "device": ["--device", value]}.get(field, [])
+             "device": ["--device", value],
+             # the Job passes the CRD's formats as --only: the CLI sees the example's formats too
+             "precision": ["--precision", value,
+                           *[a for f in EXAMPLE["spec"]["conversion"]["formats"] for a in ("--only", f)]],
+             }.get(field, [])
     return base + extra
 
 

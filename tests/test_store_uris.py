@@ -124,6 +124,7 @@ def test_alias_names_checked(bad):
 
 
 REPORT = {
+    "status": "succeeded",
     "validation": {"passed": True, "max_abs_diff": 3.0e-5},
     "variant": "yolov9-t",
     "nc": 3,
@@ -144,7 +145,9 @@ def test_version_tags_and_metrics():
     assert all(isinstance(v, str) for v in tags.values())
     with pytest.raises(InvalidInputError, match="tag 'reparam.status' is reserved"):
         version_tags(REPORT, tags={"reparam.status": "ready"}, lineage={}, idempotency_key="k")
-    assert run_metrics({**REPORT, "duration_s": 2}) == {
+    assert run_metrics({**REPORT, "timing": {"total_s": 2}}) == {
         "max_abs_diff": 3.0e-5, "params_before": 2.7e6, "params_after": 2e6,
         "bytes_before": 6e6, "bytes_after": 4.4e6, "duration_s": 2.0,
     }  # fmt: skip
+    with pytest.raises(ValueError, match="report status"):  # read through reparam.report.Report
+        run_metrics({k: v for k, v in REPORT.items() if k != "status"})

@@ -61,6 +61,9 @@ class PolicyRunner:
         self.default_tracking_uri = default_tracking_uri
         self._watches: dict[tuple[str, str], _Watch] = {}
         self._limiter = events_mod.EventLimiter()
+        # the conditions this runner last wrote per policy: a pass's ``body`` may predate the previous pass's patch,
+        # and a merge patch replaces the whole list, so a list rebuilt from a stale body would drop a condition
+        self._conditions: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ wake-ups
     def trigger(self, model: str) -> int:
@@ -113,6 +116,7 @@ class PolicyRunner:
         finally:
             if self._watches.get(key) is watch:
                 del self._watches[key]
+                self._conditions.pop(key, None)
 
     def _interval(self, body: Any) -> float:
         try:
@@ -224,12 +228,14 @@ class PolicyRunner:
     async def _patch(self, ns: str, name: str, current: dict[str, Any], now: datetime.datetime, generation: int,
                      ready: tuple[str, str, str] | None = None, reachable: tuple[str, str, str] | None = None,
                      extra: dict[str, Any] | None = None, uid: str = "") -> None:
-        conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
+        conditions: list[dict[str, Any]] = list(self._conditions.get((ns, name)) or current.get("conditions") or [])
         for type_, value in (("Ready", ready), ("RegistryReachable", reachable)):
             if value is not None:
                 conditions = status_mod.set_condition(conditions, type_, value[0], value[1], value[2][:1000], now,
                                                       generation)
-        patch = {**(extra or {}), "conditions": conditions, "observedGeneration": generation}
+        patch = {**(extra or {}), "observedGeneration": generation}
+        if ready is not None or reachable is not None:
+            patch["conditions"] = self._conditions[(ns, name)] = conditions
         for value in (ready, reachable):
             if value is not None and value[0] == "False":
                 await self._event({"name": name, "namespace": ns, "uid": uid or name}, "Warning",
