@@ -355,6 +355,13 @@ def test_cli_convert_eval_data(eval_dir, tmp_path):
     assert onnx["input_shapes"] == [[160, 160]] and "dual_map50_95_same_shapes" in onnx
     assert onnx["dual_map50_95_same_shapes"] != ev["dual"]["map50_95"]  # the dual itself ran at 192x192
     assert json.loads((out / "report.json").read_text())["options"]["eval_data"] == str(ds)
+    # again into the same folder: this run's own plots and tables replace the earlier ones, none is called stale
+    proc = run_cli("convert", ckpt, "-o", str(out), "--imgsz", "160", "--eval-data", str(ds), "--eval-imgsz", "160",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert len(again["evaluation"]["files"]) == 4
+    assert again["stale_outputs"] == ["yolov9-t-dual-shapes-final-converted.onnx"]  # the first run's, not this one's
 
     (ds / "data.yaml").write_text("path: .\nval: images/val\nnames: [r, g, b]\n")
     out2 = tmp_path / "out2"

@@ -213,7 +213,8 @@ def write_all(
         before = int(report["source"].get("bytes") or 0)
         report["bytes"] = {"before": before, "after": int(pt["bytes"]), "saved": before - int(pt["bytes"])} \
             if pt and before else None
-        report["stale_outputs"] = stale_outputs(out, stem, [a["name"] for a in arts])
+        written = [a["name"] for a in arts] + [f["name"] for f in (report.get("evaluation") or {}).get("files", [])]
+        report["stale_outputs"] = stale_outputs(out, stem, written)
         report["status"] = "succeeded"
         _write_json(stage / "report.json", report)
         _publish(stage, out)
