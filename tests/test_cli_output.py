@@ -67,7 +67,7 @@ def _probe(*args: str, prefix: list[str] | None = None) -> tuple[subprocess.Comp
 
 def test_existing_file_or_path_under_a_file_is_refused_first(tmp_path: Path) -> None:
     """Before torch is imported and before the source is read (the source does not even exist here)."""
-    a_file = tmp_path / "report.json"
+    a_file = tmp_path / "notes.txt"  # any file (not named report.json: the session validates those as reports)
     a_file.write_text("{}")
     missing = str(tmp_path / "never-read.pt")
     for out, words in ((a_file, "is an existing file, not a folder"),
@@ -75,7 +75,7 @@ def test_existing_file_or_path_under_a_file_is_refused_first(tmp_path: Path) -> 
         proc, line = _probe("convert", missing, "-o", str(out))
         assert proc.stdout.split() == ["exit", str(exitcodes.INVALID_INPUT), "torch", "False"], proc.stderr
         assert line == f"reparam: error: -o {out} {words}; choose a folder (it is created when missing)"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_folder_this_user_cannot_write(shared_tmp: Path) -> None:
