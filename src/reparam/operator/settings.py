@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidInputError, brief, count_of
@@ -139,6 +139,29 @@ def parse_job_defaults(text: str, name: str = "REPARAM_JOB_DEFAULTS") -> dict[st
     return data
 
 
+def _str(text: str, _name: str) -> str:
+    return text
+
+
+#: ``REPARAM_*`` variable -> (the :class:`Settings` field it sets, its parser ``(text, variable name) -> value``).
+_ENV_FIELDS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "REPARAM_CLUSTERWIDE": ("clusterwide", _bool),
+    "REPARAM_IMAGE": ("image", _str),
+    "REPARAM_MAX_CONCURRENT": ("max_concurrent", _int),
+    "REPARAM_METRICS_HOST": ("metrics_host", _str),
+    "REPARAM_METRICS_PORT": ("metrics_port", _int),
+    "REPARAM_LIVENESS_PORT": ("liveness_port", _int),
+    "REPARAM_RETRY_DELAY": ("retry_delay", _float),
+    "REPARAM_SCANNING": ("scanning", _bool),
+    "REPARAM_PEERING": ("peering", _str),
+    "REPARAM_SCHEDULE_TIMEOUT": ("schedule_timeout", _float),
+    "REPARAM_WEBHOOK_HOST": ("webhook_host", _str),
+    "REPARAM_WEBHOOK_PORT": ("webhook_port", _int),
+    "REPARAM_WEBHOOK_SECRET": ("webhook_secret", _str),
+    "REPARAM_WEBHOOK_TOLERANCE": ("webhook_tolerance", _float),
+}
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``REPARAM_*`` environment variables (see module docstring).
 
@@ -148,34 +171,10 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     kw: dict[str, object] = {}
     if env.get("REPARAM_NAMESPACES"):
         kw["namespaces"] = tuple(n.strip() for n in env["REPARAM_NAMESPACES"].split(",") if n.strip())
-    if "REPARAM_CLUSTERWIDE" in env:
-        kw["clusterwide"] = _bool(env["REPARAM_CLUSTERWIDE"], "REPARAM_CLUSTERWIDE")
-    if env.get("REPARAM_IMAGE"):
-        kw["image"] = env["REPARAM_IMAGE"]
-    if env.get("REPARAM_MAX_CONCURRENT"):
-        kw["max_concurrent"] = _int(env["REPARAM_MAX_CONCURRENT"], "REPARAM_MAX_CONCURRENT")
-    if env.get("REPARAM_METRICS_HOST"):
-        kw["metrics_host"] = env["REPARAM_METRICS_HOST"]
-    if env.get("REPARAM_METRICS_PORT"):
-        kw["metrics_port"] = _int(env["REPARAM_METRICS_PORT"], "REPARAM_METRICS_PORT")
-    if env.get("REPARAM_LIVENESS_PORT"):
-        kw["liveness_port"] = _int(env["REPARAM_LIVENESS_PORT"], "REPARAM_LIVENESS_PORT")
-    if env.get("REPARAM_RETRY_DELAY"):
-        kw["retry_delay"] = _float(env["REPARAM_RETRY_DELAY"], "REPARAM_RETRY_DELAY")
-    if "REPARAM_SCANNING" in env:
-        kw["scanning"] = _bool(env["REPARAM_SCANNING"], "REPARAM_SCANNING")
-    if env.get("REPARAM_PEERING"):
-        kw["peering"] = env["REPARAM_PEERING"]
-    if env.get("REPARAM_SCHEDULE_TIMEOUT"):
-        kw["schedule_timeout"] = _float(env["REPARAM_SCHEDULE_TIMEOUT"], "REPARAM_SCHEDULE_TIMEOUT")
-    if env.get("REPARAM_WEBHOOK_HOST"):
-        kw["webhook_host"] = env["REPARAM_WEBHOOK_HOST"]
-    if env.get("REPARAM_WEBHOOK_PORT"):
-        kw["webhook_port"] = _int(env["REPARAM_WEBHOOK_PORT"], "REPARAM_WEBHOOK_PORT")
-    if env.get("REPARAM_WEBHOOK_SECRET"):
-        kw["webhook_secret"] = env["REPARAM_WEBHOOK_SECRET"]
-    if env.get("REPARAM_WEBHOOK_TOLERANCE"):
-        kw["webhook_tolerance"] = _float(env["REPARAM_WEBHOOK_TOLERANCE"], "REPARAM_WEBHOOK_TOLERANCE")
+    for var, (field_name, parse) in _ENV_FIELDS.items():
+        # a flag counts when set at all (an empty value is an error); other variables only when not empty
+        if (var in env) if parse is _bool else bool(env.get(var)):
+            kw[field_name] = parse(env[var], var)
     if env.get("REPARAM_JOB_DEFAULTS"):
         kw["job_defaults"] = parse_job_defaults(env["REPARAM_JOB_DEFAULTS"])
     return Settings(**kw)  # type: ignore[arg-type]  # kw holds each field's own type (parsed above); mypy sees object
