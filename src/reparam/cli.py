@@ -481,9 +481,15 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
         ev = report.get("evaluation") or {}
         promo = report.get("promotion") or {}
         if ev.get("dual") or promo.get("map50_95") is not None:
-            s["metrics"] = {"map50_95": promo.get("map50_95", (ev.get("dual") or {}).get("map50_95")),
-                            "map50": (ev.get("dual") or {}).get("map50"),
+            dual = ev.get("dual") or {}
+            box = promo.get("map50_95") if promo.get("metric", "box") == "box" else None
+            s["metrics"] = {"map50_95": box if box is not None else dual.get("map50_95"),
+                            "map50": dual.get("map50"),
                             "datasetDigest": promo.get("compared_on_digest") or (ev.get("dataset") or {}).get("digest")}
+            masks = dual.get("masks") or {}
+            mask = promo.get("map50_95") if promo.get("metric") == "mask" else masks.get("map50_95")
+            if mask is not None:  # a segmentation model on polygon labels
+                s["metrics"].update({"mask_map50_95": mask, "mask_map50": masks.get("map50")})
         if promo:
             s["promotion"] = {"alias": promo.get("alias"), "decision": promo.get("decision"),
                               "reason": promo.get("reason"), "previousVersion": promo.get("previous_version")}
