@@ -281,6 +281,20 @@ def test_segmentation_conversion_reports_box_and_mask_metrics(seg_checkpoint: Pa
         assert abs(a["delta_mask_map50_95"]) <= ev["atol"] and abs(a["delta_map50_95"]) <= ev["atol"]
     # the ONNX graph (output0 + output1) gives the deploy .pt's numbers
     assert arts["onnx"]["mask_map50_95"] == pytest.approx(arts["pt"]["mask_map50_95"], abs=1e-3)
+    # the plots and tables: the mask PR curve, and the per-class table's mask columns (of the deploy .pt)
+    files = {f["kind"]: f["name"] for f in ev["files"]}
+    assert set(files) == {"pr_curve", "confusion_matrix", "per_class", "confusion_counts", "mask_pr_curve"}
+    from PIL import Image
+
+    from reparam.evaluation.plots import PR_CURVE_PX
+
+    with Image.open(out / files["mask_pr_curve"]) as im:
+        assert im.format == "PNG" and im.size == PR_CURVE_PX
+    rows = [r.split(",") for r in (out / files["per_class"]).read_text().splitlines()]
+    assert rows[0] == ["class", "instances", "precision", "recall", "map50", "map50_95", "mask_precision",
+                       "mask_recall", "mask_map50", "mask_map50_95"]
+    assert rows[1][:2] == ["all", "15"] and float(rows[1][9]) == arts["pt"]["mask_map50_95"]
+    assert [r[0] for r in rows[2:]] == NAMES
     # what a champion is compared on: the deploy .pt's mask mAP
     measured, passed = champion.measured_from_report(report)
     assert passed and measured is not None and measured.metric == "mask"
@@ -332,3 +346,62 @@ def test_boxes_only_dataset_gives_box_metrics_and_says_why_no_masks(seg_checkpoi
     assert res.curves is not None and res.curves.confusion.shape == (4, 4)
     measured = Measured(res.dataset["digest"], 128, res.map50_95, res.map50)
     assert measured.metric == "box"
+
+
+# --- the registry: box and mask metrics on versions, a box-only champion measured again --------------------------
+
+
+@pytest.mark.servers
+def test_registry_measures_a_box_only_champion_again_and_compares_masks(mlflow_server, tmp_path: Path) -> None:
+    """Version 1 holds @champion with a box-only evaluation on this dataset (tags); version 2 is a segmentation
+    conversion with mask metrics: the holder's .pt is downloaded and evaluated again (our evaluator), both versions
+    then carry box and mask tags and run metrics, and the alias moves on the mask mAP (0.30 > 0.20) although the
+    holder's box mAP is higher."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    name = f"seg-deploy-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    ready = {promotion.TAG_STATUS: promotion.STATUS_READY, promotion.TAG_VALIDATION: "true"}
+    digest = "c" * 64
+
+    def version():
+        run = client.create_run("0")
+        (tmp_path / "model.pt").write_bytes(b"deploy weights")
+        client.log_artifact(run.info.run_id, str(tmp_path / "model.pt"), "model")
+        client.set_terminated(run.info.run_id)
+        return client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                           tags=ready)
+
+    v1 = version()
+    champion.record_evaluation(client, name, v1, Measured(digest, 128, 0.50, 0.70), "data")
+    client.set_registered_model_alias(name, "champion", v1.version)
+    v2 = version()
+    report = {"validation": {"passed": True},
+              "evaluation": {"dataset": {"digest": digest}, "settings": {"imgsz": 128},
+                             "dual": {"map50_95": 0.40, "map50": 0.6, "masks": {"map50_95": 0.30, "map50": 0.5}},
+                             "artifacts": [{"format": "pt", "map50_95": 0.40, "map50": 0.6, "mask_map50_95": 0.30,
+                                            "mask_map50": 0.5, "delta_mask_map50_95": 0.0,
+                                            "delta_mask_map50": 0.0, "passed": True}]}}
+    evaluated: list[str] = []
+
+    def evaluate(path: Path) -> Measured:
+        evaluated.append(path.read_text())
+        return Measured(digest, 128, 0.50, 0.70, 0.20, 0.45)
+
+    res = champion.promote_gated(name, v2.version, "champion", report, Gates(), evaluate=evaluate,
+                                 tracking_uri=mlflow_server.tracking_uri)
+    assert evaluated == ["deploy weights"]  # the holder's registered .pt, downloaded
+    assert (res.decision, res.metric, res.map50_95, res.previous_map50_95) == ("promoted", "mask", 0.30, 0.20)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(v2.version)
+    t1 = client.get_model_version(name, v1.version).tags
+    t2 = client.get_model_version(name, v2.version).tags
+    assert (t1["reparam.eval.mask_map50_95"], t1["reparam.eval.map50_95"], t1["reparam.eval.metric"]) == (
+        "0.2", "0.5", "mask")
+    assert (t2["reparam.eval.mask_map50_95"], t2["reparam.eval.map50_95"], t2["reparam.eval.metric"]) == (
+        "0.3", "0.4", "mask")
+    assert t2[f"reparam.eval.d-{'c' * 16}-128"] == "0.4,0.6,0.3,0.5"
+    metrics = client.get_run(v2.run_id).data.metrics
+    assert (metrics["eval_map50_95"], metrics["eval_mask_map50_95"], metrics["eval_mask_map50"]) == (0.4, 0.3, 0.5)

@@ -240,7 +240,8 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
                                [(items[j].classes, items[j].polygons_px()) for j in used], [dets[j] for j in used],
                                [rles[j] or [] for j in used], nc, settings.max_det)
         mask_metrics = MaskMetrics(mm["map50_95"], mm["map50"], mm["precision"], mm["recall"],
-                                   [ClassMetrics(dataset.names[k], **c) for k, c in enumerate(mm["per_class"])])
+                                   [ClassMetrics(dataset.names[k], **c) for k, c in enumerate(mm["per_class"])],
+                                   mm["pr_precision"])
         timing["masks_s"] = run.masks_s
     elif model.nm:
         masks_absent = dataset.masks_problem() or "masks were not computed"

@@ -28,6 +28,8 @@ class MaskMetrics:
         map50_95, map50, precision, recall: over all classes with labels (fractions in [0, 1]), defined as the box
             metrics of :class:`EvalResult` with mask IoU instead of box IoU.
         per_class: one entry per class id.
+        pr_precision: ``[R, nc]`` COCO's interpolated mask precision at IoU 0.5 at the recall points of
+            :attr:`EvalCurves.recall` (the mask PR curve of :mod:`.plots`); not in :meth:`to_dict`.
     """
 
     map50_95: float
@@ -35,6 +37,7 @@ class MaskMetrics:
     precision: float
     recall: float
     per_class: list[ClassMetrics]
+    pr_precision: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """``{map50_95, map50, precision, recall, per_class: {name: {...}}}``."""
