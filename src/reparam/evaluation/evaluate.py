@@ -345,7 +345,7 @@ def describe(result: EvalResult) -> str:
         lines.append(f"  {'all (mask)':<12} {d['instances']:>9} {fmt(mk.precision)} {fmt(mk.recall)} "
                      f"{fmt(mk.map50)} {fmt(mk.map50_95):>9}")
         for c in mk.per_class:
-            lines.append(f"  {c.name[:12]:<12} {c.instances:>9} {fmt(c.precision)} {fmt(c.recall)} "
+            lines.append(f"  {('mask ' + c.name)[:12]:<12} {c.instances:>9} {fmt(c.precision)} {fmt(c.recall)} "
                          f"{fmt(c.map50)} {fmt(c.map50_95):>9}")
     elif result.masks_absent:
         lines.append(f"  masks        not scored: {result.masks_absent} (box metrics only)")
