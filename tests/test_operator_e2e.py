@@ -331,3 +331,54 @@ def test_concurrency_limit_queues_in_creation_order(env, ns, runner, start_opera
     assert metric(m, "reparam_conversions_total", outcome="succeeded") == 2
     assert metric(m, "reparam_conversions_queued") == 0
     assert metric(m, "reparam_job_queue_duration_seconds_count") == 3  # c1, c2 (deleted while running), c3
+
+
+def test_segmentation_conversion_registers_and_promotes_on_mask_map(env, ns, runner, start_operator,
+                                                                    tmp_path) -> None:
+    """Issue #14 point 5: a segmentation ModelConversion (a quarter-width yolov9-c-dseg dual checkpoint built from
+    the published config) with a polygon-labelled evaluation set on S3 converts, evaluates box and mask mAP,
+    registers and is promoted on its mask mAP like detection; the status and the version carry both metrics."""
+    import shutil
+
+    from reparam.converter.official_format import save_official
+    from reparam.models.published import published_config
+    from test_segmentation_eval import NAMES, draw_polygon_set
+    from test_segmentation_heads import build, quarter
+
+    dual = build(quarter(published_config("yolov9-c-dseg", nc=len(NAMES))))
+    dual.names = dict(enumerate(NAMES))
+    ckpt = tmp_path / "seg-best.pt"
+    save_official(dual.half(), ckpt)
+    draw_polygon_set(tmp_path / "seg-data")
+    archive = shutil.make_archive(str(tmp_path / "seg-val"), "zip", tmp_path / "seg-data")
+    s3 = REAL["s3"]
+    run = uuid.uuid4().hex[:8]
+    s3.client().upload_file(str(ckpt), s3.bucket, f"operator-e2e/{run}/seg-best.pt")
+    s3.client().upload_file(archive, s3.bucket, f"operator-e2e/{run}/seg-val.zip")
+    model = f"{REAL['model']}-seg"
+    secret(env, ns)
+    start_operator()
+    env.call(lambda: runner.gate.open_all())
+    body = conversion("seg-v1", ns, source={"uri": f"s3://{s3.bucket}/operator-e2e/{run}/seg-best.pt", "sha256": ""},
+                      conversion={"fuse": False, "precision": "fp16", "formats": ["pt"], "atol": 1e-4},
+                      evaluation={"data": f"s3://{s3.bucket}/operator-e2e/{run}/seg-val.zip", "imgsz": 128},
+                      promotion={"alias": "champion", "minMap": 0.0})
+    body["spec"]["registry"]["modelName"] = model
+    body["spec"]["registry"].pop("aliases")
+    create(env, body)
+    wait_for(lambda: phase(env, ns, "seg-v1") in ("Succeeded", "Failed"), 600, what="seg-v1 finished")
+    obj = mc(env, ns, "seg-v1")
+    assert phase(env, ns, "seg-v1") == "Succeeded", obj.get("status")
+    result = obj["status"]["result"]
+    metrics = result["metrics"]
+    assert isinstance(metrics["map50_95"], float) and isinstance(metrics["mask_map50_95"], float)
+    assert isinstance(metrics["mask_map50"], float) and len(metrics["datasetDigest"]) == 64
+    assert result["promotion"]["decision"] == "promoted" and result["version"] == "1"
+    assert cond(obj, "Registered")["status"] == "True"
+    assert str(REAL["client"].get_model_version_by_alias(model, "champion").version) == "1"
+    tags = REAL["client"].get_model_version(model, "1").tags
+    assert tags["reparam.eval.metric"] == "mask"
+    assert float(tags["reparam.eval.mask_map50_95"]) == metrics["mask_map50_95"]
+    assert float(tags["reparam.eval.map50_95"]) == metrics["map50_95"]
+    (run_,) = runner.executor_.runs  # type: ignore[attr-defined]
+    assert "--eval-data" in run_.command and "--promote" in run_.command

@@ -419,10 +419,12 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
         d = ev["dataset"]
         lines.append(f"  evaluation   {d['source']} ({d['images']} images, {len(d['skipped'])} skipped, digest "
                      f"{d['digest'][:12]}): dual mAP@0.5:0.95 {ev['dual']['map50_95']:.4f}, mAP@0.5 "
-                     f"{ev['dual']['map50']:.4f}")
+                     f"{ev['dual']['map50']:.4f}" + _mask_part(ev["dual"]))
         for a in ev["artifacts"]:
+            mask = (f", mask {a['mask_map50_95']:.4f} (delta {a['delta_mask_map50_95']:+.2g})"
+                    if "delta_mask_map50_95" in a else "")
             lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
-                         f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
+                         f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}){mask} "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
         for f in ev.get("files", []) if report.get("outputs_kept", True) else []:
             lines.append(f"  wrote        {f['path']} ({f['kind'].replace('_', ' ')} of {f['form']})")
@@ -479,9 +481,15 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
         ev = report.get("evaluation") or {}
         promo = report.get("promotion") or {}
         if ev.get("dual") or promo.get("map50_95") is not None:
-            s["metrics"] = {"map50_95": promo.get("map50_95", (ev.get("dual") or {}).get("map50_95")),
-                            "map50": (ev.get("dual") or {}).get("map50"),
+            dual = ev.get("dual") or {}
+            box = promo.get("map50_95") if promo.get("metric", "box") == "box" else None
+            s["metrics"] = {"map50_95": box if box is not None else dual.get("map50_95"),
+                            "map50": dual.get("map50"),
                             "datasetDigest": promo.get("compared_on_digest") or (ev.get("dataset") or {}).get("digest")}
+            masks = dual.get("masks") or {}
+            mask = promo.get("map50_95") if promo.get("metric") == "mask" else masks.get("map50_95")
+            if mask is not None:  # a segmentation model on polygon labels
+                s["metrics"].update({"mask_map50_95": mask, "mask_map50": masks.get("map50")})
         if promo:
             s["promotion"] = {"alias": promo.get("alias"), "decision": promo.get("decision"),
                               "reason": promo.get("reason"), "previousVersion": promo.get("previous_version")}
@@ -527,11 +535,19 @@ def _move_promotion(report: dict[str, Any]) -> None:
         report["promotion"] = promo
 
 
+def _mask_part(entry: dict[str, Any]) -> str:
+    """The mask metrics of a segmentation model's evaluation entry (or why there are none); empty for detection."""
+    if entry.get("masks"):
+        return f"; mask mAP@0.5:0.95 {entry['masks']['map50_95']:.4f}, mAP@0.5 {entry['masks']['map50']:.4f}"
+    return f"; masks not scored: {entry['masks_absent']}" if entry.get("masks_absent") else ""
+
+
 def _promotion_line(report: dict[str, Any]) -> list[str]:
     p = report.get("promotion")
     if not p:
         return []
-    m = f"mAP@0.5:0.95 {p['map50_95']:.4f}" if isinstance(p.get("map50_95"), float) else "no mAP"
+    kind = "mask mAP@0.5:0.95" if p.get("metric") == "mask" else "mAP@0.5:0.95"
+    m = f"{kind} {p['map50_95']:.4f}" if isinstance(p.get("map50_95"), float) else "no mAP"
     prev = " (first holder)"
     if p.get("previous_version"):
         prev = f" vs version {p['previous_version']}" + (f" ({p['previous_map50_95']:.4f})"
@@ -552,7 +568,9 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 
     def evaluate(path: Path) -> Measured:
         res = evaluate_model(load_model(path), dataset, settings, path=str(path), progress=False)
-        return Measured(res.dataset["digest"], args.eval_imgsz, float(res.map50_95), float(res.map50))
+        mk = res.masks
+        return Measured(res.dataset["digest"], args.eval_imgsz, float(res.map50_95), float(res.map50),
+                        None if mk is None else float(mk.map50_95), None if mk is None else float(mk.map50))
 
     return {"alias": args.promote, "gates": Gates(args.min_map, args.max_regression), "hold_alias": args.hold_alias,
             "evaluate": evaluate, "dataset_source": dataset.source,

@@ -51,8 +51,9 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
     "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_DEVICE", "DEFAULT_FORMATS", "DEFAULT_PRECISION",
-    "DEFAULT_TRIPLE_HEAD", "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX", "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION",
-    "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision",
+    "DEFAULT_PROMOTION_METRIC", "DEFAULT_TRIPLE_HEAD", "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX",
+    "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "PROMOTION_METRICS",
+    "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision",
     "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef", "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX",
     "TRACKING_URI_PATTERN", "TRIPLE_HEAD_BRANCHES", "alias_problem", "check_aliases", "device_problem",
     "model_name_problem", "parse_precision", "parse_source_uri", "resolve_formats", "sha256_problem",
@@ -94,6 +95,17 @@ DEFAULT_ATOL = 1e-4
 TRIPLE_HEAD_BRANCHES = ("fine", "coarse")
 #: The default: the branch the official eval forward returns, which the official detect.py runs NMS on.
 DEFAULT_TRIPLE_HEAD = "fine"
+
+# --- promotion metric ---------------------------------------------------------------------------------------
+
+#: The COCO mAP@0.5:0.95 kinds the gated promotion can compare (``--min-map``, ``--max-regression``, the champion
+#: race): ``box`` (every model) and ``mask`` (a segmentation model evaluated on polygon labels).
+PROMOTION_METRICS = ("mask", "box")
+#: The metric compared: ``mask`` = a segmentation model's mask mAP@0.5:0.95 when its evaluation has one, else the
+#: box mAP@0.5:0.95. Mask mAP is what a segmentation model is for (the official segment/val.py reports both and
+#: WongKinYiu/yolov9 publishes the seg models' mask AP next to their box AP); its boxes are scored too and recorded.
+#: A champion measured without masks is evaluated again before a mask comparison (never box against mask).
+DEFAULT_PROMOTION_METRIC = "mask"
 
 # --- names --------------------------------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ Fields (all optional except ``outcome``)::
     message        one line for humans (a failure's error message)
     modelName, version, modelUri, aliases      registry result (when registered)
     deploySha256, paramsBefore, paramsAfter, maxAbsDiff, bytesBefore, bytesAfter
-    metrics        {map50_95, map50, datasetDigest} (``--eval-data``; map50_95 is the gated deploy .pt's when
-                   ``--promote`` ran, else the dual model's)
+    metrics        {map50_95, map50, datasetDigest, mask_map50_95, mask_map50} (``--eval-data``; box mAP, and
+                   mask mAP for a segmentation model on polygon labels; the compared one is the gated deploy .pt's
+                   when ``--promote`` ran, else the dual model's)
     promotion      {alias, decision: "promoted"|"held", reason, previousVersion} (``--promote``)
 """
 

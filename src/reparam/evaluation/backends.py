@@ -19,7 +19,10 @@ TorchScript module is upcast to fp32. Models are not fused here (the converter e
 ``fused`` entry).
 
 Every predictor maps ``images [B, 3, H, W]`` float32 RGB in [0, 1] to ``y [B, 4 + nc, A]`` float32 (box xywh in
-input pixels, then class scores), the main branch only.
+input pixels, then class scores), the main branch only. A segmentation model (``DSegment``/``DualDSegment`` head;
+ONNX/TorchScript metadata ``task: segment``, ONNX ``output0``/``output1``) has ``nm > 0`` and its predictor returns
+``(y [B, 4 + nc + nm, A], prototypes [B, nm, H/4, W/4])``: the mask coefficients after the class scores, as
+YOLOv9's ``DSegment`` outputs them.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import InvalidInputError
+
+#: what a predictor returns: ``y`` (detection) or ``(y, prototypes)`` (segmentation, ``nm > 0``)
+Prediction = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -44,26 +50,48 @@ class LoadedModel:
     Attributes:
         form: ``dual``, ``pt``, ``safetensors``, ``onnx``, ``torchscript`` or ``fused``.
         names: class id -> name; stride: the largest stride in pixels.
-        predict: ``images [B, 3, H, W] float32 -> y [B, 4 + nc, A] float32``.
+        predict: ``images [B, 3, H, W] float32 -> y [B, 4 + nc, A] float32``; for a segmentation model
+            (``nm > 0``) ``-> (y [B, 4 + nc + nm, A], prototypes [B, nm, H_p, W_p])`` float32.
         fixed_shape: ``(h, w)`` the model only accepts (a static ONNX graph), else None.
         fixed_batch: the only batch size it accepts, else None.
         precision: what the forward pass computes in (``float32`` / ``float16``), and the stored weights' dtype.
+        nm: number of mask coefficients (0: a detection model).
     """
 
     form: str
     names: dict[int, str]
     stride: int
-    predict: Callable[[torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.Tensor], Prediction]
     fixed_shape: tuple[int, int] | None = None
     fixed_batch: int | None = None
     precision: str = "float32"
     weights_dtype: str = "float32"
+    nm: int = 0
+
+    @property
+    def task(self) -> str:
+        """``segment`` for a model with mask outputs, else ``detect``."""
+        return "segment" if self.nm else "detect"
 
 
-def _torch_predictor(model: nn.Module, device: torch.device | str | None = None) -> Callable[[torch.Tensor],
-                                                                                           torch.Tensor]:
-    """``images -> y`` of a torch model in fp32; with a CUDA ``device`` the model is moved there (in place), each
-    batch goes there and the prediction comes back to the CPU."""
+def _segment_output(out: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, prototypes)`` of a segmentation head's eval output (``(cat(y, mc), (maps, mc, p))``) or export output
+    (``(cat(y, mc), p)``, TorchScript)."""
+    from ..converter.validation import unpack_output
+
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out) \
+            and out[1].dim() == 4:
+        return out[0], out[1]
+    parts = unpack_output(out)
+    if parts.prototypes is None:
+        raise ValueError("the segmentation model returned no prototypes")
+    return parts.y, parts.prototypes
+
+
+def _torch_predictor(model: nn.Module, device: torch.device | str | None = None,
+                     segment: bool = False) -> Callable[[torch.Tensor], Prediction]:
+    """``images -> y`` (``segment``: ``-> (y, prototypes)``) of a torch model in fp32; with a CUDA ``device`` the
+    model is moved there (in place), each batch goes there and the prediction comes back to the CPU."""
     from ..converter.validation import main_output, strict_fp32
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -71,9 +99,13 @@ def _torch_predictor(model: nn.Module, device: torch.device | str | None = None)
     if dev.type != "cpu":
         model.to(dev)
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> Prediction:
         with torch.inference_mode(), strict_fp32():
-            return main_output(model(x.to(dev))).float().cpu()
+            out = model(x.to(dev))
+            if segment:
+                y, p = _segment_output(out)
+                return y.float().cpu(), p.float().cpu()
+            return main_output(out).float().cpu()
 
     return predict
 
@@ -90,8 +122,9 @@ def from_module(model: nn.Module, form: str = "fused", names: dict[int, str] | N
     ``device``: where it computes (``None``: the CPU; a CUDA device moves the model there, in place, in fp32)."""
     stride = int(max(torch.as_tensor(model.stride).tolist()))
     dtype = _dtype_of(model)
-    return LoadedModel(form, dict(names or model.names), stride, _torch_predictor(model, device),
-                       weights_dtype=dtype)
+    nm = int(getattr(model.model[-1], "nm", 0) or 0) if hasattr(model, "model") else 0
+    return LoadedModel(form, dict(names or model.names), stride, _torch_predictor(model, device, bool(nm)),
+                       weights_dtype=dtype, nm=nm)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -101,6 +134,17 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as zf:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _meta_nm(meta: dict[str, str], path: Path) -> int:
+    """Mask coefficients of an exported model from its metadata (``task: segment``, ``nm``); 0 for detection."""
+    if str(meta.get("task", "detect")) != "segment":
+        return 0
+    try:
+        return int(meta["nm"])
+    except (KeyError, ValueError, TypeError):
+        raise InvalidInputError(f"'{path}' is a segmentation model without 'nm' in its metadata (export it with "
+                                "reparam, which stores it)") from None
 
 
 def _meta_names(meta: dict[str, str], path: Path) -> tuple[dict[int, str], int]:
@@ -122,10 +166,14 @@ def _load_onnx(path: Path) -> LoadedModel:
         proto = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
         raise InvalidInputError(f"'{path}' is not a readable ONNX model ({type(exc).__name__})") from None
-    names, stride = _meta_names({p.key: p.value for p in proto.metadata_props}, path)
-    if len(proto.graph.output) != 1:
+    meta = {p.key: p.value for p in proto.metadata_props}
+    names, stride = _meta_names(meta, path)
+    nm = _meta_nm(meta, path)
+    wanted = 2 if nm else 1
+    if len(proto.graph.output) != wanted:
+        raw = "output0 and output1 (prototypes)" if nm else "output0"
         raise InvalidInputError(f"'{path}' has {len(proto.graph.output)} outputs: evaluation needs the raw prediction "
-                                "graph (output0), not an end-to-end (--nms) graph")
+                                f"graph ({raw}), not an end-to-end (--nms) graph")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     fp16 = proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     sess = None
@@ -142,13 +190,15 @@ def _load_onnx(path: Path) -> LoadedModel:
     name = sess.get_inputs()[0].name
     half_in = precision == "float16"
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> Prediction:
         arr = x.numpy().astype(np.float16) if half_in else x.numpy()
-        return torch.from_numpy(np.asarray(sess.run(None, {name: arr})[0])).float()
+        outs = sess.run(None, {name: arr})
+        y = torch.from_numpy(np.asarray(outs[0])).float()
+        return (y, torch.from_numpy(np.asarray(outs[1])).float()) if nm else y
 
     fixed = (dims[2], dims[3]) if dims[2] and dims[3] else None
     return LoadedModel("onnx", names, stride, predict, fixed_shape=fixed, fixed_batch=dims[0],
-                       precision=precision, weights_dtype="float16" if fp16 else "float32")
+                       precision=precision, weights_dtype="float16" if fp16 else "float32", nm=nm)
 
 
 def _load_torchscript(path: Path, device: torch.device | str | None = None) -> LoadedModel:
@@ -162,19 +212,24 @@ def _load_torchscript(path: Path, device: torch.device | str | None = None) -> L
     except ValueError:
         meta = {}
     names, stride = _meta_names(meta, path)
+    nm = _meta_nm(meta, path)
     dtype = _dtype_of(module)
     module = module.float()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type != "cpu":
         module = module.to(dev)
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> Prediction:
         from ..converter.validation import main_output, strict_fp32
 
         with torch.inference_mode(), strict_fp32():
-            return main_output(module(x.to(dev))).float().cpu()
+            out = module(x.to(dev))
+            if nm:
+                y, p = _segment_output(out)
+                return y.float().cpu(), p.float().cpu()
+            return main_output(out).float().cpu()
 
-    return LoadedModel("torchscript", names, stride, predict, weights_dtype=dtype)
+    return LoadedModel("torchscript", names, stride, predict, weights_dtype=dtype, nm=nm)
 
 
 def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.device | str | None = None) -> LoadedModel:
@@ -202,7 +257,7 @@ def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.devic
 
     ckpt = read_checkpoint(path, prefer_ema=prefer_ema)
     model = build_model(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
-    form = "pt" if ckpt.head_name == "DDetect" else "dual"
+    form = "pt" if ckpt.head_name in ("DDetect", "DSegment") else "dual"
     loaded = from_module(model, form, ckpt.names, device=device)
     loaded.weights_dtype = ckpt.dtype
     return loaded

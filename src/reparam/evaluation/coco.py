@@ -1,4 +1,4 @@
-"""Detection metrics with pycocotools (the reference COCO API), not our own AP code.
+"""Detection and instance-mask metrics with pycocotools (the reference COCO API), not our own AP code.
 
 The labels become a COCO ground truth (one category per class id, boxes in native pixels, clipped to the image as the
 official ``val.py`` clips them); the detections a COCO result set. ``COCOeval`` (bbox, ``maxDets`` raised to the
@@ -14,13 +14,17 @@ predictions to labels per IoU threshold by IoU rank, and integrates an interpola
 (``np.interp`` on 101 points, trapezoid); its P/R is taken at one confidence shared by all classes (max mean F1).
 COCO matches by score order and averages the precision envelope at 101 recall points. The measured differences on
 the fixture set are in ``tests/test_evaluation.py`` (the documented tolerance).
+
+Masks (:func:`coco_mask_metrics`): the same numbers with ``COCOeval(iouType="segm")``: ground truths are the polygon
+labels in native pixels (pycocotools rasterises them), detections the RLEs of :mod:`.masks`; IoU is mask IoU
+(``pycocotools.mask.iou``). This is what the official ``segment/val.py --save-json`` scores with pycocotools.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,7 +41,7 @@ def label_boxes_xyxy(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.ndarray, np.ndarray]],
-                 detections: Sequence[np.ndarray], nc: int, max_det: int = 300) -> dict:
+                 detections: Sequence[np.ndarray], nc: int, max_det: int = 300) -> dict[str, Any]:
     """COCO metrics of a detector on a dataset.
 
     Args:
@@ -53,9 +57,6 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
         at IoU 0.5 there (the precision envelope whose mean is AP50; NaN for a class without labels, 0 past the
         largest recall reached): the PR curve of :mod:`.plots`.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     images, gts, dts = [], [], []
     for i, ((w, h), (cls, box)) in enumerate(zip(sizes, labels)):
         images.append({"id": i + 1, "width": int(w), "height": int(h)})
@@ -70,6 +71,56 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
             dts.append({"id": len(dts) + 1, "image_id": i + 1, "category_id": int(c) + 1, "score": float(score),
                         "iscrowd": 0, "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                         "area": float((x2 - x1) * (y2 - y1))})
+    return _score(images, gts, dts, nc, max_det, "bbox")
+
+
+def coco_mask_metrics(sizes: Sequence[tuple[int, int]],
+                      labels: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]],
+                      detections: Sequence[np.ndarray], rles: Sequence[Sequence[dict[str, Any]]], nc: int,
+                      max_det: int = 300) -> dict[str, Any]:
+    """COCO instance-mask metrics (``iouType="segm"``) of a segmentation model on a polygon-labelled dataset.
+
+    Args:
+        sizes: native ``(width, height)`` of each image, pixels.
+        labels: per image ``(classes [N] int, polygons: N arrays [K, 2] x, y in native pixels)``.
+        detections: per image ``[M, 6]`` rows ``x1, y1, x2, y2, score, class`` in native pixels.
+        rles: per image the ``M`` COCO RLEs of those detections' masks (native size, :func:`.masks.image_rles`).
+        nc: number of classes; max_det: most detections per image that count.
+
+    Returns:
+        As :func:`coco_metrics` (the same keys, mask AP instead of box AP).
+    """
+    from pycocotools import mask as mask_utils
+
+    from .masks import polygon_annotation
+
+    images, gts, dts = [], [], []
+    for i, ((w, h), (cls, polys)) in enumerate(zip(sizes, labels)):
+        images.append({"id": i + 1, "width": int(w), "height": int(h)})
+        for c, poly in zip(cls, polys):
+            seg = polygon_annotation(poly)
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, int(h), int(w)))
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            gts.append({"id": len(gts) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
+                        "segmentation": seg, "bbox": [x, y, bw, bh], "area": float(mask_utils.area(rle))})
+    for i, (det, det_rles) in enumerate(zip(detections, rles)):
+        rows = np.asarray(det, dtype=np.float64).reshape(-1, 6)
+        if len(rows) != len(det_rles):
+            raise ValueError(f"image {i}: {len(rows)} detections but {len(det_rles)} masks")
+        for (x1, y1, x2, y2, score, c), rle in zip(rows, det_rles):
+            dts.append({"id": len(dts) + 1, "image_id": i + 1, "category_id": int(c) + 1, "score": float(score),
+                        "iscrowd": 0, "segmentation": rle, "bbox": [float(x1), float(y1), float(x2 - x1),
+                                                                      float(y2 - y1)],
+                        "area": float(mask_utils.area(rle))})
+    return _score(images, gts, dts, nc, max_det, "segm")
+
+
+def _score(images: list[dict[str, Any]], gts: list[dict[str, Any]], dts: list[dict[str, Any]], nc: int,
+           max_det: int, iou_type: str) -> dict[str, Any]:
+    """Run ``COCOeval`` (``iou_type`` ``bbox`` or ``segm``) and summarise it (module docstring)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     cats = [{"id": k + 1, "name": str(k)} for k in range(nc)]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
         gt = COCO()
@@ -78,7 +129,7 @@ def coco_metrics(sizes: Sequence[tuple[int, int]], labels: Sequence[tuple[np.nda
         dt = COCO()
         dt.dataset = {"images": images, "annotations": dts, "categories": cats}
         dt.createIndex()
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
         ev.params.maxDets = [1, 10, int(max_det)]
         ev.evaluate()
         ev.accumulate()

@@ -57,7 +57,7 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
     ref_model = from_module(dual, "dual", device=device)
     say(f"evaluating on {dataset.source} ({len(dataset.items)} images, digest {dataset.digest[:12]})")
     ref = evaluate_model(ref_model, dataset, settings, label="evaluating dual")
-    say(f"dual: mAP@0.5:0.95 {ref.map50_95:.4f}, mAP@0.5 {ref.map50:.4f}")
+    say(f"dual: mAP@0.5:0.95 {ref.map50_95:.4f}, mAP@0.5 {ref.map50:.4f}" + _mask_note(ref))
     same_shape: dict[tuple[int, int], EvalResult] = {}
     pairs: list[tuple[EvalResult, EvalResult]] = []
     skipped: list[dict[str, Any]] = []
@@ -80,7 +80,9 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
                                                                 label=f"evaluating dual at {loaded.fixed_shape}")
             base = same_shape[loaded.fixed_shape]
         pairs.append((res, base))
-        say(f"{form}: mAP@0.5:0.95 {res.map50_95:.4f} (delta {res.map50_95 - base.map50_95:+.2g})")
+        say(f"{form}: mAP@0.5:0.95 {res.map50_95:.4f} (delta {res.map50_95 - base.map50_95:+.2g})"
+            + ("" if res.masks is None or base.masks is None else
+               f", mask {res.masks.map50_95:.4f} (delta {res.masks.map50_95 - base.masks.map50_95:+.2g})"))
     section = comparison(dataset, ref, pairs, atol)
     section["artifacts"] += skipped
     if stem is not None and section["passed"]:
@@ -92,9 +94,23 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
     if not section["passed"]:
         bad = [a for a in section["artifacts"] if a.get("passed") is False]
         err = ValidationFailedError(
-            "evaluation failed: " + "; ".join(f"{a['format']} mAP@0.5:0.95 {a['map50_95']:.4f} differs from the "
-                                              f"dual model's by {a['delta_map50_95']:+.4f}" for a in bad)
+            "evaluation failed: " + "; ".join(_failure(a) for a in bad)
             + f" (--eval-atol {atol:g}); nothing was published")
         err.evaluation = section  # type: ignore[attr-defined]
         raise err
     return section
+
+
+def _mask_note(res: EvalResult) -> str:
+    """``, mask mAP@0.5:0.95 x`` / ``; masks not scored: why`` for a segmentation model; empty for detection."""
+    if res.masks is not None:
+        return f"; mask mAP@0.5:0.95 {res.masks.map50_95:.4f}, mask mAP@0.5 {res.masks.map50:.4f}"
+    return f"; masks not scored: {res.masks_absent}" if res.masks_absent else ""
+
+
+def _failure(a: dict[str, Any]) -> str:
+    """One failed artifact: the metric(s) that differ from the dual model's."""
+    parts = [f"mAP@0.5:0.95 {a['map50_95']:.4f} differs from the dual model's by {a['delta_map50_95']:+.4f}"]
+    if "delta_mask_map50_95" in a:
+        parts.append(f"mask mAP@0.5:0.95 {a['mask_map50_95']:.4f} by {a['delta_mask_map50_95']:+.4f}")
+    return f"{a['format']} " + ", ".join(parts)

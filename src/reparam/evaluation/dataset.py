@@ -5,7 +5,8 @@ Layout (the one WongKinYiu/yolov9 ``utils/dataloaders.py`` reads)::
     data.yaml            names: [a, b, ...] (or {0: a, ...}), val: images/val (folder, .txt list, or a list),
                          path: dataset root (optional; relative = relative to data.yaml's folder)
     images/val/x.jpg     any image OpenCV reads
-    labels/val/x.txt     one ``class cx cy w h`` line per box, normalised to [0, 1]
+    labels/val/x.txt     one ``class cx cy w h`` line per box, normalised to [0, 1], or (segmentation) one
+                         ``class x1 y1 x2 y2 ... xn yn`` polygon line per object (n >= 3 points, normalised)
 
 Label files are found as the official ``img2label_paths`` does: the last ``/images/`` of the image path becomes
 ``/labels/`` and the suffix ``.txt``. Unlike the official ``check_dataset`` (which resolves a relative ``path``
@@ -18,6 +19,13 @@ is corrupt ("ignoring corrupt image/label"): an image OpenCV cannot decode, a la
 or with a non-number, a class id outside ``names``, a coordinate outside [0, 1], or a box of zero size. An image
 without a label file is a background image (no objects), as in the official loader; duplicate label rows are
 removed (noted in :attr:`Dataset.notes`) as the official loader does.
+
+Polygon labels (the official segmentation layout, ``utils/segment/dataloaders.py``): a line with more than 5 fields
+is a polygon ``class x1 y1 ... xn yn``; its box is the polygon's bounding box (official ``segments2boxes``). A
+polygon line needs an even number of coordinates, at least 3 points, all in [0, 1], and a box of non-zero size, or
+the image is skipped with the reason. :attr:`Item.segments` keeps each instance's polygon (None for a box line), and
+:meth:`Dataset.masks_problem` says whether the split can score masks: only when every labelled instance has a
+polygon (a boxes-only or mixed dataset gets box metrics only, with that reason in the result).
 
 Sources (:func:`fetch_dataset`): a local folder (or its ``data.yaml``), a ``.zip``/``.tar``/``.tar.gz``/``.tgz``
 archive of one (local, ``s3://``, ``http(s)://``, ``runs:/``, ``models:/``), an ``s3://bucket/prefix`` folder, or an
@@ -53,6 +61,8 @@ class Item:
         path: the image file; rel: its path relative to the dataset root (POSIX).
         width, height: native size in pixels.
         classes: ``[N]`` int64 class ids; boxes: ``[N, 4]`` float64 ``cx, cy, w, h`` normalised to [0, 1].
+        segments: per instance its polygon ``[K, 2]`` float64 ``x, y`` normalised to [0, 1] (K >= 3), or None for
+            an instance labelled by a box line.
     """
 
     path: Path
@@ -61,6 +71,12 @@ class Item:
     height: int
     classes: np.ndarray
     boxes: np.ndarray
+    segments: list[np.ndarray | None] = field(default_factory=list)
+
+    def polygons_px(self) -> list[np.ndarray | None]:
+        """Each instance's polygon in native pixels (``[K, 2]`` ``x, y``), None for a box-labelled one."""
+        scale = np.array([self.width, self.height], dtype=np.float64)
+        return [None if s is None else s * scale for s in self.segments]
 
 
 @dataclass
@@ -92,9 +108,27 @@ class Dataset:
         """Number of labelled boxes over the usable images."""
         return int(sum(len(i.classes) for i in self.items))
 
+    @property
+    def polygon_instances(self) -> int:
+        """Number of labelled instances that have a polygon (segmentation labels)."""
+        return int(sum(s is not None for i in self.items for s in i.segments))
+
+    def masks_problem(self) -> str | None:
+        """Why this split cannot score masks (None when it can: every labelled instance has a polygon)."""
+        n, poly = self.instances, self.polygon_instances
+        if n == 0:
+            return "the dataset has no labelled instances"
+        if poly == 0:
+            return "the dataset's labels are boxes only (no polygon labels: class x1 y1 x2 y2 ...)"
+        if poly < n:
+            return f"only {poly} of the dataset's {n} labelled instances have a polygon (the others are box lines)"
+        return None
+
     def summary(self) -> dict[str, Any]:
-        """``{digest, source, images, instances, skipped, notes, images_without_labels}`` for reports."""
+        """``{digest, source, images, instances, polygon_instances, skipped, notes, images_without_labels}`` for
+        reports."""
         return {"digest": self.digest, "source": self.source, "images": len(self.items), "instances": self.instances,
+                "polygon_instances": self.polygon_instances,
                 "skipped": list(self.skipped), "notes": list(self.notes),
                 "images_without_labels": self.images_without_labels}
 
@@ -281,43 +315,61 @@ def label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def _parse_labels(path: Path, nc: int) -> tuple[np.ndarray | None, str, list[str]]:
-    """``(rows [N, 5] or None, reason when None, notes)`` of one label file."""
+def _parse_labels(path: Path, nc: int) -> tuple[np.ndarray | None, list[np.ndarray | None], str, list[str]]:
+    """``(rows [N, 5] or None, polygons per row, reason when None, notes)`` of one label file.
+
+    A 5-field line is a box (``class cx cy w h``); a longer one a polygon (``class x1 y1 ... xn yn``) whose row is
+    its bounding box (official ``segments2boxes``) and whose polygon ``[n, 2]`` is kept (None for a box line).
+    """
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        return None, f"label file unreadable ({type(exc).__name__})", []
+        return None, [], f"label file unreadable ({type(exc).__name__})", []
     notes: list[str] = []
     lines = text.splitlines()
     blank = sum(1 for ln in lines if not ln.strip())
     if blank and text.strip():
         notes.append(f"{blank} blank line(s) ignored")
-    rows = []
+    rows: list[list[float]] = []
+    polys: list[np.ndarray | None] = []
+    keys: set[tuple[float, ...]] = set()
+    duplicates = 0
     for n, line in enumerate(lines, 1):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) != 5:
-            return None, f"label line {n} has {len(fields)} fields, expected 5 (class cx cy w h)", notes
+        if len(fields) < 5 or (len(fields) > 5 and (len(fields) % 2 == 0 or len(fields) < 7)):
+            return None, [], (f"label line {n} has {len(fields)} fields, expected 5 (class cx cy w h) or a polygon "
+                              "(class x1 y1 x2 y2 ... with 3 or more points)"), notes
         try:
             vals = [float(v) for v in fields]
         except ValueError:
-            return None, f"label line {n} is not numeric: {line.strip()[:60]!r}", notes
+            return None, [], f"label line {n} is not numeric: {line.strip()[:60]!r}", notes
         cls = vals[0]
         if cls != int(cls) or not 0 <= cls < nc:
-            return None, f"label line {n}: class {fields[0]} is not one of 0..{nc - 1}", notes
+            return None, [], f"label line {n}: class {fields[0]} is not one of 0..{nc - 1}", notes
+        what = "box" if len(fields) == 5 else "polygon"
         if not all(np.isfinite(vals[1:])) or min(vals[1:]) < 0 or max(vals[1:]) > 1:
-            return None, f"label line {n}: box {' '.join(fields[1:])} is outside [0, 1] (normalised xywh)", notes
+            coords = " ".join(fields[1:5]) + (" ..." if len(fields) > 5 else "")
+            return None, [], f"label line {n}: {what} {coords} is outside [0, 1] (normalised)", notes
+        key = tuple(vals)
+        if key in keys:
+            duplicates += 1
+            continue
+        keys.add(key)
+        if len(fields) == 5:
+            poly = None
+        else:
+            poly = np.array(vals[1:], dtype=np.float64).reshape(-1, 2)
+            lo, hi = poly.min(0), poly.max(0)
+            vals = [cls, *((lo + hi) / 2).tolist(), *(hi - lo).tolist()]
         if vals[3] <= 0 or vals[4] <= 0:
-            return None, f"label line {n}: box has zero width or height", notes
+            return None, [], f"label line {n}: {what} has zero width or height", notes
         rows.append(vals)
-    arr = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    uniq = np.unique(arr, axis=0)
-    if len(uniq) < len(arr):
-        notes.append(f"{len(arr) - len(uniq)} duplicate label row(s) removed")
-        _, first = np.unique(arr, axis=0, return_index=True)
-        arr = arr[np.sort(first)]
-    return arr, "", notes
+        polys.append(poly)
+    if duplicates:
+        notes.append(f"{duplicates} duplicate label row(s) removed")
+    return np.array(rows, dtype=np.float64).reshape(-1, 5), polys, "", notes
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
@@ -387,20 +439,20 @@ def load_dataset(data_yaml: Path, source: str | None = None, split: str = "val")
         lp = label_path(img)
         if lp.is_file():
             hashed.append(lp)
-            rows, reason, notes = _parse_labels(lp, len(names))
+            rows, polys, reason, notes = _parse_labels(lp, len(names))
             lrel = _rel(lp, root)
             ds.notes += [f"{lrel}: {n}" for n in notes]
             if rows is None:
                 ds.skipped.append({"file": rel, "reason": f"{lrel}: {reason}"})
                 continue
         else:
-            rows = np.zeros((0, 5))
+            rows, polys = np.zeros((0, 5)), []
             ds.images_without_labels += 1
         size = _image_size(img)
         if size is None:
             ds.skipped.append({"file": rel, "reason": "image cannot be decoded (corrupt or not an image)"})
             continue
-        ds.items.append(Item(img, rel, size[0], size[1], rows[:, 0].astype(np.int64), rows[:, 1:5].copy()))
+        ds.items.append(Item(img, rel, size[0], size[1], rows[:, 0].astype(np.int64), rows[:, 1:5].copy(), polys))
     if not ds.items:
         raise InvalidInputError(f"dataset {shown}: the '{split}' split has no usable image "
                                 f"({len(ds.skipped)} skipped, e.g. {ds.skipped[0]['file']}: {ds.skipped[0]['reason']})")

@@ -7,6 +7,12 @@ candidate (multi-label), class-wise greedy NMS at ``iou``, the best ``max_det`` 
 (:func:`reparam.converter.export.nms.nms_indices` + :func:`~reparam.converter.export.nms.gather_detections`); boxes
 go back to the native image (``scale_boxes``) and :func:`.coco.coco_metrics` scores them.
 
+Segmentation models (``model.nm > 0``, official ``segment/val.py``): the NMS runs on the boxes and class scores only
+(the mask coefficients ride along with their anchor); the box metrics are scored as for detection. When the dataset
+has polygon labels (:meth:`~.dataset.Dataset.masks_problem` is None) each kept detection's mask is made from the
+prototypes (:mod:`.masks`) and :func:`.coco.coco_mask_metrics` scores them too (:attr:`EvalResult.masks`); a
+boxes-only dataset gives the box metrics and the reason in :attr:`EvalResult.masks_absent`.
+
 Public entry points: :func:`detect_dataset` (a model's detections, unscored), :func:`evaluate_model` (a loaded
 model), :func:`evaluate_file` (a model file: what the registry calls to evaluate a champion version),
 :func:`open_dataset` (fetch + check a dataset once, for several models) and :func:`comparison` (the report's
@@ -27,11 +33,12 @@ import torch
 
 from ..converter.export.nms import gather_detections, nms_indices, nms_inputs
 from .backends import LoadedModel, load_model
-from .coco import coco_metrics, label_boxes_xyxy
+from .coco import coco_mask_metrics, coco_metrics, label_boxes_xyxy
 from .confusion import CONFUSION_CONF, CONFUSION_IOU, confusion_matrix
 from .dataset import Dataset, check_names, fetch_dataset, load_dataset
 from .letterbox import letterbox, load_image, rect_batches, scale_boxes, square_batches, to_tensor
-from .result import ClassMetrics, EvalCurves, EvalResult
+from .masks import image_rles
+from .result import ClassMetrics, EvalCurves, EvalResult, MaskMetrics
 from .settings import EvalSettings
 
 #: default largest allowed |mAP@0.5:0.95 of an artifact - that of the dual model| (``--eval-atol``)
@@ -61,6 +68,25 @@ def _detections(y: torch.Tensor, settings: EvalSettings) -> tuple[torch.Tensor, 
     return gather_detections(selected, boxes, scores, settings.max_det)
 
 
+def _segment_detections(y: torch.Tensor, nc: int, settings: EvalSettings
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Official val NMS on a segmentation prediction ``y [B, 4 + nc + nm, A]``: per image ``(rows [M, 6]`` xyxy,
+    score, class in input pixels, ``coefficients [M, nm])``, the best ``max_det`` by score (the NMS of
+    :func:`_detections` on the boxes and class scores, each kept box with its anchor's mask coefficients)."""
+    boxes, scores = nms_inputs(y[:, :4 + nc])
+    selected = nms_indices(boxes, scores, settings.max_det, settings.iou, settings.conf)
+    out = []
+    for b in range(y.shape[0]):
+        sel = selected[selected[:, 0] == b]
+        c, a = sel[:, 1], sel[:, 2]
+        kept = scores[b, c, a]
+        order = torch.sort(kept, descending=True, stable=True).indices[:settings.max_det]
+        c, a, kept = c[order], a[order], kept[order]
+        rows = torch.cat([boxes[b, a], kept[:, None], c[:, None].float()], 1)
+        out.append((rows, y[b, 4 + nc:, a].T.float()))
+    return out
+
+
 @dataclasses.dataclass
 class DatasetDetections:
     """The detections of one model over a dataset (before scoring).
@@ -71,6 +97,9 @@ class DatasetDetections:
         late_skips: ``{"file", "reason"}`` of those unreadable images.
         batch, imgsz: the batch size and long side actually used; input_shapes: the ``(h, w)`` inputs run.
         seconds: wall time of the pass; forward_s, nms_s: of which the forward passes and the NMS.
+        rles: segmentation with masks only: per dataset item the COCO RLEs of its detections' masks in native
+            pixels, in the order of ``per_image`` (None for an unreadable image); None otherwise.
+        masks_s: of ``seconds``, the time spent making and encoding masks.
     """
 
     per_image: list[np.ndarray | None]
@@ -81,6 +110,8 @@ class DatasetDetections:
     seconds: float
     forward_s: float
     nms_s: float
+    rles: list[list[dict[str, Any]] | None] | None = None
+    masks_s: float = 0.0
 
     @property
     def used(self) -> list[int]:
@@ -89,11 +120,17 @@ class DatasetDetections:
 
 
 def detect_dataset(model: LoadedModel, dataset: Dataset, settings: EvalSettings, *, progress: bool | None = None,
-                   label: str | None = None) -> DatasetDetections:
+                   label: str | None = None, masks: bool | None = None) -> DatasetDetections:
     """Run ``model`` over every item of ``dataset`` with the official val pre-processing and NMS (module docstring).
+
+    ``masks``: make the masks of a segmentation model's detections (``rles``); None: when the model has mask
+    outputs and the dataset has polygon labels.
 
     Raises: whatever the model's ``predict`` raises.
     """
+    if masks is None:
+        masks = bool(model.nm) and dataset.masks_problem() is None
+    nc = len(model.names)
     items = dataset.items
     batch = model.fixed_batch or settings.batch
     if model.fixed_shape:
@@ -103,11 +140,12 @@ def detect_dataset(model: LoadedModel, dataset: Dataset, settings: EvalSettings,
         imgsz = settings.imgsz
         batches = rect_batches([(i.width, i.height) for i in items], batch, imgsz, model.stride)
     dets: list[np.ndarray | None] = [None] * len(items)
+    rles: list[list[dict[str, Any]] | None] | None = [None] * len(items) if masks else None
     shapes_run: set[tuple[int, ...]] = set()
     late_skips: list[dict[str, str]] = []
     bar = _bar(label or f"evaluating {model.form}", len(items), progress)
     t0 = time.perf_counter()
-    t_fwd = t_nms = 0.0
+    t_fwd = t_nms = t_masks = 0.0
     for idx, shape in batches:
         ims, metas = [], []
         for j in idx:
@@ -125,19 +163,33 @@ def detect_dataset(model: LoadedModel, dataset: Dataset, settings: EvalSettings,
             x = torch.cat([x, x.new_zeros((model.fixed_batch - x.shape[0], *x.shape[1:]))])
         shapes_run.add(tuple(x.shape[2:]))
         t = time.perf_counter()
-        y = model.predict(x)
+        pred = model.predict(x)
         t_fwd += time.perf_counter() - t
         t = time.perf_counter()
-        num, boxes, scores, labels = _detections(y, settings)
-        t_nms += time.perf_counter() - t
-        for r, (j, gain, pad, hw0) in enumerate(metas):
-            n = int(num[r, 0])
-            b = scale_boxes(boxes[r, :n], gain, pad, hw0)
-            dets[j] = torch.cat([b, scores[r, :n, None], labels[r, :n, None].float()], 1).numpy()
+        if model.nm:
+            y, protos = pred if isinstance(pred, tuple) else (pred, None)
+            per = _segment_detections(y, nc, settings)
+            t_nms += time.perf_counter() - t
+            for r, (j, gain, pad, hw0) in enumerate(metas):
+                rows, coef = per[r]
+                b = scale_boxes(rows[:, :4], gain, pad, hw0)
+                dets[j] = torch.cat([b, rows[:, 4:]], 1).numpy()
+                if rles is not None and protos is not None:
+                    t = time.perf_counter()
+                    rles[j] = image_rles(protos[r], coef, rows[:, :4], tuple(x.shape[2:]), pad, hw0)
+                    t_masks += time.perf_counter() - t
+        else:
+            assert isinstance(pred, torch.Tensor)
+            num, boxes, scores, labels = _detections(pred, settings)
+            t_nms += time.perf_counter() - t
+            for r, (j, gain, pad, hw0) in enumerate(metas):
+                n = int(num[r, 0])
+                b = scale_boxes(boxes[r, :n], gain, pad, hw0)
+                dets[j] = torch.cat([b, scores[r, :n, None], labels[r, :n, None].float()], 1).numpy()
         bar.update(len(idx))
     seconds = time.perf_counter() - t0
     bar.close()
-    return DatasetDetections(dets, late_skips, batch, imgsz, shapes_run, seconds, t_fwd, t_nms)
+    return DatasetDetections(dets, late_skips, batch, imgsz, shapes_run, seconds, t_fwd, t_nms, rles, t_masks)
 
 
 def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings | None = None, *,
@@ -180,10 +232,22 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
            "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in run.input_shapes])}
     seconds = run.seconds
     curves = EvalCurves(m["pr_recall"], m["pr_precision"], confusion, CONFUSION_CONF, CONFUSION_IOU)
+    timing = {"forward_s": run.forward_s, "nms_s": run.nms_s}
+    mask_metrics, masks_absent = None, None
+    if model.nm and run.rles is not None:
+        rles = run.rles
+        mm = coco_mask_metrics([(items[j].width, items[j].height) for j in used],
+                               [(items[j].classes, items[j].polygons_px()) for j in used], [dets[j] for j in used],
+                               [rles[j] or [] for j in used], nc, settings.max_det)
+        mask_metrics = MaskMetrics(mm["map50_95"], mm["map50"], mm["precision"], mm["recall"],
+                                   [ClassMetrics(dataset.names[k], **c) for k, c in enumerate(mm["per_class"])],
+                                   mm["pr_precision"])
+        timing["masks_s"] = run.masks_s
+    elif model.nm:
+        masks_absent = dataset.masks_problem() or "masks were not computed"
     return EvalResult(model.form, path, m["map50_95"], m["map50"], m["precision"], m["recall"], per_class, summary,
                       ran, model.precision, model.weights_dtype, seconds, len(used) / seconds if seconds else 0.0,
-                      int(sum(len(dets[j]) for j in used)), {"forward_s": run.forward_s, "nms_s": run.nms_s},
-                      curves)
+                      int(sum(len(dets[j]) for j in used)), timing, curves, model.task, mask_metrics, masks_absent)
 
 
 def open_dataset(source: str | Path, workdir: Path, *, split: str = "val",
@@ -230,21 +294,28 @@ def comparison(dataset: Dataset, dual: EvalResult, artifacts: list[tuple[EvalRes
         dataset: the dataset; dual: the dual model's result.
         artifacts: ``(artifact result, the dual model's result under the same input shapes)`` pairs (the second is
             ``dual`` itself unless the artifact has a fixed input shape).
-        atol: largest allowed ``|delta_map50_95|``.
+        atol: largest allowed ``|delta_map50_95|`` (box, and mask for a segmentation model with mask metrics).
 
     Returns:
         ``{dataset: {digest, source, images, instances, skipped, ...}, dual: {map50_95, map50, precision, recall,
-        per_class}, artifacts: [{format, path, map50_95, map50, delta_map50_95, delta_map50, passed, ...}],
-        atol, passed}``.
+        per_class, task, masks | masks_absent}, artifacts: [{format, path, map50_95, map50, delta_map50_95,
+        delta_map50, passed, ...; with masks also mask_map50_95, mask_map50, delta_mask_map50_95,
+        delta_mask_map50}], atol, passed}``.
     """
     arts = []
     for res, ref in artifacts:
         delta = res.map50_95 - ref.map50_95
+        passed = abs(delta) <= atol
         entry = {"format": res.form, "path": res.path, "map50_95": res.map50_95, "map50": res.map50,
                  "delta_map50_95": delta, "delta_map50": res.map50 - ref.map50,
-                 "passed": abs(delta) <= atol, "precision_run": res.precision_run,
+                 "passed": passed, "precision_run": res.precision_run,
                  "weights_dtype": res.weights_dtype, "input_shapes": res.settings["input_shapes"],
                  "images_per_s": res.images_per_s}
+        if res.masks is not None and ref.masks is not None:
+            mdelta = res.masks.map50_95 - ref.masks.map50_95
+            entry.update({"mask_map50_95": res.masks.map50_95, "mask_map50": res.masks.map50,
+                          "delta_mask_map50_95": mdelta, "delta_mask_map50": res.masks.map50 - ref.masks.map50,
+                          "passed": passed and abs(mdelta) <= atol})
         if ref is not dual:
             entry["dual_map50_95_same_shapes"] = ref.map50_95
         arts.append(entry)
@@ -269,6 +340,15 @@ def describe(result: EvalResult) -> str:
     for c in result.per_class:
         lines.append(f"  {c.name[:12]:<12} {c.instances:>9} {fmt(c.precision)} {fmt(c.recall)} {fmt(c.map50)} "
                      f"{fmt(c.map50_95):>9}")
+    if result.masks is not None:
+        mk = result.masks
+        lines.append(f"  {'all (mask)':<12} {d['instances']:>9} {fmt(mk.precision)} {fmt(mk.recall)} "
+                     f"{fmt(mk.map50)} {fmt(mk.map50_95):>9}")
+        for c in mk.per_class:
+            lines.append(f"  {('mask ' + c.name)[:12]:<12} {c.instances:>9} {fmt(c.precision)} {fmt(c.recall)} "
+                         f"{fmt(c.map50)} {fmt(c.map50_95):>9}")
+    elif result.masks_absent:
+        lines.append(f"  masks        not scored: {result.masks_absent} (box metrics only)")
     lines.append(f"  speed        {result.images_per_s:.1f} images/s ({result.form}, {result.precision_run}, "
                  f"inputs {', '.join('x'.join(map(str, s)) for s in result.settings['input_shapes'])})")
     return "\n".join(lines)

@@ -4,9 +4,11 @@ The gates themselves are pure rules of :mod:`reparam.store.promotion` (rules 5-8
 the registry around them:
 
 * **Metrics on a version.** :func:`record_evaluation` writes the tags ``reparam.eval.digest``, ``reparam.eval.imgsz``,
-  ``reparam.eval.map50_95``, ``reparam.eval.map50`` (the latest) and ``reparam.eval.d-<digest[:16]>-<imgsz>``
-  (one per dataset, :func:`eval_tags`) on the model version, and logs ``eval_map50_95`` /
-  ``eval_map50`` as metrics of the version's run, linked to its MLflow 3 logged model (``Metric.model_id``) and to
+  ``reparam.eval.map50_95``, ``reparam.eval.map50`` (box), for a segmentation model on polygon labels also
+  ``reparam.eval.mask_map50_95``, ``reparam.eval.mask_map50``, and ``reparam.eval.metric`` (the one compared) (the
+  latest) and ``reparam.eval.d-<digest[:16]>-<imgsz>`` (one per dataset, :func:`eval_tags`) on the model version,
+  and logs ``eval_map50_95`` / ``eval_map50`` (and ``eval_mask_map50_95`` / ``eval_mask_map50``) as metrics of the
+  version's run, linked to its MLflow 3 logged model (``Metric.model_id``) and to
   the dataset (``Metric.dataset_name`` / ``dataset_digest``), with the dataset logged as a run input
   (``MlflowClient.log_inputs``, source type ``reparam``). MLflow's dataset digest column holds at most 36
   characters (``datasets.digest`` in MLflow's SQL schema), so the MLflow dataset digest is the first 32 hex digits
@@ -62,8 +64,9 @@ Evaluator = Callable[[Path], Measured]
 def measured_from_report(report: dict[str, Any]) -> tuple[Measured | None, bool]:
     """This conversion's evaluation as the gates see it, and whether every evaluated artifact passed.
 
-    The mAP is the deploy ``.pt``'s (what a champion is re-evaluated from), else the dual model's. ``(None, True)``
-    when the report has no ``evaluation`` section.
+    The mAP is the deploy ``.pt``'s (what a champion is re-evaluated from), else the dual model's; box, and mask
+    for a segmentation model evaluated on polygon labels. ``(None, True)`` when the report has no ``evaluation``
+    section.
     """
     ev = report.get("evaluation")
     if not ev:
@@ -73,7 +76,11 @@ def measured_from_report(report: dict[str, Any]) -> tuple[Measured | None, bool]
     pt = [a for a in done if a.get("format") == "pt"]
     best = pt[0] if pt else ev["dual"]
     imgsz = int((ev.get("settings") or {}).get("imgsz") or report.get("eval_imgsz") or 0)
-    return Measured(ev["dataset"]["digest"], imgsz, float(best["map50_95"]), _float(best.get("map50"))), passed
+    masks = best.get("masks") or {}  # the dual entry: a nested MaskMetrics dict; an artifact entry: flat keys
+    mask_map50_95 = _float(best.get("mask_map50_95", masks.get("map50_95")))
+    mask_map50 = _float(best.get("mask_map50", masks.get("map50")))
+    return Measured(ev["dataset"]["digest"], imgsz, float(best["map50_95"]), _float(best.get("map50")),
+                    mask_map50_95, mask_map50), passed
 
 
 def _float(v: Any) -> float | None:
@@ -90,13 +97,24 @@ def _dataset_key(digest: str, imgsz: int) -> str:
 
 def eval_tags(m: Measured) -> dict[str, str]:
     """The version tags that hold one evaluation: the latest one (``reparam.eval.digest``, ``.imgsz``,
-    ``.map50_95``, ``.map50``) and one tag per dataset and image size (``reparam.eval.d-<digest[:16]>-<imgsz>`` =
-    ``map50_95,map50``), so a version evaluated on several datasets keeps each result."""
+    ``.map50_95``, ``.map50``, with masks ``.mask_map50_95``, ``.mask_map50``; ``.metric``: the one compared) and
+    one tag per dataset and image size (``reparam.eval.d-<digest[:16]>-<imgsz>`` = ``map50_95,map50`` or, with
+    masks, ``map50_95,map50,mask_map50_95,mask_map50``), so a version evaluated on several datasets keeps each
+    result."""
+    def text(v: float | None) -> str:
+        return "" if v is None else repr(v)
+
     out = {f"{TAG_EVAL}digest": m.digest, f"{TAG_EVAL}imgsz": str(int(m.imgsz)),
-           f"{TAG_EVAL}map50_95": repr(m.map50_95)}
+           f"{TAG_EVAL}map50_95": repr(m.map50_95), f"{TAG_EVAL}metric": m.metric}
     if m.map50 is not None:
         out[f"{TAG_EVAL}map50"] = repr(m.map50)
-    out[_dataset_key(m.digest, m.imgsz)] = f"{m.map50_95!r},{'' if m.map50 is None else repr(m.map50)}"
+    values = [repr(m.map50_95), text(m.map50)]
+    if m.mask_map50_95 is not None:
+        out[f"{TAG_EVAL}mask_map50_95"] = repr(m.mask_map50_95)
+        if m.mask_map50 is not None:
+            out[f"{TAG_EVAL}mask_map50"] = repr(m.mask_map50)
+        values += [repr(m.mask_map50_95), text(m.mask_map50)]
+    out[_dataset_key(m.digest, m.imgsz)] = ",".join(values)
     return out
 
 
@@ -110,10 +128,12 @@ def measured_from_tags(tags: dict[str, str] | None, digest: str | None = None, i
             value = t.get(_dataset_key(digest, imgsz))
             if value is None:
                 return None
-            m50_95, _, m50 = value.partition(",")
-            return Measured(digest, int(imgsz), float(m50_95), _float(m50))
+            parts = (value.split(",") + ["", "", ""])[:4]
+            return Measured(digest, int(imgsz), float(parts[0]), _float(parts[1]), _float(parts[2]),
+                            _float(parts[3]))
         return Measured(t[f"{TAG_EVAL}digest"], int(t[f"{TAG_EVAL}imgsz"]), float(t[f"{TAG_EVAL}map50_95"]),
-                        _float(t.get(f"{TAG_EVAL}map50")))
+                        _float(t.get(f"{TAG_EVAL}map50")), _float(t.get(f"{TAG_EVAL}mask_map50_95")),
+                        _float(t.get(f"{TAG_EVAL}mask_map50")))
     except (KeyError, ValueError):
         return None
 
@@ -135,23 +155,25 @@ def record_evaluation(client: MlflowClient, model_name: str, mv: ModelVersion, m
     client.log_inputs(run_id, datasets=[DatasetInput(Dataset(name, digest, "reparam", redact(source or "")))])
     now = int(time.time() * 1000)
     metrics = [Metric("eval_map50_95", m.map50_95, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest)]
-    if m.map50 is not None:
-        metrics.append(Metric("eval_map50", m.map50, now, 0, model_id=model_id, dataset_name=name,
-                              dataset_digest=digest))
+    for key, value in (("eval_map50", m.map50), ("eval_mask_map50_95", m.mask_map50_95),
+                       ("eval_mask_map50", m.mask_map50)):
+        if value is not None:
+            metrics.append(Metric(key, value, now, 0, model_id=model_id, dataset_name=name, dataset_digest=digest))
     client.log_batch(run_id, metrics=metrics)
 
 
 def holder_measured(client: MlflowClient, model_name: str, holder: str, ours: Measured, evaluate: Evaluator,
                     source: str | None, log: Callable[[str], None], tracking_uri: str | None = None) -> Measured:
-    """Version ``holder``'s evaluation on ``ours``'s dataset and image size: from its tags, else evaluated now
-    (its registered deploy ``.pt`` downloaded) and recorded on it.
+    """Version ``holder``'s evaluation on ``ours``'s dataset and image size: from its tags (when they hold the metric
+    ``ours`` compares, :meth:`Measured.same_data`), else evaluated now (its registered deploy ``.pt`` downloaded)
+    and recorded on it.
 
     Raises:
         RegistryError: the version has no ``.pt`` deploy file, or cannot be read or downloaded.
     """
     mv = client.get_model_version(model_name, holder)
     known = measured_from_tags(dict(mv.tags or {}), ours.digest, ours.imgsz)
-    if known is not None:
+    if known is not None and ours.same_data(known):
         return known
     log(f"version {holder} has no evaluation on dataset {ours.digest[:12]} at {ours.imgsz} px: evaluating it")
     import mlflow.artifacts
@@ -168,13 +190,16 @@ def holder_measured(client: MlflowClient, model_name: str, holder: str, ours: Me
                                 "evaluate; move the alias by hand or register it again")
         m = evaluate(pts[0])
     record_evaluation(client, model_name, mv, m, source)
-    log(f"version {holder}: mAP@0.5:0.95 {m.map50_95:.4f} on dataset {m.digest[:12]}")
+    log(f"version {holder}: {m.label} {m.primary:.4f} on dataset {m.digest[:12]}")
     return m
 
 
 @dataclasses.dataclass
 class GatedPromotion:
-    """What :func:`promote_gated` decided (the report's ``promotion`` section, :meth:`to_dict`)."""
+    """What :func:`promote_gated` decided (the report's ``promotion`` section, :meth:`to_dict`).
+
+    ``map50_95`` / ``previous_map50_95`` are the compared metric's (``metric``: ``box`` or ``mask``,
+    :attr:`Measured.metric`)."""
 
     alias: str
     decision: str  # "promoted" | "held"
@@ -185,6 +210,7 @@ class GatedPromotion:
     map50_95: float | None
     previous_map50_95: float | None = None
     hold_alias: str | None = None
+    metric: str = "box"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,12 +284,13 @@ def promote_gated(model_name: str, version: str | int, alias: str, report: dict[
                 assert measured is not None
                 step = f"measure version {now}"
                 other = holder_measured(client, model_name, now, measured, evaluate, dataset_source, log, tracking_uri)
-                if other.map50_95 >= measured.map50_95:
+                theirs = other.score(measured.metric)
+                if theirs is not None and theirs >= measured.primary:
                     return _hold(client, model_name, version, alias,
-                                 f"superseded: version {now} took @{alias} meanwhile with mAP@0.5:0.95 "
-                                 f"{other.map50_95:.4f} >= {measured.map50_95:.4f}", "superseded", now, other,
+                                 f"superseded: version {now} took @{alias} meanwhile with {measured.label} "
+                                 f"{theirs:.4f} >= {measured.primary:.4f}", "superseded", now, other,
                                  measured, hold_alias, log)
-                log(f"version {now} took @{alias} meanwhile with a lower mAP@0.5:0.95 ({other.map50_95:.4f}); "
+                log(f"version {now} took @{alias} meanwhile with a lower {measured.label} ({theirs}); "
                     "setting it back")
                 client.set_registered_model_alias(model_name, alias, version)
             step = "tag the decision"
@@ -273,8 +300,9 @@ def promote_gated(model_name: str, version: str | int, alias: str, report: dict[
                                          + (f" against version {holder}" if holder and holder != version else ""))
             log(f"@{alias} -> version {version} (promoted" + (f"; previous version {holder})" if holder else ")"))
             return GatedPromotion(alias, "promoted", None, None, holder if holder != version else None,
-                                  measured.digest if measured else None, measured.map50_95 if measured else None,
-                                  held_m.map50_95 if held_m else None)
+                                  measured.digest if measured else None, measured.primary if measured else None,
+                                  measured.held_score(held_m) if measured and held_m else None,
+                                  metric=measured.metric if measured else "box")
         return _hold(client, model_name, version, alias, f"alias @{alias} kept moving for {MAX_ROUNDS} rounds",
                      "race", holder, held_m, measured, hold_alias, log)
     except RegistryError:
@@ -292,6 +320,9 @@ def _hold(client: MlflowClient, model_name: str, version: str, alias: str, reaso
     if hold_alias:
         client.set_registered_model_alias(model_name, hold_alias, version)
     log(f"held: @{alias} not moved ({reason})" + (f"; @{hold_alias} -> version {version}" if hold_alias else ""))
+    previous = None
+    if measured is not None and held_m is not None:
+        previous = held_m.score(measured.metric)
     return GatedPromotion(alias, "held", reason, rule, holder if holder != version else None,
-                          measured.digest if measured else None, measured.map50_95 if measured else None,
-                          held_m.map50_95 if held_m else None, hold_alias)
+                          measured.digest if measured else None, measured.primary if measured else None,
+                          previous, hold_alias, measured.metric if measured else "box")

@@ -29,7 +29,9 @@ alias moves only if additionally
    without metrics for this dataset refuses with rule ``champion_unmeasured`` (the caller evaluates it first).
 
 The first version of a model (no holder) passes rule 8. The mAP compared is the deploy ``.pt``'s (what a champion
-is re-evaluated from), else the dual model's.
+is re-evaluated from), else the dual model's. Which mAP: :data:`reparam.spec.DEFAULT_PROMOTION_METRIC` (``mask``):
+a segmentation model evaluated on polygon labels is compared on its mask mAP@0.5:0.95, every other model on its box
+mAP@0.5:0.95 (:attr:`Measured.metric`); a holder measured without masks counts as unmeasured for a mask comparison.
 """
 
 from __future__ import annotations
@@ -77,17 +79,52 @@ class Measured:
     Attributes:
         digest: the dataset's sha256 digest (:mod:`reparam.evaluation.dataset`).
         imgsz: the evaluation image size in pixels.
-        map50_95, map50: COCO mAP@0.5:0.95 and mAP@0.5, in [0, 1].
+        map50_95, map50: COCO box mAP@0.5:0.95 and mAP@0.5, in [0, 1].
+        mask_map50_95, mask_map50: COCO mask mAP@0.5:0.95 and mAP@0.5 of a segmentation model on polygon labels,
+            None otherwise.
     """
 
     digest: str
     imgsz: int
     map50_95: float
     map50: float | None = None
+    mask_map50_95: float | None = None
+    mask_map50: float | None = None
+
+    @property
+    def metric(self) -> str:
+        """The metric the gates compare (:data:`reparam.spec.DEFAULT_PROMOTION_METRIC`): ``mask`` when measured
+        and chosen, else ``box``."""
+        if spec.DEFAULT_PROMOTION_METRIC == "mask" and self.mask_map50_95 is not None:
+            return "mask"
+        return "box"
+
+    def score(self, metric: str) -> float | None:
+        """mAP@0.5:0.95 of ``metric`` (``box`` or ``mask``; None when not measured)."""
+        return self.mask_map50_95 if metric == "mask" else self.map50_95
+
+    @property
+    def primary(self) -> float:
+        """The mAP@0.5:0.95 the gates compare (of :attr:`metric`)."""
+        value = self.score(self.metric)
+        assert value is not None
+        return value
+
+    @property
+    def label(self) -> str:
+        """``mAP@0.5:0.95`` or ``mask mAP@0.5:0.95``, for messages."""
+        return "mask mAP@0.5:0.95" if self.metric == "mask" else "mAP@0.5:0.95"
 
     def same_data(self, other: "Measured | None") -> bool:
-        """Whether ``other`` was measured on the same dataset digest and image size."""
-        return other is not None and other.digest == self.digest and int(other.imgsz) == int(self.imgsz)
+        """Whether ``other`` was measured on the same dataset digest and image size, with the metric we compare."""
+        return (other is not None and other.digest == self.digest and int(other.imgsz) == int(self.imgsz)
+                and other.score(self.metric) is not None)
+
+    def held_score(self, other: "Measured") -> float:
+        """``other``'s value of the metric we compare (:meth:`same_data` must hold)."""
+        value = other.score(self.metric)
+        assert value is not None
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +214,9 @@ def _artifacts(c: Candidate) -> str | None:
 def _min_map(c: Candidate) -> str | None:
     if c.gates is None or c.gates.min_map is None or c.measured is None:
         return None
-    if c.measured.map50_95 >= c.gates.min_map:
+    if c.measured.primary >= c.gates.min_map:
         return None
-    return f"min_map: mAP@0.5:0.95 {c.measured.map50_95:.4f} is below --min-map {c.gates.min_map:g}"
+    return f"min_map: {c.measured.label} {c.measured.primary:.4f} is below --min-map {c.gates.min_map:g}"
 
 
 def _holder_measured(c: Candidate) -> str | None:
@@ -187,7 +224,8 @@ def _holder_measured(c: Candidate) -> str | None:
         return None
     if c.measured.same_data(c.holder_measured):
         return None
-    return (f"version {c.holder} holds the alias and has no evaluation on dataset {c.measured.digest[:12]} "
+    what = " with masks" if c.measured.metric == "mask" else ""
+    return (f"version {c.holder} holds the alias and has no evaluation{what} on dataset {c.measured.digest[:12]} "
             f"at {c.measured.imgsz} px")
 
 
@@ -196,10 +234,11 @@ def _regression(c: Candidate) -> str | None:
         return None
     held = c.holder_measured
     assert held is not None  # _holder_measured ran first
-    if c.measured.map50_95 >= held.map50_95 - c.gates.max_regression:
+    ours, theirs = c.measured.primary, c.measured.held_score(held)
+    if ours >= theirs - c.gates.max_regression:
         return None
-    return (f"regression: mAP@0.5:0.95 {c.measured.map50_95:.4f} is below version {c.holder}'s "
-            f"{held.map50_95:.4f} by {held.map50_95 - c.measured.map50_95:.4f} "
+    return (f"regression: {c.measured.label} {ours:.4f} is below version {c.holder}'s "
+            f"{theirs:.4f} by {theirs - ours:.4f} "
             f"(> --max-regression {c.gates.max_regression:g}) on dataset {c.measured.digest[:12]}")
 
 
