@@ -110,12 +110,13 @@ def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
     checked before torch is imported or the source is read, and again once the default's name is known."""
     from .converter.outdir import check_output_dir
 
-    if out is not None:
-        check_output_dir(out)
-    elif args.output:
-        check_output_dir(args.output)
-    elif not args.register:
-        check_output_dir(Path.cwd())
+    if args.output:
+        check_output_dir(out if out is not None else args.output)
+    elif out is not None:
+        check_output_dir(out, default=not args.register)  # with --register, out is this run's temporary folder
+    elif not args.register:  # the checkpoint's stem is known here only for a local file
+        local = Path(args.source)
+        check_output_dir(f"{local.stem if local.is_file() else '<checkpoint stem>'}-deploy", default=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -696,6 +697,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``reparam evaluate``: evaluate one model file on a dataset; returns the exit code."""
+    try:
+        from .store.sources import check_local
+
+        check_local(args.model)  # a mistyped path in milliseconds, before torch is imported
+    except ReparamError as err:
+        _print_error(str(err), args.verbose)
+        return err.exit_code
     try:
         from .evaluation import EvalSettings, comparison, describe, evaluate_model, load_model, open_dataset
     except ImportError as exc:
