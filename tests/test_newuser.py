@@ -152,3 +152,24 @@ def test_readme_example_summary_is_what_convert_prints(tmp_path: Path, monkeypat
 
     assert same(printed) == same(block)
     assert [ln.split()[0] for ln in printed if ln.startswith(("  device ", "  time "))] == ["device", "time"]
+
+
+def test_onnx_usage_line_names_the_real_input(tmp_path: Path, capsys) -> None:
+    """The closing usage line of an ONNX file gives its real input (it said ``[1, 3, H, W]`` for a static
+    ``[1, 3, 640, 640]`` graph, and nothing of an fp16 graph's float16 input): name, dtype and shape as in the file."""
+    import onnx
+
+    from reparam import cli
+
+    out = tmp_path / "out"
+    code = cli.main(["convert", str(EXAMPLE), "-o", str(out), "--imgsz", "64", "-q", "--only", "onnx",
+                     "--precision", "export=fp16"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == exitcodes.OK
+    path = out / "yolov9-t-dual-best-converted.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    [inp] = graph.input
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert (inp.name, inp.type.tensor_type.elem_type, shape) == ("images", onnx.TensorProto.FLOAT16, [1, 3, 64, 64])
+    assert f"  {path.name:<40} onnxruntime.InferenceSession('{path}'); input 'images' float16 [1, 3, 64, 64] " \
+           "RGB 0-1" in printed

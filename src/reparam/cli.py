@@ -341,9 +341,21 @@ def _weights_note(report: dict[str, Any]) -> list[str]:
 USAGE = {
     "pt": "official YOLOv9: python detect.py --weights {path} (also val.py, export.py)",
     "safetensors": "no pickle: reparam.converter.artifacts.load_safetensors('{path}')",
-    "onnx": "onnxruntime.InferenceSession('{path}'); input 'images' [1, 3, H, W] RGB 0-1",
+    "onnx": "onnxruntime.InferenceSession('{path}')",
     "torchscript": "torch.jit.load('{path}')",
 }
+
+
+def _usage(a: "report_mod.Artifact") -> str:
+    """How to use the artifact ``a`` (:data:`USAGE`); for ONNX also its real input, as the report records it: name,
+    dtype and shape (static ``[1, 3, imgsz, imgsz]`` unless ``--dynamic``; float16 with ``--precision export=fp16``),
+    RGB scaled to 0-1 as the official ``detect.py`` feeds it."""
+    text = USAGE.get(a.format, "").format(path=a.path)
+    inputs = a.extra.get("inputs")
+    if a.format == "onnx" and isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict):
+        shape = ", ".join(str(d) for d in inputs[0].get("shape") or [])
+        text += f"; input '{inputs[0].get('name')}' {a.dtype or ''} [{shape}] RGB 0-1"
+    return text
 
 
 def _mb(n: int | None) -> str:
@@ -439,7 +451,7 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     if kept and r.artifacts:
         folder = str(Path(r.artifacts[0].path).parent)
         lines.append(f"Results saved to {folder} (report.json says what was checked)")
-        lines.extend(f"  {a.name:<40} {USAGE.get(a.format, '').format(path=a.path)}" for a in r.artifacts)
+        lines.extend(f"  {a.name:<40} {_usage(a)}" for a in r.artifacts)
     if reg:
         lines.extend(_registry_lines(reg, tracking_uri))
     return "\n".join(lines)
