@@ -173,3 +173,25 @@ def test_onnx_usage_line_names_the_real_input(tmp_path: Path, capsys) -> None:
     assert (inp.name, inp.type.tensor_type.elem_type, shape) == ("images", onnx.TensorProto.FLOAT16, [1, 3, 64, 64])
     assert f"  {path.name:<40} onnxruntime.InferenceSession('{path}'); input 'images' float16 [1, 3, 64, 64] " \
            "RGB 0-1" in printed
+
+
+def test_flag_mistakes_are_refused_before_torch(tmp_path: Path) -> None:
+    """The rest of the command line's mistakes (a precision for a family nothing written belongs to, --alias or
+    --tag without --register, a reserved tag key) are one line and exit 2 before torch is imported, as the
+    output folder, the export flags and the path already were; nothing is written."""
+    out = str(tmp_path / "out")
+    cases = {
+        ("--precision", "export=fp16"): "reparam: error: --precision 'export=fp16' sets the export family (onnx, "
+                                        "torchscript), but no such file is written (formats: pt, safetensors); add "
+                                        "one, or drop export=",
+        ("--alias", "champion"): "reparam: error: --alias and --tag need --register NAME",
+        ("--tag", "team=vision"): "reparam: error: --alias and --tag need --register NAME",
+    }
+    for flags, line in cases.items():
+        words, lines = _probe("convert", str(EXAMPLE), "-o", out, *flags, cwd=tmp_path)
+        assert words == ["exit", str(exitcodes.INVALID_INPUT), "torch", "False"], (flags, lines)
+        assert lines == [line]
+    words, lines = _probe("convert", str(EXAMPLE), "-o", out, "--register", "m", "--tag", "reparam.x=1", cwd=tmp_path)
+    assert words == ["exit", str(exitcodes.INVALID_INPUT), "torch", "False"], lines
+    assert len(lines) == 1 and "reparam.x" in lines[0] and "reserved" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -594,8 +594,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # reported before torch is imported (seconds)
         check_export_options(SimpleNamespace(onnx=onnx, export_atol=args.export_atol, formats=formats))
         check_local(args.source)
-        from .converter.convert import ConvertOptions, convert
-
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
@@ -609,6 +607,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         problem = spec.precision_family_problem(args.precision, formats)
         if problem:
             raise InvalidInputError(f"--{problem}")
+        from .converter.convert import ConvertOptions, convert  # torch: after every check of the command line
+
         options = ConvertOptions(
             atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
             formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,
