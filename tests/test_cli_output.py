@@ -107,12 +107,14 @@ def test_read_only_mount(tmp_path: Path) -> None:
 
 
 def test_default_output_folder_in_an_unwritable_working_folder(shared_tmp: Path) -> None:
-    """No -o: the default ./<stem>-deploy is created in the working folder, which is checked first."""
+    """No -o: the default ./<stem>-deploy is created in the working folder, which is checked first; the message
+    names the default folder, not an -o the user never gave."""
     proc = subprocess.run(_as_user([sys.executable, "-c", PROBE, "convert", str(EXAMPLE)]), capture_output=True,
                           text=True, env=_env(), cwd=shared_tmp, timeout=300)
     assert proc.stdout.split() == ["exit", str(exitcodes.INVALID_INPUT), "torch", "False"], proc.stderr
-    assert proc.stderr.strip() == (f"reparam: error: -o {shared_tmp}: {shared_tmp} is not writable by this user; "
-                                   "choose another output folder with -o")
+    assert proc.stderr.strip() == (f"reparam: error: the default output folder {shared_tmp}/yolov9-t-dual-best-deploy "
+                                   f"(no -o given): {shared_tmp} is not writable by this user; choose another output "
+                                   "folder with -o")
     assert list(shared_tmp.iterdir()) == []
 
 

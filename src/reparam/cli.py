@@ -110,12 +110,13 @@ def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
     checked before torch is imported or the source is read, and again once the default's name is known."""
     from .converter.outdir import check_output_dir
 
-    if out is not None:
-        check_output_dir(out)
-    elif args.output:
-        check_output_dir(args.output)
-    elif not args.register:
-        check_output_dir(Path.cwd())
+    if args.output:
+        check_output_dir(out if out is not None else args.output)
+    elif out is not None:
+        check_output_dir(out, default=not args.register)  # with --register, out is this run's temporary folder
+    elif not args.register:  # the checkpoint's stem is known here only for a local file
+        local = Path(args.source)
+        check_output_dir(f"{local.stem if local.is_file() else '<checkpoint stem>'}-deploy", default=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -340,9 +341,21 @@ def _weights_note(report: dict[str, Any]) -> list[str]:
 USAGE = {
     "pt": "official YOLOv9: python detect.py --weights {path} (also val.py, export.py)",
     "safetensors": "no pickle: reparam.converter.artifacts.load_safetensors('{path}')",
-    "onnx": "onnxruntime.InferenceSession('{path}'); input 'images' [1, 3, H, W] RGB 0-1",
+    "onnx": "onnxruntime.InferenceSession('{path}')",
     "torchscript": "torch.jit.load('{path}')",
 }
+
+
+def _usage(a: "report_mod.Artifact") -> str:
+    """How to use the artifact ``a`` (:data:`USAGE`); for ONNX also its real input, as the report records it: name,
+    dtype and shape (static ``[1, 3, imgsz, imgsz]`` unless ``--dynamic``; float16 with ``--precision export=fp16``),
+    RGB scaled to 0-1 as the official ``detect.py`` feeds it."""
+    text = USAGE.get(a.format, "").format(path=a.path)
+    inputs = a.extra.get("inputs")
+    if a.format == "onnx" and isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict):
+        shape = ", ".join(str(d) for d in inputs[0].get("shape") or [])
+        text += f"; input '{inputs[0].get('name')}' {a.dtype or ''} [{shape}] RGB 0-1"
+    return text
 
 
 def _mb(n: int | None) -> str:
@@ -440,7 +453,7 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     if kept and r.artifacts:
         folder = str(Path(r.artifacts[0].path).parent)
         lines.append(f"Results saved to {folder} (report.json says what was checked)")
-        lines.extend(f"  {a.name:<40} {USAGE.get(a.format, '').format(path=a.path)}" for a in r.artifacts)
+        lines.extend(f"  {a.name:<40} {_usage(a)}" for a in r.artifacts)
     if reg:
         lines.extend(_registry_lines(reg, tracking_uri))
     return "\n".join(lines)
@@ -599,8 +612,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # reported before torch is imported (seconds)
         check_export_options(SimpleNamespace(onnx=onnx, export_atol=args.export_atol, formats=formats))
         check_local(args.source)
-        from .converter.convert import ConvertOptions, convert
-
         tags = _parse_tags(args.tag)
         if (args.alias or tags) and not args.register:
             raise InvalidInputError("--alias and --tag need --register NAME")
@@ -614,6 +625,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         problem = spec.precision_family_problem(args.precision, formats)
         if problem:
             raise InvalidInputError(f"--{problem}")
+        from .converter.convert import ConvertOptions, convert  # torch: after every check of the command line
+
         options = ConvertOptions(
             atol=args.atol, fp32=precision.weights == "fp32", half=precision.export == "fp16", fuse=args.fuse,
             formats=formats, imgsz=args.imgsz, seed=args.seed, device=args.device, check_device=args.check_device,
@@ -714,6 +727,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``reparam evaluate``: evaluate one model file on a dataset; returns the exit code."""
+    try:
+        from .store.sources import check_local
+
+        check_local(args.model)  # a mistyped path in milliseconds, before torch is imported
+    except ReparamError as err:
+        _print_error(str(err), args.verbose)
+        return err.exit_code
     try:
         from .evaluation import EvalSettings, comparison, describe, evaluate_model, load_model, open_dataset
     except ImportError as exc:

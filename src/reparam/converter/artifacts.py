@@ -88,10 +88,32 @@ def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None
     return out / "report.json"
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """The safetensors file ``data`` with its ``__metadata__`` keys in sorted order: the same bytes every run.
+
+    safetensors (0.8 included) keeps the metadata in a Rust ``HashMap`` and writes it in that map's random
+    iteration order, so two saves of the same tensors and metadata differ in their header bytes and sha256
+    (safetensors issue #584). The format (safetensors README, "Format"): an 8-byte little-endian header size N, an
+    N-byte JSON header (``__metadata__`` and each tensor's dtype, shape and ``data_offsets``, which count from the
+    end of the header), padded with spaces to a multiple of 8, then the tensor bytes. Only the header is re-written;
+    the tensor entries keep the library's order and the data is untouched.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def save_safetensors(model: "DetectionModel", path: Path, *, nc: int, names: dict[int, str], stride: list[float],
                      extra: dict[str, str] | None = None) -> None:
-    """Save ``model.state_dict()`` with the config and class metadata (strings, as safetensors requires)."""
-    from safetensors.torch import save_file
+    """Save ``model.state_dict()`` with the config and class metadata (strings, as safetensors requires).
+
+    The file is reproducible: the same model and metadata give the same bytes (and sha256) every run
+    (:func:`_sorted_metadata`)."""
+    from safetensors.torch import save
 
     from .. import __version__
 
@@ -105,7 +127,7 @@ def save_safetensors(model: "DetectionModel", path: Path, *, nc: int, names: dic
         "reparam_version": __version__,
         **(extra or {}),
     }
-    save_file(state, str(path), metadata=meta)
+    Path(path).write_bytes(_sorted_metadata(save(state, metadata=meta)))
 
 
 def load_safetensors(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> "DetectionModel":

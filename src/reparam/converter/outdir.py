@@ -37,7 +37,7 @@ def stale_outputs(out: Path, stem: str, written: Iterable[str] = ()) -> list[str
     return [n for n in artifact_names(stem) if n not in mine and (out / n).is_file()]
 
 
-def check_output_dir(path: str | Path) -> None:
+def check_output_dir(path: str | Path, *, default: bool = False) -> None:
     """Make sure a conversion can write into the folder ``path`` (created later when missing), before any work.
 
     The nearest existing folder on the way (``path`` itself, else its closest existing parent) must be a folder and
@@ -45,30 +45,37 @@ def check_output_dir(path: str | Path) -> None:
     read-only mount (``EROFS``, which stops root too) and a full disk are all found by the kernel itself, not
     guessed from mode bits. Nothing is left behind.
 
+    ``default``: no ``-o`` was given and ``path`` is the default folder (``./<stem>-deploy``, relative to the current
+    folder): the message names it as that, with its absolute path, not as an ``-o`` the user never typed.
+
     Raises:
         InvalidInputError: ``path`` (or a parent) is an existing file, or the folder cannot be written; one line
             naming the path, the reason and what to do.
     """
     out = Path(path).expanduser()
+    if default:
+        out = Path.cwd() / out
+    name = f"the default output folder {out} (no -o given)" if default else f"-o {out}"
     probe = out
     while not probe.exists():
         if probe.is_symlink():  # a dangling link: the folder would be created at its target
-            raise InvalidInputError(f"-o {out}: {probe} is a broken symbolic link; remove it or choose another "
-                                    "output folder")
+            raise InvalidInputError(f"{name}: {probe} is a broken symbolic link; remove it or choose another "
+                                    "output folder with -o")
         parent = probe.parent
         if parent == probe:
             break
         probe = parent
     if not probe.is_dir():
         what = "is an existing file, not a folder" if probe == out else f"is inside {probe}, which is a file"
-        raise InvalidInputError(f"-o {out} {what}; choose a folder (it is created when missing)")
+        fix = "choose an output folder with -o" if default else "choose a folder (it is created when missing)"
+        raise InvalidInputError(f"{name} {what}; {fix}")
     try:
         made = tempfile.mkdtemp(prefix=".reparam-write-check-", dir=probe)
     except OSError as exc:
         reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable by this user",
                   errno.EPERM: "is not writable by this user", errno.ENOSPC: "is on a full disk",
                   errno.EDQUOT: "is over its disk quota"}.get(exc.errno, f"cannot be written ({exc.strerror})")
-        where = f"{out}" if probe == out else f"{probe} (where {out} would be created)"
-        raise InvalidInputError(f"-o {out}: {where} {reason}; choose another output folder with "
+        where = f"{probe}" if probe == out or default else f"{probe} (where {out} would be created)"
+        raise InvalidInputError(f"{name}: {where} {reason}; choose another output folder with "
                                 "-o") from None
     os.rmdir(made)  # the empty folder this check made, nothing else

@@ -141,14 +141,16 @@ def fetch(
 
 
 def check_local(uri: str) -> None:
-    """Raise :class:`InvalidInputError` at once when ``uri`` is a local path that does not exist (else nothing).
+    """Raise :class:`InvalidInputError` at once when ``uri`` is a local path that does not exist, or a local folder
+    that does not hold exactly one ``*.pt`` (else nothing).
 
-    Cheap and torch-free: the CLI calls it before importing the converter, so a mistyped path is reported in
-    milliseconds rather than after torch has loaded. Other URIs are left to :func:`fetch`.
+    Cheap and torch-free: the CLI calls it before importing the converter, so a mistyped path or a folder with two
+    checkpoints is reported in milliseconds rather than after torch has loaded. Other URIs are left to
+    :func:`fetch`.
     """
     ref = parse_source(uri)
     if ref.kind == "local":
-        _local_path(ref, redact(ref.uri))
+        _local_checkpoint(ref, redact(ref.uri))
 
 
 def _local_path(ref: SourceRef, shown: str) -> Path:
@@ -161,10 +163,16 @@ def _local_path(ref: SourceRef, shown: str) -> Path:
 # --- local ---------------------------------------------------------------------------------------------
 
 
-def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
+def _local_checkpoint(ref: SourceRef, shown: str) -> Path:
+    """The local file ``ref`` names: the path itself, or the one ``*.pt`` of a folder (:func:`_pick_checkpoint`)."""
     path = _local_path(ref, shown)
     if path.is_dir():
         path = path / _pick_checkpoint(shown, [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()])
+    return path
+
+
+def _fetch_local(ref: SourceRef, shown: str) -> FetchedSource:
+    path = _local_checkpoint(ref, shown)
     try:
         digest, size = hash_file(path)
     except OSError as err:
