@@ -345,13 +345,27 @@ USAGE = {
 }
 
 
+def _usage(a: "report_mod.Artifact") -> str:
+    """How to use one artifact (:data:`USAGE`); a TorchScript file also says the one device it runs on, as its
+    trace keeps that device (:mod:`reparam.converter.device`)."""
+    text = USAGE.get(a.format, "").format(path=a.path)
+    if a.format == "torchscript" and a.traced_on:
+        if a.traced_on.startswith("cuda"):
+            text = (f"torch.jit.load('{a.path}', map_location='{a.traced_on}'); traced on {a.traced_on}: loads and "
+                    f"runs on CUDA only, inputs on {a.traced_on} (convert with --device cpu for a CPU file)")
+        else:
+            text += "; traced on the CPU: CPU inputs only (convert with --device cuda for a GPU file)"
+    return text
+
+
 def _mb(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if isinstance(n, int) else "?"
 
 
-def _artifact_line(a: "report_mod.Artifact") -> str:
+def _artifact_line(a: "report_mod.Artifact", device: str | None = None) -> str:
     """``pt  4.51 MB  sha256 345f840baf36  float16  check passed (max |diff| 1e-05)``: one artifact, like with
-    like (its own size, hash and check)."""
+    like (its own size, hash and check), and where an export check ran (``on cuda:0``; ONNX: the onnxruntime
+    provider, and why when the check ran elsewhere than the conversion ``device``)."""
     if a.check is None:
         check = "exact copy of the validated weights"
     elif a.check_passed is None:
@@ -360,6 +374,11 @@ def _artifact_line(a: "report_mod.Artifact") -> str:
         diff = a.check.get("max_abs_diff")
         check = ("check passed" if a.check_passed else "check FAILED") + (
             f" (max |diff| {diff:.3g})" if isinstance(diff, (int, float)) else "")
+    if a.check_device:
+        check += f" on {a.check_device}"
+        if a.check_provider:
+            provider, why = a.check_provider
+            check += f" ({provider}: {why})" if device and a.check_device != device else f" ({provider})"
     return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
 
 
@@ -409,7 +428,8 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
                  f"{r.source.uri}")
     if kept:
-        lines.extend(_artifact_line(a) for a in r.artifacts)
+        used = (report.get("device") or {}).get("used")
+        lines.extend(_artifact_line(a, used) for a in r.artifacts)
     stale = report.get("stale_outputs") if kept else None
     if stale:
         lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
@@ -438,7 +458,7 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     if kept and r.artifacts:
         folder = str(Path(r.artifacts[0].path).parent)
         lines.append(f"Results saved to {folder} (report.json says what was checked)")
-        lines.extend(f"  {a.name:<40} {USAGE.get(a.format, '').format(path=a.path)}" for a in r.artifacts)
+        lines.extend(f"  {a.name:<40} {_usage(a)}" for a in r.artifacts)
     if reg:
         lines.extend(_registry_lines(reg, tracking_uri))
     return "\n".join(lines)
