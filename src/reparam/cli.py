@@ -176,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--only", action="append", default=None, choices=spec.FORMATS, metavar="FORMAT",
                      help="write exactly these artifacts, not the defaults (repeatable; e.g. --only onnx)")
     c.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
-                   help="where the equivalence and fusion checks and the evaluation compute: auto (default: CUDA "
-                        "when available, else CPU), cpu, cuda or cuda:N; recorded in the report (the ONNX/TorchScript "
-                        "export checks run on the CPU)")
+                   help="where the equivalence, fusion and export checks and the evaluation compute: auto "
+                        "(default: CUDA when available, else CPU), cpu, cuda or cuda:N; recorded in the report. "
+                        "TorchScript is traced there and runs there only; ONNX is checked on onnxruntime's CUDA "
+                        "provider when it has one (onnxruntime-gpu), else on the CPU (the report says why)")
     c.add_argument("--check-device", default=None, metavar="DEVICE",
                    help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
                         "on); a mismatch there fails the conversion")
