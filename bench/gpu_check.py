@@ -13,14 +13,15 @@ What it does, stopping with exit 1 at the first unexpected result:
    where its export check ran (``traced_on``, ``device``, onnxruntime ``provider`` and ``provider_reason``);
    expects the validation on ``cuda:N`` (also the fused model), the TorchScript traced and checked there, and the
    ONNX check on ``CUDAExecutionProvider`` when onnxruntime lists it, else on the CPU with the reason;
-3. the same with ``--precision export=fp16`` at ``--imgsz 320`` (fp16 TorchScript traced on the GPU; an fp16 ONNX
+3. the same with ``--precision export=fp16`` at half the size (fp16 TorchScript traced on the GPU; an fp16 ONNX
    run may only be "not run: no fp16 kernel");
 4. loads the CUDA-traced TorchScript back on the GPU (runs) and on the CPU (expected to fail: the trace keeps its
    device, as the summary's usage line says); prints both.
 
-Run (from the repository root; ``DEVICE=cpu`` runs the same steps on the CPU, as a smoke test of this script)::
+Run (from the repository root; ``--device cpu --imgsz 64 --timeout 600`` runs the same steps on the CPU, as a
+smoke test of this script)::
 
-    PYTHONPATH=src python3 bench/gpu_check.py [--device cuda] [--out /tmp/reparam-gpu-check]
+    PYTHONPATH=src python3 bench/gpu_check.py [--device cuda] [--imgsz 640] [--timeout 150] [--out DIR]
 
 With the device tool the checkout must stay under its 64 MiB: in that session, first
 ``git sparse-checkout set --no-cone '/*' '!/tests/fixtures/'`` (the fixtures are not needed here), then
@@ -48,13 +49,16 @@ def fail(msg: str) -> None:
     sys.exit(1)
 
 
-def convert(out: Path, device: str, *extra: str) -> dict:
+def convert(out: Path, device: str, timeout: float, *extra: str) -> dict:
     """Run ``reparam convert`` as a user would (a subprocess); returns its report."""
     cmd = [sys.executable, "-m", "reparam.cli", "convert", str(EXAMPLE), "-o", str(out), "--device", device,
            "--check-device", device, "--format", "onnx", "--format", "torchscript", "-q", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        fail(f"convert took more than {timeout:.0f} s (--timeout)")
     print(f"$ reparam {' '.join(cmd[3:])}  ({time.perf_counter() - t:.1f} s, exit {proc.returncode})")
     print(proc.stdout.rstrip())
     if proc.returncode != 0:
@@ -108,7 +112,7 @@ def trace_device_probe(path: Path, traced_on: str) -> None:
         try:
             m = torch.jit.load(str(path), map_location=where).eval()
             with torch.no_grad():
-                y = m(torch.rand(1, 3, 320, 320, device=where).to(next(m.parameters()).dtype))
+                y = m(torch.rand(1, 3, 64, 64, device=where).to(next(m.parameters()).dtype))
             print(f"  TorchScript traced on {traced_on}, run on {where}: ok, output {list(y.shape)}")
             if where != traced_on:
                 print("  note: it ran on another device than its trace's: the usage line is too strict")
@@ -123,6 +127,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=os.environ.get("DEVICE", "cuda"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/reparam-gpu-check"))
+    ap.add_argument("--imgsz", type=int, default=640, help="check size of the fp32 run (the fp16 run: half)")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per conversion")
     args = ap.parse_args()
     t0 = time.perf_counter()
     import onnxruntime as ort
@@ -135,14 +141,16 @@ def main() -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     ret = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
 
-    print("\n== fp32 exports, --fuse, 640 px")
-    report = convert(args.out / "fp32", args.device, "--fuse")
+    print(f"\n== fp32 exports, --fuse, {args.imgsz} px")
+    report = convert(args.out / "fp32", args.device, args.timeout, "--fuse", "--imgsz", str(args.imgsz))
     show_and_judge(report, args.device, half=False)
     ts = next(a for a in report["artifacts"] if a["format"] == "torchscript")
     trace_device_probe(args.out / "fp32" / ts["name"], ts["traced_on"])
 
-    print("\n== fp16 exports (--precision export=fp16), 320 px")
-    report16 = convert(args.out / "fp16", args.device, "--precision", "export=fp16", "--imgsz", "320")
+    half_size = str(max(32, args.imgsz // 2))
+    print(f"\n== fp16 exports (--precision export=fp16), {half_size} px")
+    report16 = convert(args.out / "fp16", args.device, args.timeout, "--precision", "export=fp16", "--imgsz",
+                       half_size)
     show_and_judge(report16, args.device, half=True)
 
     if ret is not None:
