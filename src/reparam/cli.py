@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--only", action="append", default=None, choices=spec.FORMATS, metavar="FORMAT",
                      help="write exactly these artifacts, not the defaults (repeatable; e.g. --only onnx)")
     c.add_argument("--device", default=spec.DEFAULT_DEVICE, metavar="DEVICE",
-                   help="where the equivalence and fusion checks and the evaluation compute: auto (default: CUDA "
-                        "when available, else CPU), cpu, cuda or cuda:N; recorded in the report (the ONNX/TorchScript "
-                        "export checks run on the CPU)")
+                   help="where the equivalence, fusion and export checks and the evaluation compute: auto "
+                        "(default: CUDA when available, else CPU), cpu, cuda or cuda:N; recorded in the report. "
+                        "TorchScript is traced there and runs there only; ONNX is checked on onnxruntime's CUDA "
+                        "provider when it has one (onnxruntime-gpu), else on the CPU (the report says why)")
     c.add_argument("--check-device", default=None, metavar="DEVICE",
                    help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
                         "on); a mismatch there fails the conversion")
@@ -347,14 +348,21 @@ USAGE = {
 
 
 def _usage(a: "report_mod.Artifact") -> str:
-    """How to use the artifact ``a`` (:data:`USAGE`); for ONNX also its real input, as the report records it: name,
+    """How to use the artifact ``a`` (:data:`USAGE`). For ONNX also its real input, as the report records it: name,
     dtype and shape (static ``[1, 3, imgsz, imgsz]`` unless ``--dynamic``; float16 with ``--precision export=fp16``),
-    RGB scaled to 0-1 as the official ``detect.py`` feeds it."""
+    RGB scaled to 0-1 as the official ``detect.py`` feeds it; a TorchScript file also says the one device it runs
+    on, as its trace keeps that device (:mod:`reparam.converter.device`)."""
     text = USAGE.get(a.format, "").format(path=a.path)
     inputs = a.extra.get("inputs")
     if a.format == "onnx" and isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict):
         shape = ", ".join(str(d) for d in inputs[0].get("shape") or [])
         text += f"; input '{inputs[0].get('name')}' {a.dtype or ''} [{shape}] RGB 0-1"
+    if a.format == "torchscript" and a.traced_on:
+        if a.traced_on.startswith("cuda"):
+            text = (f"torch.jit.load('{a.path}', map_location='{a.traced_on}'); traced on {a.traced_on}: loads and "
+                    f"runs on CUDA only, inputs on {a.traced_on} (convert with --device cpu for a CPU file)")
+        else:
+            text += "; traced on the CPU: CPU inputs only (convert with --device cuda for a GPU file)"
     return text
 
 
@@ -362,9 +370,10 @@ def _mb(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if isinstance(n, int) else "?"
 
 
-def _artifact_line(a: "report_mod.Artifact") -> str:
+def _artifact_line(a: "report_mod.Artifact", device: str | None = None) -> str:
     """``pt  4.51 MB  sha256 345f840baf36  float16  check passed (max |diff| 1e-05)``: one artifact, like with
-    like (its own size, hash and check)."""
+    like (its own size, hash and check), and where an export check ran (``on cuda:0``; ONNX: the onnxruntime
+    provider, and why when the check ran elsewhere than the conversion ``device``)."""
     if a.check is None:
         check = "exact copy of the validated weights"
     elif a.check_passed is None:
@@ -373,6 +382,11 @@ def _artifact_line(a: "report_mod.Artifact") -> str:
         diff = a.check.get("max_abs_diff")
         check = ("check passed" if a.check_passed else "check FAILED") + (
             f" (max |diff| {diff:.3g})" if isinstance(diff, (int, float)) else "")
+    if a.check_device:
+        check += f" on {a.check_device}"
+        if a.check_provider:
+            provider, why = a.check_provider
+            check += f" ({provider}: {why})" if device and a.check_device != device else f" ({provider})"
     return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
 
 
@@ -422,7 +436,8 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
                  f"{r.source.uri}")
     if kept:
-        lines.extend(_artifact_line(a) for a in r.artifacts)
+        used = (report.get("device") or {}).get("used")
+        lines.extend(_artifact_line(a, used) for a in r.artifacts)
     stale = report.get("stale_outputs") if kept else None
     if stale:
         lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "

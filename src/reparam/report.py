@@ -43,8 +43,11 @@ class Artifact:
         name: file name in the output folder; path: where it was published; format: ``pt``, ``safetensors``,
         ``onnx`` or ``torchscript`` (:data:`reparam.spec.FORMATS`); bytes: file size; sha256: hex digest of the
         file; dtype: weight dtype (``float16``/``float32``); check: the export check of an ONNX/TorchScript file
-        (``passed``, ``max_abs_diff`` ...), ``None`` for the weight files (exact copies, proven by the transfer).
-        extra: any further fields the exporter records (input/output names, opset ...).
+        (``passed``, ``max_abs_diff``, ``device`` and for ONNX ``provider``/``provider_reason`` ...), ``None`` for
+        the weight files (exact copies, proven by the transfer). traced_on: the device a TorchScript file was
+        traced on (``cpu``, ``cuda:0``): the trace keeps it, so the file runs with inputs on that device only;
+        ``None`` for the other formats. extra: any further fields the exporter records (input/output names, opset
+        ...).
     """
 
     name: str
@@ -54,12 +57,27 @@ class Artifact:
     path: str = ""
     dtype: str | None = None
     check: dict[str, Any] | None = None
+    traced_on: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def check_passed(self) -> bool | None:
         """The export check's verdict; ``None`` when there is none (weight files) or it did not run."""
         return self.check.get("passed") if isinstance(self.check, dict) else None
+
+    @property
+    def check_device(self) -> str | None:
+        """Where the export check computed (``cpu``, ``cuda:0``); ``None`` without a check (or an older report)."""
+        return self.check.get("device") if isinstance(self.check, dict) else None
+
+    @property
+    def check_provider(self) -> tuple[str, str] | None:
+        """The onnxruntime provider of an ONNX check and why it was chosen, e.g. ``("CPUExecutionProvider", "the
+        conversion device is cuda:0 but this onnxruntime has no CUDAExecutionProvider ...")``; ``None`` for other
+        formats."""
+        if not isinstance(self.check, dict) or not self.check.get("provider"):
+            return None
+        return str(self.check["provider"]), str(self.check.get("provider_reason") or "")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Artifact":

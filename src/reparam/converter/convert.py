@@ -65,8 +65,10 @@ class ConvertOptions:
         names: with ``cfg``: class names, one per class (default ``class0`` ...).
         head: the TripleDDetect branch to deploy (``--head``: ``fine``/``coarse``,
             :data:`reparam.spec.TRIPLE_HEAD_BRANCHES`); None: the head's default (:func:`.pruning.head_rule`).
-        device: where the validation, the fusion check and the evaluation compute (:mod:`.device`; ``auto``: CUDA
-            when available, else CPU). Not part of :meth:`settings_key`: the artifacts do not depend on it.
+        device: where the validation, the fusion check, the export checks and the evaluation compute
+            (:mod:`.device`; ``auto``: CUDA when available, else CPU). The TorchScript file is traced on it (and
+            keeps it), so a CUDA device is part of :meth:`settings_key` when TorchScript is written; no other
+            artifact depends on it.
         check_device: a second device the equivalence check also runs on (``--check-device``; e.g. ``cuda``, the
             device the model will serve on), or None. Its result goes to the report's ``validation.devices``; a
             failure there fails the conversion.
@@ -99,15 +101,23 @@ class ConvertOptions:
         return Precision("fp32" if self.fp32 else "fp16", "fp16" if self.half else "fp32")
 
     def settings_key(self) -> str:
-        """A stable digest of the settings that change the outputs (for idempotent registration)."""
+        """A stable digest of the settings that change the outputs (for idempotent registration).
+
+        Raises InvalidInputError when TorchScript is written and ``device`` names a CUDA device torch cannot see.
+        """
         text = repr((self.atol, self.fp32, self.half, self.fuse, tuple(sorted(self.formats)), self.imgsz, self.seed,
                      self.prefer_ema, sorted(self.onnx.items()))
                     + ((self.export_atol,) if {"onnx", "torchscript"} & set(self.formats) else ())
                     + ((self.eval_data, self.eval_imgsz, self.eval_atol) if self.eval_data else ())
                     + ((_config_digest(self.cfg), self.nc, self.names) if self.cfg is not None else ())
                     + ((self.check_level,) if self.check_level != CHECK_LEVELS[0] else ())
-                    + ((("head", self.head),) if self.head is not None else ()))
+                    + ((("head", self.head),) if self.head is not None else ())
+                    + ((("torchscript_device", traced),) if (traced := self._traced_on()) != "cpu" else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _traced_on(self) -> str:
+        """The device a TorchScript file of these options is traced on (``cpu`` when none is written)."""
+        return str(resolve_device(self.device).torch) if "torchscript" in self.formats else "cpu"
 
     def check(self) -> None:
         """Raise InvalidInputError for contradictory or out-of-range settings."""

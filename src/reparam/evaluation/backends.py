@@ -8,7 +8,8 @@ form               how it is loaded and run
 ``pt``             a deploy checkpoint (``*-converted.pt``, official format), read the same way
 ``safetensors``    :func:`~reparam.converter.artifacts.load_safetensors` (no pickle)
 ``onnx``           onnxruntime (CPU); class names and stride from the metadata reparam writes
-``torchscript``    ``torch.jit.load``; names and stride from its ``config.txt`` extra file
+``torchscript``    ``torch.jit.load`` on the device it was traced on (``config.txt``'s ``device``; another device is
+                   refused); names and stride from its ``config.txt`` extra file
 ``fused``          an in-memory model handed over by the converter (:func:`from_module`)
 =================  ===========================================================================================
 
@@ -202,9 +203,13 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 
 def _load_torchscript(path: Path, device: torch.device | str | None = None) -> LoadedModel:
+    """A TorchScript file on ``device``. A trace keeps the device it ran on (``config.txt``'s ``device``; files
+    without it were traced on the CPU), so it is loaded there and a different ``device`` is refused with one line
+    (InvalidInputError) rather than failing inside the graph."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     extra = {"config.txt": ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+        module = torch.jit.load(str(path), map_location=dev, _extra_files=extra).eval()
     except Exception as exc:  # noqa: BLE001
         raise InvalidInputError(f"'{path}' is not a loadable TorchScript module ({type(exc).__name__})") from None
     try:
@@ -213,11 +218,13 @@ def _load_torchscript(path: Path, device: torch.device | str | None = None) -> L
         meta = {}
     names, stride = _meta_names(meta, path)
     nm = _meta_nm(meta, path)
+    traced_on = str(meta.get("device") or "cpu")
+    if traced_on != str(dev):
+        raise InvalidInputError(f"'{path}' was traced on {traced_on} and runs there only (a TorchScript trace keeps "
+                                f"its device): evaluate it with --device {traced_on}, or convert again with --device "
+                                f"{dev} for a TorchScript file of that device")
     dtype = _dtype_of(module)
     module = module.float()
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type != "cpu":
-        module = module.to(dev)
 
     def predict(x: torch.Tensor) -> Prediction:
         from ..converter.validation import main_output, strict_fp32

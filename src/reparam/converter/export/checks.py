@@ -21,15 +21,17 @@ run ran, else ``true``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..validation import strict_fp32
 from .nms import nms_inputs, reference_detections
 from .options import HALF_RTOL, ExportOptions
 
-__all__ = ["compare_detections", "max_diff", "no_fp16_kernel", "run_checks"]
+__all__ = ["OnDevice", "compare_detections", "max_diff", "no_fp16_kernel", "run_checks", "to_cpu"]
 
 
 def outputs_of(value: Any) -> list[torch.Tensor]:
@@ -80,6 +82,32 @@ def compare_detections(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor],
             reason = f"image {i}: {far} of {k_got} detections have no reference detection within {atol:.3g}"
             worst = max(worst, float(best.max()))
     return worst, reason
+
+
+def to_cpu(value: Any) -> Any:
+    """A model's or artifact's outputs (one tensor, or a tuple/list of them) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return type(value)(to_cpu(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class OnDevice(nn.Module):
+    """``module`` computing on ``device``: inputs are moved there, outputs come back to the CPU, and CUDA computes
+    in true fp32 (TF32 off, :func:`reparam.converter.validation.strict_fp32`), as every check here.
+
+    The torch reference of an export check runs where the artifact runs, so the check measures the export, not the
+    difference between two devices' kernels (that one is the equivalence check's ``--check-device``). On the CPU
+    the module is used as it is; on CUDA a copy is moved there (``module`` itself stays on the CPU).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str):
+        super().__init__()
+        self.device = torch.device(device)
+        self.module = module if self.device.type == "cpu" else copy.deepcopy(module).to(self.device)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with strict_fp32():
+            return to_cpu(self.module(x.to(self.device)))
 
 
 def no_fp16_kernel(exc: BaseException) -> bool:
@@ -151,15 +179,17 @@ def _compare_run(kind: str, x: torch.Tensor, ref: Any, got: list[torch.Tensor], 
     return run
 
 
-def _attempt(kind: str, x: torch.Tensor, runner: Callable[[torch.Tensor], Any], allow_skip: bool
+def _attempt(kind: str, x: torch.Tensor, runner: Callable[[torch.Tensor], Any], allow_skip: bool, where: str = ""
              ) -> tuple[list[torch.Tensor] | None, dict[str, Any] | None]:
-    """Run ``runner(x)``; returns ``(outputs, None)`` or ``(None, run record)`` for a skipped or failed run."""
+    """Run ``runner(x)``; returns ``(outputs, None)`` or ``(None, run record)`` for a skipped or failed run
+    (``where``: the device / runtime, named in a skip's reason)."""
     try:
         got = runner(x)
     except Exception as exc:
         rec: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
         if allow_skip and no_fp16_kernel(exc):
-            rec.update({"passed": None, "reason": f"not run: no fp16 kernel on this device ({_one_line(exc)})"})
+            on = f" ({where})" if where else ""
+            rec.update({"passed": None, "reason": f"not run: no fp16 kernel on this device{on} ({_one_line(exc)})"})
         else:
             rec.update({"passed": False, "reason": f"the {kind} run raised {_one_line(exc)}"})
         return None, rec
@@ -169,7 +199,7 @@ def _attempt(kind: str, x: torch.Tensor, runner: Callable[[torch.Tensor], Any], 
 def run_checks(name: str, runner_fp32: Callable[[torch.Tensor], Any],
                runner_fp16: Callable[[torch.Tensor], Any] | None, reference: nn.Module, inputs: list[torch.Tensor],
                atol: float, *, half: bool, fp32_model: nn.Module | None = None,
-               nms: ExportOptions | None = None) -> dict[str, Any]:
+               nms: ExportOptions | None = None, where: str = "") -> dict[str, Any]:
     """Run an artifact and its torch reference on each input and judge it (rules: module docstring).
 
     Args:
@@ -182,6 +212,9 @@ def run_checks(name: str, runner_fp32: Callable[[torch.Tensor], Any],
         half: the artifact holds fp16 weights (``fp32_model``: the unrounded fp32 model, for the rounding report).
         nms: the export settings of an end-to-end graph (its runners then also return the NMS boxes and raw scores,
             :func:`~.onnx_graph.with_nms_inputs`), else None.
+        where: the device and runtime the runners compute on (``cpu, CPUExecutionProvider``), named in the reason
+            of an fp16 run that found no kernel there. Runners take and return CPU tensors; the reference is an
+            :class:`OnDevice` on the same device when that is CUDA.
 
     Returns:
         ``{"passed": True | False | None, "max_abs_diff" (fp32 runs, vs ``atol``), "atol", "runs": [...],
@@ -197,7 +230,7 @@ def run_checks(name: str, runner_fp32: Callable[[torch.Tensor], Any],
             if runner_fp16 is not None:
                 plan.append(("fp16", runner_fp16, _half_atol(ref, atol), True))
             for kind, runner, tol, allow_skip in plan:
-                got, run = _attempt(kind, x, runner, allow_skip)
+                got, run = _attempt(kind, x, runner, allow_skip, where)
                 if run is None:
                     assert got is not None
                     run = _compare_run(kind, x, ref, got, tol, nms)

@@ -1,12 +1,12 @@
 """ONNX graph work: export (TorchScript-based exporter), declared output shapes, fp16 conversion and its upcast,
-the NMS probe outputs of the check, and running a graph with onnxruntime (CPU)."""
+the NMS probe outputs of the check, and running a graph with onnxruntime (CPU, or the providers a check chose)."""
 
 from __future__ import annotations
 
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,8 @@ from .nms import NMS_OUTPUTS, NMSHead
 from .modules import EndToEnd
 from .options import EXPORT_DEFAULTS
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "PROTO_NAME", "export_onnx", "declared_shapes", "upcast_onnx", "run_onnx",
-           "with_nms_inputs"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "PROTO_NAME", "OnnxRunner", "export_onnx", "declared_shapes", "upcast_onnx",
+           "run_onnx", "with_nms_inputs"]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "output0"
@@ -215,20 +215,53 @@ def with_nms_inputs(proto: Any, multi_label: bool) -> Any:
     return proto
 
 
-def _session(model: Any) -> Any:
+def _session(model: Any, providers: Sequence[Any] | None = None) -> Any:
+    """An onnxruntime session of ``model`` (path str, bytes or ModelProto) on ``providers`` (default the CPU;
+    :func:`reparam.converter.device.onnx_placement` chooses them for a check)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():  # an unavailable provider is only warned about: OnnxRunner.used tells
+        warnings.simplefilter("ignore")
+        return ort.InferenceSession(data, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def run_onnx(model: Any, images: torch.Tensor) -> list[torch.Tensor]:
-    """Run an ONNX model (path, bytes or ModelProto) on ``images`` with onnxruntime CPU; outputs as torch tensors.
+def _run(sess: Any, images: torch.Tensor) -> list[torch.Tensor]:
+    name = sess.get_inputs()[0].name
+    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, {name: images.detach().cpu().numpy()})]
+
+
+def run_onnx(model: Any, images: torch.Tensor, providers: Sequence[Any] | None = None) -> list[torch.Tensor]:
+    """Run an ONNX model (path, bytes or ModelProto) on ``images`` with onnxruntime (``providers``, default the
+    CPU); outputs as CPU torch tensors.
 
     Raises onnxruntime's exceptions (``NotImplemented`` when a kernel for the graph's types is missing).
     """
-    sess = _session(str(model) if isinstance(model, Path) else model)
-    name = sess.get_inputs()[0].name
-    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, {name: images.numpy()})]
+    return _run(_session(str(model) if isinstance(model, Path) else model, providers), images)
+
+
+class OnnxRunner:
+    """``images [B, 3, H, W] (CPU) -> outputs`` (CPU torch tensors) of one ONNX graph on ``providers``, with one
+    onnxruntime session made at the first call (so a graph with no kernel for its types fails inside the check's
+    run, where :func:`~.checks.no_fp16_kernel` can tell it apart).
+
+    :attr:`used` is what the session runs on (``InferenceSession.get_providers()``, first = preferred): onnxruntime
+    drops a listed provider that fails to start (a CUDA provider without its libraries) and carries on with the
+    rest, so this, not the request, says where the check ran. None before the first call.
+    """
+
+    def __init__(self, model: Any, providers: Sequence[Any] | None = None):
+        self.model = str(model) if isinstance(model, Path) else model
+        self.providers = providers
+        self.session: Any = None
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if self.session is None:
+            self.session = _session(self.model, self.providers)
+        return _run(self.session, images)
+
+    @property
+    def used(self) -> list[str] | None:
+        return list(self.session.get_providers()) if self.session is not None else None

@@ -12,10 +12,11 @@ from torch import nn
 
 from ...errors import InvalidInputError, ValidationFailedError
 from .nms import NMSHead
-from ..validation import main_output, sample_inputs
-from .checks import max_diff, outputs_of, run_checks
+from ..device import onnx_placement, resolve_device
+from ..validation import main_output, sample_inputs, strict_fp32
+from .checks import OnDevice, max_diff, outputs_of, run_checks, to_cpu
 from .modules import EndToEnd, Predictions, check_export_target, deploy_head, export_metadata
-from .onnx_graph import INPUT_NAME, export_onnx, quiet, run_onnx, upcast_onnx, with_nms_inputs
+from .onnx_graph import INPUT_NAME, OnnxRunner, export_onnx, quiet, upcast_onnx, with_nms_inputs
 from .options import ExportOptions
 from .torchscript import export_torchscript
 
@@ -44,14 +45,18 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         export_model: the deploy model (fp32, eval; fused with ``--fuse``); head must be ``DDetect``.
         dual: the dual model (fp32, eval) or None; only used to report the artifact's distance to its main branch.
         stage: staging folder; stem: checkpoint stem for the file names.
-        options: conversion options (``formats``, ``half``, ``imgsz``, ``seed``; export settings through
-            :meth:`ExportOptions.from_convert`).
+        options: conversion options (``formats``, ``half``, ``imgsz``, ``seed``, ``device``; export settings through
+            :meth:`ExportOptions.from_convert`). The TorchScript file is traced and checked on ``device``; the ONNX
+            check runs on onnxruntime's CUDA provider when ``device`` is CUDA and onnxruntime has it, else on the CPU
+            (:func:`reparam.converter.device.onnx_placement`; the check records ``device``, ``provider`` and
+            ``provider_reason``).
         report: the report so far (read for metadata; ``timing`` gets ``export_*_s``).
         say: progress logger.
 
     Returns:
         Artifact dicts ``{"name", "format", "dtype", "check", ...}`` (sha256/bytes are added by the caller); ONNX
-        ones also hold ``input``/``inputs`` and ``outputs`` with their declared shapes (names for symbolic axes).
+        ones also hold ``input``/``inputs`` and ``outputs`` with their declared shapes (names for symbolic axes),
+        TorchScript ones ``traced_on`` (the device the trace ran on and the only one it runs on).
 
     Raises:
         InvalidInputError: ``export_model`` is not a deploy model, or bad options.
@@ -65,6 +70,7 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
     check_export_target(export_model, tuple(options.formats), bool(eo.nms))
     atol = float(eo.export_atol)
     half = bool(options.half)
+    device = resolve_device(options.device).torch  # the same rule, the same answer as the validation's
     model = copy.deepcopy(export_model).float().eval()
     stride = int(max(torch.as_tensor(model.stride).tolist()))
     inputs = sample_inputs(options.imgsz, stride, options.seed)
@@ -72,6 +78,12 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
     predict = Predictions(model)
     # the torch reference of a --half artifact: the same fp16-rounded weights, computed in fp32
     reference = copy.deepcopy(predict).half().float() if half else predict
+
+    def references(where: str) -> tuple[nn.Module, nn.Module]:
+        """The torch reference of a check and the fp32 model (rounding report), computing on ``where``."""
+        ref32 = OnDevice(predict, where)
+        return (ref32 if reference is predict else OnDevice(reference, where)), ref32
+
     timings = report.setdefault("timing", {})
     arts: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -98,18 +110,20 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         checked = inputs if eo.dynamic else [sample]
         runnable = with_nms_inputs(proto, eo.multi_label) if nms else proto
         as_stored = runnable.SerializeToString()
+        place = onnx_placement(str(device), ort.get_available_providers())
+        fp32_run = OnnxRunner(upcast_onnx(runnable).SerializeToString() if half else as_stored, place.providers)
         fp16_run: Callable[[torch.Tensor], Any] | None = None
         if half:
-            up = upcast_onnx(runnable).SerializeToString()
-            fp32_run: Callable[[torch.Tensor], Any] = lambda x: run_onnx(up, x)  # noqa: E731
-            fp16_run = lambda x: run_onnx(as_stored, x.half())  # noqa: E731
-        else:
-            fp32_run = lambda x: run_onnx(as_stored, x)  # noqa: E731
-        check = run_checks("onnx", fp32_run, fp16_run, reference, checked, atol, half=half, fp32_model=predict,
-                           nms=eo if nms else None)
-        check["runtime"] = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+            as_fp16 = OnnxRunner(as_stored, place.providers)
+            fp16_run = lambda x: as_fp16(x.half())  # noqa: E731
+        ref, ref32 = references(place.device)
+        check = run_checks("onnx", fp32_run, fp16_run, ref, checked, atol, half=half, fp32_model=ref32,
+                           nms=eo if nms else None, where=f"{place.device}, {place.provider}")
+        used, where, why = place.ran_on((fp32_run.used or [None])[0])
+        check.update({"runtime": f"onnxruntime {ort.__version__} {used}", "provider": used, "device": where,
+                      "provider_reason": why})
         if not nms and not half and dual_main:
-            check["vs_dual_max_abs_diff"] = max(max_diff(run_onnx(path, x)[0], dual_main[tuple(x.shape)])
+            check["vs_dual_max_abs_diff"] = max(max_diff(fp32_run(x)[0], dual_main[tuple(x.shape)])
                                                 for x in checked)
         shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
         arts.append({"name": name, "format": "onnx", "dtype": _dtype_name(half), "opset": eo.opset,
@@ -125,25 +139,33 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         t = time.perf_counter()
         name = f"{stem}-converted.torchscript"
         path = stage / name
-        say(f"exporting TorchScript (trace{', fp16' if half else ''}) -> {name}")
-        export_torchscript(predict, path, sample, half=half,
+        say(f"exporting TorchScript (trace on {device}{', fp16' if half else ''}) -> {name}")
+        export_torchscript(predict, path, sample, half=half, device=device,
                            metadata=export_metadata(model, report, int(sample.shape[-1])))
-        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        loaded = torch.jit.load(str(path), map_location=device).eval()  # checked on the device it was traced on
         ts16: Callable[[torch.Tensor], Any] | None = None
+
+        def on_device(module: Any) -> Callable[[torch.Tensor], Any]:
+            def run(x: torch.Tensor) -> Any:
+                with strict_fp32():
+                    return to_cpu(module(x.to(device)))
+            return run
+
         if half:
-            upcast = quiet(lambda: copy.deepcopy(loaded).float())
-            ts32: Callable[[torch.Tensor], Any] = lambda x: upcast(x)  # noqa: E731
-            ts16 = lambda x: loaded(x.half())  # noqa: E731
+            ts32 = on_device(quiet(lambda: copy.deepcopy(loaded).float()))
+            ts16 = on_device(lambda x: loaded(x.half()))
         else:
-            ts32 = lambda x: loaded(x)  # noqa: E731
-        check = run_checks("torchscript", ts32, ts16, reference, inputs, atol, half=half, fp32_model=predict)
-        check["runtime"] = f"torch {torch.__version__} (torch.jit.load, CPU)"
+            ts32 = on_device(loaded)
+        ref, ref32 = references(str(device))
+        check = run_checks("torchscript", ts32, ts16, ref, inputs, atol, half=half, fp32_model=ref32,
+                           where=str(device))
+        check.update({"runtime": f"torch {torch.__version__} (torch.jit.load on {device})", "device": str(device)})
         if not half and dual_main:
             with torch.no_grad():
-                check["vs_dual_max_abs_diff"] = max(max_diff(outputs_of(loaded(x))[0], dual_main[tuple(x.shape)])
+                check["vs_dual_max_abs_diff"] = max(max_diff(outputs_of(ts32(x))[0], dual_main[tuple(x.shape)])
                                                     for x in inputs)
         arts.append({"name": name, "format": "torchscript", "dtype": _dtype_name(half), "input": INPUT_NAME,
-                     "check": check})
+                     "traced_on": str(device), "check": check})
         timings["export_torchscript_s"] = time.perf_counter() - t
         say(f"TorchScript check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
         _fail_if(check, "TorchScript", report)

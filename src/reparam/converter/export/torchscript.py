@@ -1,4 +1,5 @@
-"""TorchScript export: ``torch.jit.trace`` of the prediction wrapper, metadata in a ``config.txt`` extra file."""
+"""TorchScript export: ``torch.jit.trace`` of the prediction wrapper on the conversion device, metadata in a
+``config.txt`` extra file."""
 
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ __all__ = ["export_torchscript"]
 
 
 def export_torchscript(module: Predictions, path: Path, sample: torch.Tensor, *, half: bool = False,
-                       metadata: dict[str, str] | None = None) -> torch.jit.ScriptModule:
-    """Trace ``module`` and save it with a ``config.txt`` extra file (metadata JSON plus the tracing ``shape``).
+                       metadata: dict[str, str] | None = None, device: torch.device | str = "cpu"
+                       ) -> torch.jit.ScriptModule:
+    """Trace ``module`` on ``device`` and save it with a ``config.txt`` extra file (metadata JSON plus the tracing
+    ``shape`` and ``device``).
 
     Shapes stay free (the anchor grid is computed from the feature maps): ``images [B, 3, H, W] -> [B, 4 + nc, A]``.
-    With ``half`` the model and the tracing input are fp16 (the trace runs one fp16 forward on this machine).
-    Returns the traced module.
+    With ``half`` the model and the tracing input are fp16 (the trace runs one fp16 forward on ``device``).
+    ``device``: where the trace runs, as the official YOLOv9 ``export.py`` traces on its ``--device``; the graph
+    keeps that device (:mod:`reparam.converter.device`), so a CUDA-traced file takes inputs on that CUDA device only.
+    ``module`` itself is not moved (a copy is). Returns the traced module (on ``device``).
     """
+    dev = torch.device(device)
     module = copy.deepcopy(module).eval()
-    module = module.half() if half else module.float()
-    x = sample.half() if half else sample.float()
+    module = (module.half() if half else module.float()).to(dev)
+    x = (sample.half() if half else sample.float()).to(dev)
     with torch.no_grad():
         traced = quiet(lambda: torch.jit.trace(module, x, check_trace=False, strict=False))
-    extra = {"config.txt": json.dumps({**(metadata or {}), "shape": list(sample.shape)})}
+    extra = {"config.txt": json.dumps({**(metadata or {}), "shape": list(sample.shape), "device": str(dev)})}
     torch.jit.save(traced, str(path), _extra_files=extra)
     return traced
