@@ -32,8 +32,8 @@ in it) and its parameters and buffers; routing (``f``) only says which activatio
 deploy layer is not run when (a) a dual layer of the same class computes the same function: every module of both
 trees has the same class, train/eval flag, ``extra_repr()`` and public attributes (:func:`same_function`), (b)
 every parameter and buffer is identical (:func:`identical_tensors`: same dtype and shape, equal values; normally
-literally the same storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are the very tensor objects that
-dual layer received (each deploy activation is either computed or is a dual activation object, and the table
+literally the same storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are
+the very tensor objects that dual layer received (each deploy activation is either computed or is a dual activation object, and the table
 records which dual layer produced it). Same function, same arguments, same inputs: the output is the dual layer's
 output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
 would be the same; the point is not the bits but that nothing of the conversion can differ there). Anything not
