@@ -34,8 +34,8 @@ trees has the same class, train/eval flag, ``extra_repr()`` and public attribute
 every parameter and buffer is identical (:func:`identical_tensors`: same dtype and shape, equal values; normally
 literally the same storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are
 the very tensor objects that dual layer received (each deploy activation is either computed or is a dual
-activation object, and the table records which dual layer produced it). Same function, same arguments, same inputs: the output is the dual layer's
-output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
+activation object, and the table records which dual layer produced it). Same function, same arguments, same
+inputs: the output is the dual layer's output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
 would be the same; the point is not the bits but that nothing of the conversion can differ there). Anything not
 identical runs and flows on, so a layer map that names the wrong dual layer, a rewired input, a missing or
 shortened block or a leaked auxiliary tensor makes the deploy side compute, and its difference reaches the head.
