@@ -27,24 +27,24 @@ Two check levels (:func:`check_conversion`):
   half and three quarters of the size (what reparam did before ``fast`` existed).
 
 Lockstep: why a deploy layer that is not recomputed is still proven. A YOLOv9 layer is a function of its inputs
-alone, fixed by its class, its constructor arguments and hyperparameters (every public attribute of every module
-in it) and its parameters and buffers; routing (``f``) only says which activations it receives. At full size a
-deploy layer is not run when (a) a dual layer of the same class computes the same function: every module of both
-trees has the same class, train/eval flag, ``extra_repr()`` and public attributes (:func:`same_function`), (b)
-every parameter and buffer is identical (:func:`identical_tensors`: same dtype and shape, equal values; normally
-literally the same storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are
-the very tensor objects that dual layer received (each deploy activation is either computed or is a dual
-activation object, and the table records which dual layer produced it). Same function, same arguments, same
-inputs: the output is the dual layer's output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
+alone, fixed by its class, its constructor arguments and hyperparameters (every public attribute of every module in
+it) and its parameters and buffers; routing (``f``) only says which activations it receives. At full size a deploy
+layer is not run when (a) a dual layer of the same class computes the same function: every module of both trees has
+the same class, train/eval flag, ``extra_repr()`` and public attributes (:func:`same_function`), (b) every parameter
+and buffer is identical (:func:`identical_tensors`: same dtype and shape, equal values; normally literally the same
+storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are the very tensor objects
+that dual layer received (each deploy activation is either computed or is a dual activation object, and the table
+records which dual layer produced it). Same function, same arguments, same inputs: the output is the dual layer's
+output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
 would be the same; the point is not the bits but that nothing of the conversion can differ there). Anything not
-identical runs and flows on, so a layer map that names the wrong dual layer, a rewired input, a missing or
-shortened block or a leaked auxiliary tensor makes the deploy side compute, and its difference reaches the head.
-The head (``DualDDetect`` vs ``DDetect``, ``DualDSegment`` vs ``DSegment``, ``TripleDDetect``) always runs on the
-deploy side on its own inputs, and is compared. The candidates are found from the dual graph itself (which dual
-layer reads exactly those activations), not from the conversion's layer map, so the check stays independent of
-the conversion under test. The report counts, per comparison, the deploy layers shared and run
-(``layers_shared``/``layers_run``). The small non-square step runs the whole deploy model for real, so the deploy
-model's own forward (routing, shapes, batching) still executes end to end on every conversion.
+identical runs and flows on, so a layer map that names the wrong dual layer, a rewired input, a missing or shortened
+block or a leaked auxiliary tensor makes the deploy side compute, and its difference reaches the head. The head
+(``DualDDetect`` vs ``DDetect``, ``DualDSegment`` vs ``DSegment``, ``TripleDDetect``) always runs on the deploy side
+on its own inputs, and is compared. The candidates are found from the dual graph itself (which dual layer reads
+exactly those activations), not from the conversion's layer map, so the check stays independent of the conversion
+under test. The report counts, per comparison, the deploy layers shared and run (``layers_shared``/``layers_run``).
+The small non-square step runs the whole deploy model for real, so the deploy model's own forward (routing, shapes,
+batching) still executes end to end on every conversion.
 
 Weights stay in their saved dtype (fp16) and are upcast one module at a time while it runs
 (:func:`computing_in_fp32`): exact, and the fp32 copy of the model is never held in memory at once.
