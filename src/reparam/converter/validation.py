@@ -15,14 +15,15 @@ inputs the head received in the same forward).
 
 Two check levels (:func:`check_conversion`):
 
-* ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]``
-  input, where the dual model runs only the layers its main branch depends on (:func:`main_branch_forward`: the
-  auxiliary branch cannot influence the main output, so running it would prove nothing more), in lockstep with the
-  deploy model (:func:`lockstep_forward`, below); then, on a small
-  non-square batch ``[2, 3, h, w]`` (``h = 128``, ``w = 192`` at 640 px and stride 32: shape handling, batching and
-  rectangular anchors), the *whole* dual model (both branches), the main-only evaluation and the deploy model, which
-  must all agree. That second step also proves, on every conversion, that the main-only evaluation equals the full
-  dual forward. The FLOP count is taken during the small step and scaled to ``s x s``.
+* ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]`` input,
+  where the dual model runs only the layers its main branch depends on (:func:`main_branch_forward`: the auxiliary
+  branch cannot influence the main output, so running it would prove nothing more), in lockstep with the deploy
+  model (:func:`lockstep_forward`, below); then, on a small non-square batch ``[2, 3, h, w]`` (``h = 128``, ``w =
+  192`` at 640 px and stride 32: shape handling, batching and rectangular anchors), the *whole* dual model (both
+  branches), the whole deploy model and the lockstep of both, which must all agree. That second step also proves,
+  on every conversion, that the main-only evaluation equals the full dual forward and that the lockstep's deploy
+  output equals the deploy model's own forward. The FLOP count is taken during the small step and scaled to ``s x
+  s``.
 * ``full``: the whole dual model and the deploy model on the full-size input and on a non-square batch of 2 at
   half and three quarters of the size (what reparam did before ``fast`` existed).
 
@@ -663,12 +664,16 @@ def check_conversion(
             b = deploy(small)
         flops["after"] = scaled_gflops(counter["flops"], small.shape, s)
         record(small, out, b, "full")
-        if level == "fast":
-            d, why = _compare_outputs(unpack_output(out), unpack_output(main_branch_forward(dual, small, branch)),
-                                      nc, {})
+        if level == "fast":  # the lockstep itself, checked on the small batch against both whole forwards
+            theirs, ours, _steps = lockstep_forward(dual, deploy, small, branch)
+            d, why = _compare_outputs(unpack_output(out), unpack_output(theirs), nc, {})
             main_only_vs_full = d
             if why or d > atol:
                 reasons.append(f"the main-only evaluation of the dual model differs from its full forward "
+                               f"({why or f'max |diff| {d:.3g}'})")
+            d, why = _compare_outputs(unpack_output(b), unpack_output(ours), nc, {})
+            if why or d > atol:
+                reasons.append(f"the lockstep deploy output differs from the deploy model's own forward "
                                f"({why or f'max |diff| {d:.3g}'})")
     passed = not reasons and worst <= atol
     reason = "; ".join(reasons)
