@@ -9,15 +9,21 @@ measurement runs in a fresh child process, so each peak RSS (``ru_maxrss``) is i
             with empty stand-in classes for ``models.common.*``/``models.yolo.*`` so no official code is needed;
 * convert:  ``reparam.converter.convert.convert`` with ``--check fast`` (the default) and ``--check full``; its
             report's per-phase wall and CPU times (load, derive, transfer, validate, stats, write, export);
-* notebook: only with ``REPARAM_OFFICIAL_YOLOV9=/path/to/a/WongKinYiu/yolov9/checkout`` (and its requirements
-            installed): the official ``tools/reparameterization.ipynb`` cells of the variant, read from that
-            checkout at run time and executed there (nothing of it is stored here).
+* notebook: only with ``--official /path/to/a/WongKinYiu/yolov9/checkout`` (or ``REPARAM_OFFICIAL_YOLOV9``; and
+            its requirements installed): the official ``tools/reparameterization.ipynb`` cells of the variant, read
+            from that checkout at run time and executed there (nothing of it is stored here); else "not run";
+* as processes, the way issue #16 measured: the ``reparam convert CKPT -o OUT`` command (default checks) and
+            ``python -c 'torch.load; torch.save'`` (the floor above), each a child whose CPU time (user + system)
+            and peak RSS come from its own ``wait4`` rusage: interpreter start and imports included;
+* tensor peak: the floor and ``convert --check fast`` once more under ``torch.profiler`` (``profile_memory``): the
+            largest number of bytes the CPU tensor allocator held at once (every tensor storage; Python objects,
+            file buffers and the allocator's own slack excluded): a better defined peak than RSS.
 
-CPU time is user + system of every thread of the child (``time.process_time`` around the measured block; the
-interpreter start and imports are excluded everywhere). Peak memory is reported absolute and above the baseline,
-and as a ratio of the checkpoint's in-memory size (its model tensors as saved, e.g. fp16).
+CPU time in-process is user + system of every thread of the child (``time.process_time`` around the measured block;
+the interpreter start and imports excluded). Peak memory is reported absolute and above the baseline, and as a ratio
+of the checkpoint's in-memory size (its model tensors as saved, e.g. fp16).
 
-Usage: python bench/convert.py [CKPT ...] [--variants t,s,e] [--repeat N] [--threads N] [--work DIR]
+Usage: python bench/convert.py [CKPT ...] [--variants t,e] [--repeat N] [--threads N] [--work DIR] [--official DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +104,36 @@ exec(compile(text, "reparameterization.ipynb", "exec"), {"__name__": "__main__"}
 done(cpu0, wall0)
 """
 
+TENSOR_PEAK = PRELUDE + r"""
+import os, tempfile, types, torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+what = sys.argv[3]
+if what == "floor":
+    from reparam.converter.safe_load import OFFICIAL_CLASSES
+    sys.modules["models"] = types.ModuleType("models")
+    for mod, names in OFFICIAL_CLASSES.items():
+        m = types.ModuleType(mod)
+        for n in names:
+            setattr(m, n, type(n, (nn.Module,), {"__module__": mod}))
+        sys.modules[mod] = m
+else:
+    from reparam.converter.convert import ConvertOptions, convert
+cpu0, wall0 = time.process_time(), time.perf_counter()
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    if what == "floor":
+        torch.save(torch.load(sys.argv[1], map_location="cpu", weights_only=False), sys.argv[2] + ".pt")
+    else:
+        convert(sys.argv[1], sys.argv[2], ConvertOptions(check_level=what))
+fd, trace = tempfile.mkstemp(suffix=".json")
+os.close(fd)
+prof.export_chrome_trace(trace)
+events = json.load(open(trace))["traceEvents"]
+os.remove(trace)
+held = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+done(cpu0, wall0, tensor_peak_mib=max(held) / 2**20 if held else 0.0)
+"""
+
 GENERATE = r"""
 import sys, torch
 from reparam.converter.official_format import save_official
@@ -128,6 +165,36 @@ def child(code: str, *args: str, threads: int | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def process(argv: list[str], threads: int | None = None) -> dict:
+    """Run ``argv`` as a child; its CPU time (user + system), wall time and peak RSS from its own ``wait4``
+    rusage (what ``resource.getrusage(RUSAGE_CHILDREN)`` adds up, for this child alone)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    wall = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - wall
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {err.strip()[-2000:]}")
+    return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall, "peak_mib": usage.ru_maxrss / 1024}
+
+
+def reparam_command() -> list[str]:
+    """The ``reparam`` console script next to this interpreter, else ``python -m reparam.cli``."""
+    script = Path(sys.executable).with_name("reparam")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "reparam.cli"]
+
+
+def median_process(argv: list[str], repeat: int, threads: int | None) -> dict:
+    runs = sorted((process(argv, threads) for _ in range(repeat)), key=lambda r: r["cpu_s"])
+    best = dict(runs[len(runs) // 2])
+    best["peak_mib"] = max(r["peak_mib"] for r in runs)
+    return best
+
+
 def median_run(code: str, args: list[str], repeat: int, threads: int | None) -> dict:
     runs = sorted((child(code, *args, threads=threads) for _ in range(repeat)), key=lambda r: r["cpu_s"])
     best = dict(runs[len(runs) // 2])
@@ -152,8 +219,18 @@ def measure(ckpt: Path, args: argparse.Namespace, tmp: Path) -> dict:
     for level in ("fast", "full"):
         rows[f"convert --check {level}"] = median_run(CONVERT, [str(ckpt), str(tmp / f"out-{level}"), level],
                                                       args.repeat, args.threads)
-    official = os.environ.get("REPARAM_OFFICIAL_YOLOV9")
+    for name, what in (("floor", "floor"), ("convert --check fast", "fast")):
+        rows[name]["tensor_peak_mib"] = child(TENSOR_PEAK, str(ckpt), str(tmp / f"tensors-{what}"), what,
+                                              threads=args.threads)["tensor_peak_mib"]
+    rows["floor (process)"] = median_process([sys.executable, "-c", FLOOR, str(ckpt), str(tmp / "floor-process")],
+                                             args.repeat, args.threads)
+    rows["reparam convert (process)"] = median_process(
+        [*reparam_command(), "convert", str(ckpt), "-o", str(tmp / "out-process")], args.repeat, args.threads)
+    official = args.official
     variant = Path(str(base.get("variant") or "")).stem.replace("yolov9-", "")
+    nb_note = ("not run: no official checkout given (--official)" if not official else
+               f"not run: the notebook has no cells for yolov9-{variant}" if variant not in ("s", "m", "c", "e")
+               else "")
     if official and variant in ("s", "m", "c", "e"):
         nc = json.loads(subprocess.run([sys.executable, "-c", "import sys, json; from reparam.converter.checkpoint "
                                         "import read_checkpoint; print(read_checkpoint(sys.argv[1]).nc)", str(ckpt)],
@@ -163,24 +240,29 @@ def measure(ckpt: Path, args: argparse.Namespace, tmp: Path) -> dict:
             rows["notebook"] = median_run(NOTEBOOK, [str(ckpt), str(tmp / "nb"), official, variant, str(nc)],
                                           args.repeat, args.threads)
         except RuntimeError as err:
-            print(f"  notebook procedure not measured: {err}", file=sys.stderr)
-    return {"ckpt": ckpt, "base": base, "rows": rows}
+            nb_note = f"not run: it failed ({str(err).splitlines()[-1][:200]})"
+    return {"ckpt": ckpt, "base": base, "rows": rows, "notebook": nb_note}
 
 
 def report(m: dict) -> None:
     ckpt, base, rows = m["ckpt"], m["base"], m["rows"]
-    floor = rows["floor"]
     nb = rows.get("notebook")
     size = base["ckpt_mib"]
     print(f"\n{ckpt.name}: {ckpt.stat().st_size / 1e6:.1f} MB file, {size:.1f} MiB of tensors in memory, "
           f"interpreter baseline {base['peak_mib']:.0f} MiB")
-    print(f"  {'step':24s} {'CPU s':>7s} {'wall s':>7s} {'CPU/floor':>9s} {'CPU/nb':>7s} {'peak MiB':>9s} "
-          f"{'above base':>10s} {'/ckpt':>6s}")
+    print(f"  {'step':26s} {'CPU s':>7s} {'wall s':>7s} {'CPU/floor':>9s} {'CPU/nb':>7s} {'peak MiB':>9s} "
+          f"{'above base':>10s} {'/ckpt':>6s} {'tensor peak':>11s} {'/ckpt':>6s}")
     for name, r in rows.items():
-        above = r["peak_mib"] - base["peak_mib"]
-        ratio_nb = f"{r['cpu_s'] / nb['cpu_s']:7.2f}" if nb else f"{'-':>7s}"
-        print(f"  {name:24s} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} {r['cpu_s'] / floor['cpu_s']:9.2f} {ratio_nb} "
-              f"{r['peak_mib']:9.0f} {above:10.0f} {above / size:6.2f}")
+        floor = rows["floor (process)" if name.endswith("(process)") else "floor"]
+        # a process's peak includes the interpreter and imports: its ratio is of the absolute peak
+        above = r["peak_mib"] - (0 if name.endswith("(process)") else base["peak_mib"])
+        ratio_nb = f"{r['cpu_s'] / nb['cpu_s']:7.2f}" if nb and name != "notebook" else f"{'-':>7s}"
+        tensors = (f"{r['tensor_peak_mib']:11.0f} {r['tensor_peak_mib'] / size:6.2f}" if "tensor_peak_mib" in r
+                   else f"{'-':>11s} {'-':>6s}")
+        print(f"  {name:26s} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} {r['cpu_s'] / floor['cpu_s']:9.2f} {ratio_nb} "
+              f"{r['peak_mib']:9.0f} {above:10.0f} {above / size:6.2f} {tensors}")
+    if m["notebook"]:
+        print(f"  notebook procedure: {m['notebook']}")
     for name, r in rows.items():
         if "timing" in r:
             t = r["timing"]
@@ -191,7 +273,9 @@ def report(m: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpts", nargs="*", type=Path, help="checkpoints (default: --variants)")
-    ap.add_argument("--variants", default="t,s,e",
+    ap.add_argument("--official", default=os.environ.get("REPARAM_OFFICIAL_YOLOV9"),
+                    help="a WongKinYiu/yolov9 checkout: also time its notebook procedure (default: not run)")
+    ap.add_argument("--variants", default="t,e",
                     help="t and s: the shared fixtures; other letters: generated yolov9-<v> with random weights")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (median CPU, max peak)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every child (default: unset)")

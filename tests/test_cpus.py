@@ -38,3 +38,26 @@ def test_limit_threads_lowers_to_the_quota_and_never_raises(monkeypatch: pytest.
         assert cpus.limit_threads() == 1  # a lower count already set (by the user or a quota) is kept
     finally:
         torch.set_num_threads(before)
+
+
+def test_onnx_check_sessions_use_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX export check's onnxruntime session runs as many threads as torch (limited to the usable CPUs), not
+    onnxruntime's default of one per host core."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from reparam.converter.export.onnx_graph import _session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        options = _session(model).get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    finally:
+        torch.set_num_threads(old)

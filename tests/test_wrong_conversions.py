@@ -22,7 +22,8 @@ from reparam.converter.checkpoint import Checkpoint, read_checkpoint
 from reparam.converter.convert import ConvertOptions, build_model, convert, load_weights
 from reparam.converter.pruning import DeployPlan, layers_of, resolve_from
 from reparam.converter.transfer import transfer_weights
-from reparam.converter.validation import CHECK_LEVELS, check_conversion
+from reparam.converter.validation import (CHECK_LEVELS, check_conversion, computing_in_fp32, lockstep_forward,
+                                          main_branch_forward, same_function, unpack_output)
 from reparam.errors import InvalidInputError, ValidationFailedError
 from reparam.models import DetectionModel
 
@@ -265,3 +266,80 @@ def test_wrong_stored_strides_fail_the_check(checkpoints) -> None:
     result, _ = check_conversion(pruned.dual, pruned.deploy, imgsz=64, stride=32, level="fast")
     assert not result.passed
     assert "head strides [8.0, 16.0, 64.0] do not match the feature maps (strides [8.0, 16.0, 32.0])" in result.reason
+
+
+@pytest.mark.parametrize("mutate, name, guard", PARAMS)
+def test_lockstep_equals_running_every_layer(mutate, name: str, guard: str, checkpoints) -> None:
+    """The lockstep's outputs are exactly those of the dual main-only forward and of the whole deploy forward, for
+    every wrong conversion that builds; the deploy layers the mutation touched run, the rest are shared."""
+    ck = checkpoints[name]
+    plan = _plan(ck, mutate)
+    dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict, keep_dtype=True)
+    with torch.device("meta"):
+        skeleton = DetectionModel(plan.deploy_cfg, nc=ck.nc)
+    sd, _account = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan, ck.cfg)
+    try:
+        deploy = load_weights(skeleton, sd, keep_dtype=True)
+    except InvalidInputError:
+        assert guard == "accounting"
+        return
+    deploy.stride = dual.stride.clone()
+    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(1))
+    with computing_in_fp32(dual, deploy), torch.inference_mode():
+        theirs, ours, steps = lockstep_forward(dual, deploy, x)
+        assert torch.equal(unpack_output(theirs).y, unpack_output(main_branch_forward(dual, x)).y)
+        assert torch.equal(unpack_output(ours).y, unpack_output(deploy(x)).y)
+    assert not torch.equal(unpack_output(theirs).y, unpack_output(ours).y)
+    n = len(deploy.model)
+    assert steps.shared + steps.ran == n and steps.ran_layers[-1] == n - 1
+    if mutate is aux_head_leaked:
+        assert steps.ran_layers == [n - 1]  # every layer but the head is right: the head always runs
+    else:
+        assert steps.ran > 1 and steps.shared < n - 1
+
+
+def test_lockstep_shares_only_the_same_function(checkpoints) -> None:
+    """A correct conversion shares every deploy layer but the head; a layer differing in one hyperparameter, one
+    weight bit or a NaN runs; equal values in other memory (a copy, a -0.0 for a +0.0) are the same function."""
+    ck = checkpoints["yolov9-t-dual-best"]
+    pruned = convert_mod.prune(ck.cfg, ck.nc, ck.names, ck.state_dict)
+    dual, deploy = pruned.dual, pruned.deploy
+    result, _ = check_conversion(dual, deploy, imgsz=256, stride=32, level="fast")
+    big = result.comparisons[0]
+    assert (big.layers_shared, big.layers_run) == (len(deploy.model) - 1, 1)
+    assert result.comparisons[1].layers_shared is None  # the small batch runs the whole deploy model
+
+    k = 4  # a RepNCSPELAN4: convs, BatchNorms, nested blocks
+    d = pruned.plan.layer_map[k]
+    a, b = dual.model[d], deploy.model[k]
+    assert same_function(a, b)
+    twin = copy.deepcopy(b)
+    assert same_function(a, twin)  # equal tensors, other memory
+    conv = next(m for m in twin.modules() if isinstance(m, torch.nn.Conv2d))
+    zero = conv.weight.detach().view(-1)
+    zero[0] = 0.0
+    a_zero = copy.deepcopy(a)
+    next(m for m in a_zero.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().view(-1)[0] = -0.0
+    assert same_function(a_zero, twin)
+    bits = zero.view(torch.int16) if zero.dtype == torch.float16 else zero.view(torch.int32)
+    bits[1] += 1  # one ulp
+    assert not same_function(a_zero, twin)
+    twin = copy.deepcopy(b)
+    next(m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().view(-1)[1] = float("nan")
+    nan_too = copy.deepcopy(twin)
+    assert not same_function(twin, nan_too)
+    twin = copy.deepcopy(b)
+    next(m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)).eps = 1e-5
+    assert not same_function(a, twin)
+    twin = copy.deepcopy(b)
+    next(m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)).stride = (2, 2)
+    assert not same_function(a, twin)
+    twin = copy.deepcopy(b)
+    twin.c = twin.c + 1  # a block attribute the forward reads (RepNCSPELAN4 splits at c)
+    assert not same_function(a, twin)
+
+    fused = convert_mod.fuse_model(copy.deepcopy(deploy).float()).eval()
+    with computing_in_fp32(dual), torch.inference_mode():
+        _theirs, _ours, steps = lockstep_forward(dual, fused, torch.rand(1, 3, 128, 128))
+    assert steps.shared < len(fused.model) - 1  # fused layers are other functions: they run

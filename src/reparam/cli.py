@@ -427,6 +427,10 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
     lines.append(f"  max |diff|   {v.max_abs_diff:.3g} (atol {v.atol:g}, check {v.check}"
                  + (f"; fused {max(c.max_abs_diff for c in fused):.3g}" if fused else "") + ") "
                  + ("passed" if v.passed else "FAILED: " + v.reason))
+    for c in v.comparisons:
+        if c.layers_shared is not None and c.layers_run is not None:
+            lines.append(f"  lockstep     {c.model} at {'x'.join(map(str, c.input_shape[2:]))}: {c.layers_shared} of "
+                         f"{c.layers_shared + c.layers_run} layers shared with the dual forward, {c.layers_run} ran")
     if report.get("device"):
         dev = report["device"]
         lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(

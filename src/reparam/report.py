@@ -93,7 +93,10 @@ class Artifact:
 class Comparison:
     """One input of the equivalence check (:mod:`reparam.converter.validation`): shapes ``[B, 3, H, W]`` and
     ``[B, 4 + nc, anchors]``, max |diff| in output units, how the dual ran, which model was compared, and the max
-    |diff| of each output part (``boxes``, ``scores``; for segmentation also ``mask_coefficients``, ``prototypes``)."""
+    |diff| of each output part (``boxes``, ``scores``; for segmentation also ``mask_coefficients``, ``prototypes``).
+    ``layers_shared``/``layers_run``: for a lockstep comparison (``fast`` level, full size), the deploy layers whose
+    output was the dual model's (same function on the same inputs, not recomputed) and those that ran (the head
+    always); None where the compared model ran whole."""
 
     input_shape: list[int]
     output_shape: list[int]
@@ -101,6 +104,8 @@ class Comparison:
     dual: str = "full"
     model: str = "deploy"
     parts: dict[str, float] = field(default_factory=dict)
+    layers_shared: int | None = None
+    layers_run: int | None = None
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """Copy the main-branch weights of a dual checkpoint into the deploy graph, with an exact account.
 
 Every deploy ``state_dict`` key is filled from exactly one dual key (:meth:`DeployPlan.map_key`), tensors are
-copied as saved (fp16 stays fp16), and the account proves that every main-branch tensor was used exactly once and
+taken as saved (fp16 stays fp16), and the account proves that every main-branch tensor was used exactly once and
 that no auxiliary tensor leaked in.
 
 One normalisation: negative zeros become ``+0.0``. The official notebook copies weights as ``w -= w; w += v``,
 which turns every ``-0.0`` into ``+0.0``; doing the same (numerically a no-op, ``-0.0 == 0.0``) makes our deploy
-state_dict equal the official conversion byte for byte.
+state_dict equal the official conversion byte for byte. It is done in place on the checkpoint's tensors
+(:func:`canonical_zeros`), so the deploy state_dict holds those very tensors: no copy.
 """
 
 from __future__ import annotations
@@ -68,14 +69,26 @@ def main_branch_keys(dual_sd: "OrderedDict[str, torch.Tensor]", dual_cfg: dict,
     return out
 
 
+#: float dtype -> (integer dtype of the same width, the bit pattern of -0.0 read as that integer)
+_NEGATIVE_ZERO = {torch.float16: (torch.int16, -2**15), torch.bfloat16: (torch.int16, -2**15),
+                  torch.float32: (torch.int32, -2**31), torch.float64: (torch.int64, -2**63)}
+
+
 def canonical_zeros(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with every ``-0.0`` replaced by ``+0.0`` (same dtype; non-float tensors unchanged)."""
-    if not t.is_floating_point():
+    """Turn every ``-0.0`` of ``t`` into ``+0.0`` in place and return ``t`` (no copy; non-float tensors unchanged).
+
+    Its values do not change (``-0.0 == 0.0``), so a model holding ``t`` computes the same values after: the deploy
+    model keeps sharing the checkpoint's own tensors (the dual model's too) instead of holding copies. One pass over
+    the bits: ``-0.0`` is the sign bit alone.
+    """
+    if t.dtype not in _NEGATIVE_ZERO:
         return t
-    neg_zero = (t == 0) & torch.signbit(t)
-    if not bool(neg_zero.any()):
-        return t
-    return torch.where(neg_zero, torch.zeros_like(t), t)
+    as_int, pattern = _NEGATIVE_ZERO[t.dtype]
+    bits = t.detach().view(as_int)
+    neg_zero = bits == pattern
+    if bool(neg_zero.any()):
+        bits.masked_fill_(neg_zero, 0)
+    return t
 
 
 def transfer_weights(

@@ -15,15 +15,37 @@ inputs the head received in the same forward).
 
 Two check levels (:func:`check_conversion`):
 
-* ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]``
-  input, where the dual model runs only the layers its main branch depends on (:func:`main_branch_forward`: the
-  auxiliary branch cannot influence the main output, so running it would prove nothing more); then, on a small
-  non-square batch ``[2, 3, h, w]`` (``h = 128``, ``w = 192`` at 640 px and stride 32: shape handling, batching and
-  rectangular anchors), the *whole* dual model (both branches), the main-only evaluation and the deploy model, which
-  must all agree. That second step also proves, on every conversion, that the main-only evaluation equals the full
-  dual forward. The FLOP count is taken during the small step and scaled to ``s x s``.
+* ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]`` input,
+  where the dual model runs only the layers its main branch depends on (:func:`main_branch_forward`: the auxiliary
+  branch cannot influence the main output, so running it would prove nothing more), in lockstep with the deploy
+  model (:func:`lockstep_forward`, below); then, on a small non-square batch ``[2, 3, h, w]`` (``h = 128``, ``w =
+  192`` at 640 px and stride 32: shape handling, batching and rectangular anchors), the *whole* dual model (both
+  branches), the whole deploy model and the lockstep of both, which must all agree. That second step also proves,
+  on every conversion, that the main-only evaluation equals the full dual forward and that the lockstep's deploy
+  output equals the deploy model's own forward. The FLOP count is taken during the small step and scaled to ``s x
+  s``.
 * ``full``: the whole dual model and the deploy model on the full-size input and on a non-square batch of 2 at
   half and three quarters of the size (what reparam did before ``fast`` existed).
+
+Lockstep: why a deploy layer that is not recomputed is still proven. A YOLOv9 layer is a function of its inputs
+alone, fixed by its class, its constructor arguments and hyperparameters (every public attribute of every module in
+it) and its parameters and buffers; routing (``f``) only says which activations it receives. At full size a deploy
+layer is not run when (a) a dual layer of the same class computes the same function: every module of both trees has
+the same class, train/eval flag, ``extra_repr()`` and public attributes (:func:`same_function`), (b) every parameter
+and buffer is identical (:func:`identical_tensors`: same dtype and shape, equal values; normally literally the same
+storage, since the deploy model holds the checkpoint's own tensors), and (c) its inputs are the very tensor objects
+that dual layer received (each deploy activation is either computed or is a dual activation object, and the table
+records which dual layer produced it). Same function, same arguments, same inputs: the output is the dual layer's
+output, so the deploy side takes that object instead of computing it again (with deterministic kernels the bits
+would be the same; the point is not the bits but that nothing of the conversion can differ there). Anything not
+identical runs and flows on, so a layer map that names the wrong dual layer, a rewired input, a missing or shortened
+block or a leaked auxiliary tensor makes the deploy side compute, and its difference reaches the head. The head
+(``DualDDetect`` vs ``DDetect``, ``DualDSegment`` vs ``DSegment``, ``TripleDDetect``) always runs on the deploy side
+on its own inputs, and is compared. The candidates are found from the dual graph itself (which dual layer reads
+exactly those activations), not from the conversion's layer map, so the check stays independent of the conversion
+under test. The report counts, per comparison, the deploy layers shared and run (``layers_shared``/``layers_run``).
+The small non-square step runs the whole deploy model for real, so the deploy model's own forward (routing, shapes,
+batching) still executes end to end on every conversion.
 
 Weights stay in their saved dtype (fp16) and are upcast one module at a time while it runs
 (:func:`computing_in_fp32`): exact, and the fp32 copy of the model is never held in memory at once.
@@ -62,6 +84,10 @@ class Comparison:
     #: the model compared with the dual one: ``"deploy"`` (pruned, as saved) or ``"fused"`` (``--fuse``: BatchNorm
     #: folded, RepConvN merged; its fp32 rounding is where a non-zero difference comes from)
     model: str = "deploy"
+    #: lockstep runs only (:func:`lockstep_forward`; None where the compared model ran whole): deploy layers whose
+    #: output was the dual model's (same function, same inputs: not recomputed) and deploy layers that ran
+    layers_shared: int | None = None
+    layers_run: int | None = None
 
 
 @dataclass
@@ -282,6 +308,186 @@ def main_branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = 
     return head.forward_branch([outputs[j] for j in main_in], chosen.group)
 
 
+#: Attributes of a layer that route it (``i``, its index; ``f``, where it reads from): not part of the function it
+#: computes. Where its inputs come from is checked separately (the lockstep provenance of each input).
+_ROUTING = frozenset({"i", "f"})
+_PLAIN = (int, float, str, bool, type(None), torch.Size, torch.dtype)
+
+
+def identical_tensors(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` hold the same values: same dtype, shape, device and layout, and either the very same
+    memory (storage, offset and strides) or equal elements (``torch.equal``).
+
+    For floats, equal elements are bitwise identical except that ``-0.0`` equals ``+0.0`` (the only two bit patterns
+    that compare equal; the transfer turns one into the other, :func:`.transfer.canonical_zeros`), and a NaN never
+    equals anything, so tensors holding one never count as identical. A weight that is ``-0.0`` on one side and
+    ``+0.0`` on the other gives products that are zeros either way, and adding a zero of either sign to a sum gives
+    the same value (IEEE 754), so such layers compute equal values (at most an exact zero's sign differs, which no
+    YOLOv9 operation turns into another value: none divides by an activation).
+    """
+    if (a.dtype, a.shape, a.device, a.layout) != (b.dtype, b.shape, b.device, b.layout):
+        return False
+    if (a.data_ptr(), a.storage_offset(), a.stride()) == (b.data_ptr(), b.storage_offset(), b.stride()) \
+            and not (a.is_floating_point() and bool(torch.isnan(a).any())):
+        return True
+    return bool(torch.equal(a, b))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and identical_tensors(a, b)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)  # type: ignore[arg-type]
+                and all(_same_value(x, y) for x, y in zip(a, b)))  # type: ignore[call-overload]
+    if isinstance(a, _PLAIN) and isinstance(b, _PLAIN):
+        return type(a) is type(b) and a == b
+    return a is b  # anything else (a bound method set on the instance, a module ...) only when it is the same object
+
+
+def same_function(a: nn.Module, b: nn.Module) -> bool:
+    """True when layers ``a`` and ``b`` compute the same function: given the same inputs, the same output.
+
+    Compared over both module trees, module by module (same names in the same order): the class, the train/eval
+    flag, every public instance attribute (the constructor arguments and hyperparameters, e.g. a conv's
+    ``kernel_size``/``stride``/``groups``, a BatchNorm's ``eps``, ``c`` of a RepNCSPELAN4, ``idx`` of a CBFuse; the
+    top layer's routing ``i``/``f`` excepted), ``extra_repr()``, and every parameter and buffer
+    (:func:`identical_tensors`). An attribute of any other kind (a method bound on the instance, say) must be the
+    same object. Anything not identical counts as different: the layer then runs (:func:`lockstep_forward`).
+    """
+    ma, mb = list(a.named_modules()), list(b.named_modules())
+    if len(ma) != len(mb):
+        return False
+    for (na, x), (nb, y) in zip(ma, mb):
+        if na != nb or type(x) is not type(y) or x.training != y.training or x.extra_repr() != y.extra_repr():
+            return False
+        skip = _ROUTING if x is a else frozenset()
+        va = {k: v for k, v in vars(x).items() if not k.startswith("_") and k not in skip}
+        vb = {k: v for k, v in vars(y).items() if not k.startswith("_") and k not in skip}
+        if va.keys() != vb.keys() or not all(_same_value(va[k], vb[k]) for k in va):
+            return False
+        for group in ("_parameters", "_buffers"):
+            ta, tb = getattr(x, group), getattr(y, group)
+            if ta.keys() != tb.keys() or not all(_same_value(ta[k], tb[k]) for k in ta):
+                return False
+    return True
+
+
+@dataclass
+class Lockstep:
+    """What :func:`lockstep_forward` did with the deploy model's layers.
+
+    Attributes:
+        shared: deploy layers whose output *is* the dual model's output of the same function on the same inputs
+            (not recomputed); ran: deploy layers that ran (the head always does).
+        ran_layers: the indices of the deploy layers that ran.
+    """
+
+    shared: int
+    ran: int
+    ran_layers: list[int] = field(default_factory=list)
+
+
+def _routing(layers: list[nn.Module]) -> dict[int, list[int]]:
+    return {m.i: resolve_from(m.f, m.i) for m in layers}
+
+
+def _last_reads(sources: dict[int, list[int]], order: list[int]) -> dict[int, int]:
+    """For each activation (layer index, ``-1`` the image), the last layer in ``order`` that reads it."""
+    last: dict[int, int] = {}
+    for i in order:
+        for j in sources[i]:
+            last[j] = i
+    return last
+
+
+def lockstep_forward(dual: nn.Module, deploy: nn.Module, x: torch.Tensor,
+                     branch: str | None = None) -> tuple[Any, Any, Lockstep]:
+    """The dual model's kept branch and the deploy model on the same input ``x`` ``[B, 3, H, W]``, layer by layer,
+    computing each structurally identical layer once.
+
+    The dual model runs exactly as :func:`main_branch_forward` (only the layers its kept branch depends on, each
+    output dropped after its last reader). The deploy layers are taken in order: a deploy layer whose every input is
+    a dual activation (it reads the very tensors the dual layers produced: each deploy activation is either a fresh
+    result or the dual activation object itself, and which dual layer made it is recorded) and for which a dual
+    layer exists that reads exactly those activations, in the same call form (one tensor or a list), and computes
+    the same function (:func:`same_function`) gets that dual layer's output object instead of running; every other
+    deploy layer runs on its inputs. The deploy head always runs, on its own inputs. Each deploy output is dropped
+    after its last reader too; a shared output lives as long as either side still reads it.
+
+    Returns ``(dual_out, deploy_out, lockstep)``: the dual head's kept-branch eval output (as
+    :func:`main_branch_forward`), the deploy head's eval output (as ``deploy(x)``) and :class:`Lockstep`.
+    """
+    d_layers, p_layers = list(dual.model), list(deploy.model)  # type: ignore[attr-defined]
+    d_head, p_head = d_layers[-1], p_layers[-1]
+    d_src, p_src = _routing(d_layers), _routing(p_layers)
+    found = _branch_of(d_head, branch)
+    d_head_in = d_src[d_head.i]
+    main_in = d_head_in if found is None else [d_head_in[p] for p in found[0].positions(len(d_head_in), found[1])]
+    needed = sorted(ancestors(d_src, main_in))
+    d_src[d_head.i] = main_in
+    d_last = _last_reads(d_src, needed + [d_head.i])
+    p_last = _last_reads(p_src, [m.i for m in p_layers])
+    by_inputs: dict[tuple[int, ...], list[int]] = {}
+    for i in needed:
+        by_inputs.setdefault(tuple(d_src[i]), []).append(i)
+
+    d_out: dict[int, Any] = {-1: x}
+    p_out: dict[int, Any] = {-1: x}
+    made_by: dict[int, int] = {-1: -1}  # deploy activation -> the dual layer whose output object it is
+    pending = iter(needed)
+    done = -1  # the last dual layer computed
+
+    def call(m: nn.Module, ins: list[Any]) -> Any:
+        return m(ins[0] if isinstance(m.f, int) else ins)
+
+    def advance(upto: int) -> None:
+        nonlocal done
+        while done < upto:
+            i = next(pending, None)
+            if i is None:
+                done = upto
+                return
+            d_out[i] = call(d_layers[i], [d_out[j] for j in d_src[i]])
+            for j in set(d_src[i]):
+                if d_last.get(j) == i:
+                    del d_out[j]
+            done = i
+
+    def drop_read(out: dict[int, Any], src: list[int], last: dict[int, int], i: int) -> None:
+        for j in set(src):
+            if last.get(j) == i:
+                del out[j]
+
+    ran: list[int] = []
+    for m in p_layers[:-1]:
+        src = p_src[m.i]
+        key = tuple(made_by.get(j, -2) for j in src)
+        twin = None
+        if -2 not in key:
+            for c in by_inputs.get(key, []):
+                if c > done or c in d_out:  # not computed yet, or still held
+                    dm = d_layers[c]
+                    if isinstance(dm.f, int) == isinstance(m.f, int) and same_function(dm, m):
+                        twin = c
+                        break
+        if twin is not None:
+            advance(twin)
+            p_out[m.i] = d_out[twin]
+            made_by[m.i] = twin
+        else:
+            p_out[m.i] = call(m, [p_out[j] for j in src])
+            ran.append(m.i)
+        drop_read(p_out, src, p_last, m.i)
+    advance(needed[-1] if needed else -1)
+    ins = [d_out[j] for j in main_in]
+    d_result = d_head(ins) if found is None else d_head.forward_branch(ins, found[1].group)
+    del ins
+    d_out.clear()
+    p_result = call(p_head, [p_out[j] for j in p_src[p_head.i]])
+    ran.append(p_head.i)
+    return d_result, p_result, Lockstep(shared=len(p_layers) - len(ran), ran=len(ran), ran_layers=ran)
+
+
 @contextmanager
 def capturing_head_inputs(model: nn.Module) -> Iterator[list[Any]]:
     """Within the block, every input list the model's head receives is appended to the yielded list."""
@@ -427,7 +633,7 @@ def check_conversion(
 
     nc = int(getattr(deploy.model[-1], "nc", 0))  # type: ignore[attr-defined,index]
 
-    def record(x: torch.Tensor, a: Any, b: Any, how: str) -> None:
+    def record(x: torch.Tensor, a: Any, b: Any, how: str, steps: Lockstep | None = None) -> None:
         nonlocal worst
         ours, theirs = unpack_output(b), unpack_output(a)
         parts: dict[str, float] = {}
@@ -435,12 +641,16 @@ def check_conversion(
         if why:
             reasons.append(why)
         worst = max(worst, d)
-        comps.append(Comparison(list(x.shape), list(ours.y.shape), d, how, parts))
+        comps.append(Comparison(list(x.shape), list(ours.y.shape), d, how, parts,
+                                layers_shared=steps.shared if steps else None,
+                                layers_run=steps.ran if steps else None))
 
     with models_on(device, dual, deploy), strict_fp32(), computing_in_fp32(dual, deploy), torch.inference_mode():
         big, small = inputs
         if level == "fast":
-            record(big, main_branch_forward(dual, big, branch), deploy(big), "main-only")
+            theirs, ours, steps = lockstep_forward(dual, deploy, big, branch)
+            record(big, theirs, ours, "main-only", steps)
+            del theirs, ours
         else:
             record(big, branch_forward(dual, big, branch), deploy(big), "full")
         with counting_conv_flops(dual) as counter, capturing_head_inputs(dual) as seen:
@@ -454,12 +664,16 @@ def check_conversion(
             b = deploy(small)
         flops["after"] = scaled_gflops(counter["flops"], small.shape, s)
         record(small, out, b, "full")
-        if level == "fast":
-            d, why = _compare_outputs(unpack_output(out), unpack_output(main_branch_forward(dual, small, branch)),
-                                      nc, {})
+        if level == "fast":  # the lockstep itself, checked on the small batch against both whole forwards
+            theirs, ours, _steps = lockstep_forward(dual, deploy, small, branch)
+            d, why = _compare_outputs(unpack_output(out), unpack_output(theirs), nc, {})
             main_only_vs_full = d
             if why or d > atol:
                 reasons.append(f"the main-only evaluation of the dual model differs from its full forward "
+                               f"({why or f'max |diff| {d:.3g}'})")
+            d, why = _compare_outputs(unpack_output(b), unpack_output(ours), nc, {})
+            if why or d > atol:
+                reasons.append(f"the lockstep deploy output differs from the deploy model's own forward "
                                f"({why or f'max |diff| {d:.3g}'})")
     passed = not reasons and worst <= atol
     reason = "; ".join(reasons)

@@ -222,6 +222,10 @@ def _session(model: Any, providers: Sequence[Any] | None = None) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # onnxruntime's default is one thread per host core; under a CPU limit that oversubscribes: use torch's
+    # count, which reparam.converter.cpus.limit_threads lowered to the CPUs this process may use
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
     data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
     with warnings.catch_warnings():  # an unavailable provider is only warned about: OnnxRunner.used tells
         warnings.simplefilter("ignore")
