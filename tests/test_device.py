@@ -283,6 +283,17 @@ def test_export_checks_run_on_the_conversion_device(tmp_path: Path, capsys) -> N
                               "with --device cuda for a GPU file)")
     else:
         assert f"map_location='{ts['traced_on']}'); traced on {ts['traced_on']}: loads and runs on CUDA only" in usage
+    # the evaluation runs the ONNX file by the same placement rule as the check (reparam evaluate --device)
+    from reparam.evaluation.backends import load_model
+
+    onnx_file = out / arts["onnx"]["name"]
+    assert load_model(onnx_file, device="cpu").runtime == "onnxruntime CPUExecutionProvider on cpu"
+    on_gpu = load_model(onnx_file, device="cuda:0")  # onnxruntime is not asked to start CUDA without its provider
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reason = onnx_placement("cuda:0", ort.get_available_providers()).reason
+        assert on_gpu.runtime == f"onnxruntime CPUExecutionProvider on cpu ({reason})"
+        y = on_gpu.predict(torch.zeros(1, 3, 64, 64))
+        assert isinstance(y, torch.Tensor) and tuple(y.shape[:2]) == (1, 4 + len(on_gpu.names))
 
 
 def test_summary_of_a_cuda_conversion_without_onnxruntime_gpu() -> None:

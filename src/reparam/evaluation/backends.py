@@ -57,6 +57,9 @@ class LoadedModel:
         fixed_batch: the only batch size it accepts, else None.
         precision: what the forward pass computes in (``float32`` / ``float16``), and the stored weights' dtype.
         nm: number of mask coefficients (0: a detection model).
+        runtime: what computes the forward pass, in words: ``torch on cpu``, ``torch on cuda:0``, or for ONNX
+            ``onnxruntime CUDAExecutionProvider on cuda:0`` / ``onnxruntime CPUExecutionProvider on cpu`` with the
+            reason when ``--device cuda`` could not be honoured (:func:`reparam.converter.device.onnx_placement`).
     """
 
     form: str
@@ -68,6 +71,7 @@ class LoadedModel:
     precision: str = "float32"
     weights_dtype: str = "float32"
     nm: int = 0
+    runtime: str = "torch on cpu"
 
     @property
     def task(self) -> str:
@@ -125,7 +129,7 @@ def from_module(model: nn.Module, form: str = "fused", names: dict[int, str] | N
     dtype = _dtype_of(model)
     nm = int(getattr(model.model[-1], "nm", 0) or 0) if hasattr(model, "model") else 0
     return LoadedModel(form, dict(names or model.names), stride, _torch_predictor(model, device, bool(nm)),
-                       weights_dtype=dtype, nm=nm)
+                       weights_dtype=dtype, nm=nm, runtime=f"torch on {torch.device(device or 'cpu')}")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -158,10 +162,21 @@ def _meta_names(meta: dict[str, str], path: Path) -> tuple[dict[int, str], int]:
     return names, stride
 
 
-def _load_onnx(path: Path) -> LoadedModel:
+def _load_onnx(path: Path, device: torch.device | str | None = None) -> LoadedModel:
+    """An ONNX file run by onnxruntime on ``device`` (None: the CPU): its CUDA provider when the device is CUDA and
+    this onnxruntime has it, else the CPU with the reason in :attr:`LoadedModel.runtime` (the same rule as the
+    export check, :func:`reparam.converter.device.onnx_placement`)."""
     import onnx
+    import onnxruntime as ort
 
+    from ..converter.device import onnx_placement
     from ..converter.export.onnx_graph import _session, upcast_onnx
+
+    placement = onnx_placement(str(torch.device(device) if device is not None else torch.device("cpu")),
+                               ort.get_available_providers())
+
+    def _session_on(proto: object) -> object:
+        return _session(proto, placement.providers)
 
     try:
         proto = onnx.load(str(path))
@@ -181,13 +196,13 @@ def _load_onnx(path: Path) -> LoadedModel:
     precision = "float16" if fp16 else "float32"
     if fp16:
         try:
-            sess = _session(proto)
+            sess = _session_on(proto)
             probe = np.zeros([d or s for d, s in zip(dims, (1, 3, 2 * stride, 2 * stride))], dtype=np.float16)
             sess.run(None, {sess.get_inputs()[0].name: probe})
         except Exception:  # noqa: BLE001 - no fp16 kernels here: run the upcast graph
-            sess, precision = _session(upcast_onnx(proto)), "float32 (fp16 graph upcast: no fp16 kernels here)"
+            sess, precision = _session_on(upcast_onnx(proto)), "float32 (fp16 graph upcast: no fp16 kernels here)"
     else:
-        sess = _session(proto)
+        sess = _session_on(proto)
     name = sess.get_inputs()[0].name
     half_in = precision == "float16"
 
@@ -198,8 +213,12 @@ def _load_onnx(path: Path) -> LoadedModel:
         return (y, torch.from_numpy(np.asarray(outs[1])).float()) if nm else y
 
     fixed = (dims[2], dims[3]) if dims[2] and dims[3] else None
+    used = sess.get_providers()  # type: ignore[attr-defined]  # an onnxruntime InferenceSession
+    provider, on, reason = placement.ran_on(used[0] if used else None)
+    runtime = f"onnxruntime {provider} on {on}" + ("" if on == placement.device == str(torch.device(device or "cpu"))
+                                                    else f" ({reason})")
     return LoadedModel("onnx", names, stride, predict, fixed_shape=fixed, fixed_batch=dims[0],
-                       precision=precision, weights_dtype="float16" if fp16 else "float32", nm=nm)
+                       precision=precision, weights_dtype="float16" if fp16 else "float32", nm=nm, runtime=runtime)
 
 
 def _load_torchscript(path: Path, device: torch.device | str | None = None) -> LoadedModel:
@@ -236,13 +255,14 @@ def _load_torchscript(path: Path, device: torch.device | str | None = None) -> L
                 return y.float().cpu(), p.float().cpu()
             return main_output(out).float().cpu()
 
-    return LoadedModel("torchscript", names, stride, predict, weights_dtype=dtype, nm=nm)
+    return LoadedModel("torchscript", names, stride, predict, weights_dtype=dtype, nm=nm, runtime=f"torch on {dev}")
 
 
 def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.device | str | None = None) -> LoadedModel:
     """Load any model form reparam knows from a local file (see the module table).
 
-    ``device``: where torch forms compute (``None``: the CPU); ONNX runs on onnxruntime's CPU provider.
+    ``device``: where the model computes (``None``: the CPU); ONNX on onnxruntime's CUDA provider when ``device`` is
+    CUDA and this onnxruntime has it, else on its CPU provider (:attr:`LoadedModel.runtime` says which and why).
 
     Raises:
         InvalidInputError: not a model file, an end-to-end ONNX graph, no class names in the metadata.
@@ -252,7 +272,7 @@ def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.devic
     if not path.is_file():
         raise InvalidInputError(f"model '{path}' does not exist (no such file)")
     if path.suffix == ".onnx":
-        return _load_onnx(path)
+        return _load_onnx(path, device)
     if path.suffix == ".safetensors":
         from ..converter.artifacts import load_safetensors
 

@@ -229,7 +229,8 @@ def evaluate_model(model: LoadedModel, dataset: Dataset, settings: EvalSettings 
         summary["instances"] = int(sum(len(items[j].classes) for j in used))
     per_class = [ClassMetrics(dataset.names[k], **c) for k, c in enumerate(m["per_class"])]
     ran = {**settings.to_dict(), "batch": run.batch, "imgsz": run.imgsz,
-           "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in run.input_shapes])}
+           "rect": model.fixed_shape is None, "input_shapes": sorted([list(s) for s in run.input_shapes]),
+           "runtime": model.runtime}
     seconds = run.seconds
     curves = EvalCurves(m["pr_recall"], m["pr_precision"], confusion, CONFUSION_CONF, CONFUSION_IOU)
     timing = {"forward_s": run.forward_s, "nms_s": run.nms_s}
@@ -350,7 +351,8 @@ def describe(result: EvalResult) -> str:
     elif result.masks_absent:
         lines.append(f"  masks        not scored: {result.masks_absent} (box metrics only)")
     lines.append(f"  speed        {result.images_per_s:.1f} images/s ({result.form}, {result.precision_run}, "
-                 f"inputs {', '.join('x'.join(map(str, s)) for s in result.settings['input_shapes'])})")
+                 f"inputs {', '.join('x'.join(map(str, s)) for s in result.settings['input_shapes'])}; "
+                 f"{result.settings.get('runtime', 'torch on cpu')})")
     return "\n".join(lines)
 
 
