@@ -16,8 +16,8 @@ from reparam.models.published import published_config, published_names, resolve_
 NC = 3
 #: the published detection configs with a DualDDetect / DDetect head
 DETECTION = [f"{p}-{v}" for p in ("gelan", "yolov9") for v in "cemst"]
-#: the other published configs: segmentation (DualDSegment / DSegment) and yolov9-cf (TripleDDetect)
-OTHER_HEADS = ["gelan-c-dseg", "yolov9-c-dseg", "yolov9-cf"]
+#: the other published configs: segmentation (DualDSegment / DSegment / Segment) and yolov9-cf (TripleDDetect)
+OTHER_HEADS = ["gelan-c-dseg", "gelan-c-seg", "yolov9-c-dseg", "yolov9-cf"]
 
 
 def test_published_names() -> None:

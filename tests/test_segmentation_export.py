@@ -14,13 +14,14 @@ import json
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 from reparam.converter.convert import ConvertOptions, convert
 from reparam.converter.export import EndToEnd, Predictions, compare_detections, export_all, export_onnx, run_onnx
 from reparam.converter.export.nms import MASK_COEFFICIENTS, NMS_OUTPUTS, NMSHead, nms_inputs, reference_detections
 from reparam.converter.official_format import save_official
-from reparam.models import DSegment
+from reparam.models import DSegment, Segment
 from reparam.models.published import published_config
 from test_segmentation_heads import NAMES, NC, build, quarter
 
@@ -35,18 +36,19 @@ def _confident(model: torch.nn.Module, towers: str = "cv3", boost: float = 7.5) 
     return model
 
 
-def _deploy_seg() -> torch.nn.Module:
-    model = _confident(build(quarter(published_config("gelan-c-dseg", nc=NC))))
+def _deploy_seg(name: str = "gelan-c-dseg") -> torch.nn.Module:
+    model = _confident(build(quarter(published_config(name, nc=NC))))
     model.names = dict(NAMES)
-    assert type(model.model[-1]) is DSegment
+    assert type(model.model[-1]) is {"gelan-c-dseg": DSegment, "gelan-c-seg": Segment}[name]
     return model
 
 
-def test_segment_nms_graph_outputs_the_selected_mask_coefficients(tmp_path: Path) -> None:
-    """Best class, fp32, dynamic: names and shapes declared and in the metadata; each kept detection is a prediction
+@pytest.mark.parametrize("name", ["gelan-c-dseg", "gelan-c-seg"])
+def test_segment_nms_graph_outputs_the_selected_mask_coefficients(name: str, tmp_path: Path) -> None:
+    """DSegment and Segment heads; best class, fp32, dynamic: names and shapes declared and in the metadata; each kept detection is a prediction
     whose best class is its label, with that score, and its mask coefficients are that anchor's (torch); the
     prototypes equal torch's; the independent reference agrees, and it notices coefficients of the wrong anchor."""
-    model = _deploy_seg()
+    model = _deploy_seg(name)
     opts = ConvertOptions(formats=("onnx",), imgsz=64, onnx={"nms": True, "max_det": 30, "dynamic": True})
     (art,) = export_all(model, None, tmp_path, "seg", opts, {}, lambda _m: None)
     assert art["name"] == "seg-converted-end2end.onnx" and art["check"]["passed"] is True, art["check"]

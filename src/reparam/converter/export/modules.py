@@ -12,6 +12,7 @@ from torch import nn
 
 from ...errors import InvalidInputError
 from ...models.heads import DDetect, DSegment
+from ...models.segment import Segment
 from .nms import NMSHead
 from ..validation import main_output
 from .options import ExportOptions
@@ -19,21 +20,22 @@ from .options import ExportOptions
 __all__ = ["deploy_head", "is_segmentation", "check_export_target", "Predictions", "EndToEnd", "export_metadata"]
 
 
-def deploy_head(model: nn.Module) -> DDetect:
-    """The model's ``DDetect`` or ``DSegment`` head; InvalidInputError for anything else (a dual head is never
-    exported)."""
+def deploy_head(model: nn.Module) -> nn.Module:
+    """The model's ``DDetect``, ``DSegment`` or ``Segment`` head; InvalidInputError for anything else (a dual head
+    is never exported)."""
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
-    if type(head) not in (DDetect, DSegment):
+    if type(head) not in (DDetect, DSegment, Segment):
         raise InvalidInputError(
-            f"export needs a deploy model (head DDetect or DSegment), got head {type(head).__name__}: a dual model is "
-            "never exported as is (its first output would be the auxiliary branch); convert it first")
+            f"export needs a deploy model (head DDetect, DSegment or Segment), got head {type(head).__name__}: a dual "
+            "model is never exported as is (its first output would be the auxiliary branch); convert it first")
     return head
 
 
 def is_segmentation(model: nn.Module) -> bool:
-    """True when ``model``'s head is ``DSegment`` (two outputs: ``output0`` and the prototypes ``output1``)."""
-    return isinstance(deploy_head(model), DSegment)
+    """True when ``model``'s head is ``DSegment`` or ``Segment`` (two outputs: ``output0`` and the prototypes
+    ``output1``)."""
+    return isinstance(deploy_head(model), (DSegment, Segment))
 
 
 def check_export_target(model: nn.Module, formats: tuple[str, ...], nms: bool) -> None:
