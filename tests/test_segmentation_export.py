@@ -48,7 +48,7 @@ def test_segment_nms_graph_outputs_the_selected_mask_coefficients(name: str, tmp
     """DSegment and Segment heads; best class, fp32, dynamic: names and shapes declared and in the metadata; each
     kept detection is a prediction whose best class is its label, with that score, and its mask coefficients are
     that anchor's (torch); the prototypes equal torch's; the independent reference agrees, and it notices
-    coefficientsof the wrong anchor."""
+    coefficients of the wrong anchor."""
     model = _deploy_seg(name)
     opts = ConvertOptions(formats=("onnx",), imgsz=64, onnx={"nms": True, "max_det": 30, "dynamic": True})
     (art,) = export_all(model, None, tmp_path, "seg", opts, {}, lambda _m: None)
