@@ -93,6 +93,6 @@ def test_cli_help_names_the_shipped_configs() -> None:
     parser = build_parser()
     convert = parser._subparsers._group_actions[0].choices["convert"]  # type: ignore[union-attr]
     help_text = next(a.help for a in convert._actions if "--cfg" in a.option_strings)
-    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg" in help_text
+    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg, gelan-c-seg" in help_text
     assert set(published_names()) == {f"{family}-{v}" for family in ("yolov9", "gelan") for v in "tsmce"} | {
-        "yolov9-cf", "yolov9-c-dseg", "gelan-c-dseg"}
+        "yolov9-cf", "yolov9-c-dseg", "gelan-c-dseg", "gelan-c-seg"}
