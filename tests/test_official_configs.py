@@ -16,8 +16,8 @@ from reparam.models.published import published_config, published_names, resolve_
 NC = 3
 #: the published detection configs with a DualDDetect / DDetect head
 DETECTION = [f"{p}-{v}" for p in ("gelan", "yolov9") for v in "cemst"]
-#: the other published configs: segmentation (DualDSegment / DSegment) and yolov9-cf (TripleDDetect)
-OTHER_HEADS = ["gelan-c-dseg", "yolov9-c-dseg", "yolov9-cf"]
+#: the other published configs: segmentation (DualDSegment / DSegment / Segment) and yolov9-cf (TripleDDetect)
+OTHER_HEADS = ["gelan-c-dseg", "gelan-c-seg", "yolov9-c-dseg", "yolov9-cf"]
 
 
 def test_published_names() -> None:
@@ -93,6 +93,6 @@ def test_cli_help_names_the_shipped_configs() -> None:
     parser = build_parser()
     convert = parser._subparsers._group_actions[0].choices["convert"]  # type: ignore[union-attr]
     help_text = next(a.help for a in convert._actions if "--cfg" in a.option_strings)
-    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg" in help_text
+    assert "yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg, gelan-c-seg" in help_text
     assert set(published_names()) == {f"{family}-{v}" for family in ("yolov9", "gelan") for v in "tsmce"} | {
-        "yolov9-cf", "yolov9-c-dseg", "gelan-c-dseg"}
+        "yolov9-cf", "yolov9-c-dseg", "gelan-c-dseg", "gelan-c-seg"}

@@ -93,15 +93,15 @@ def test_command_from_spec() -> None:
     assert cmd2[cmd2.index("--only") + 1] == "pt" and cmd2.count("--only") == 1 and "--format" not in cmd2
 
 
-@pytest.mark.parametrize("conversion, weights, export, formats, device", [
-    ({}, "fp16", "fp16", ("pt",), "auto"),  # the CRD's defaults: fp16 everywhere, exactly the .pt
-    ({"precision": "fp32", "formats": ["onnx"]}, "fp32", "fp32", ("onnx",), "auto"),
-    ({"precision": "export=fp16", "formats": ["pt", "onnx"], "device": "cuda:1"}, "fp16", "fp16", ("pt", "onnx"),
-     "cuda:1"),
+@pytest.mark.parametrize("conversion, weights, export, formats, device, head", [
+    ({}, "fp16", "fp16", ("pt",), "auto", None),  # the CRD's defaults: fp16 everywhere, exactly the .pt, no --head
+    ({"precision": "fp32", "formats": ["onnx"], "head": "coarse"}, "fp32", "fp32", ("onnx",), "auto", "coarse"),
+    ({"precision": "export=fp16", "formats": ["pt", "onnx"], "device": "cuda:1", "head": "fine"}, "fp16", "fp16",
+     ("pt", "onnx"), "cuda:1", "fine"),
     ({"precision": "weights=fp32,export=fp16", "formats": ["torchscript", "safetensors"], "device": "cpu"},
-     "fp32", "fp16", ("safetensors", "torchscript"), "cpu"),
+     "fp32", "fp16", ("safetensors", "torchscript"), "cpu", None),
 ])
-def test_job_command_means_the_same_to_the_converter(conversion, weights, export, formats, device) -> None:
+def test_job_command_means_the_same_to_the_converter(conversion, weights, export, formats, device, head) -> None:
     """The Job's command, parsed by the converter's own parser, gives what the spec says (one to one)."""
     from reparam import cli, spec
 
@@ -111,6 +111,7 @@ def test_job_command_means_the_same_to_the_converter(conversion, weights, export
     assert cli._precision(args) == spec.Precision(weights, export)
     assert spec.resolve_formats(args.formats, args.only) == formats
     assert args.device == device
+    assert args.head == head and ("--head" in cmd) == (head is not None)  # left out: the converter decides
 
 
 def test_cpu_conversion_requests_no_gpu() -> None:
@@ -137,6 +138,7 @@ def test_spec_image_and_gpu_override() -> None:
     ({"source": {"uri": "models:/a/1", "sha256": "XYZ"}}, "sha256"),
     ({"conversion": {"precision": "int8"}}, "precision"),
     ({"conversion": {"device": "gpu"}}, "spec.conversion.device"),
+    ({"conversion": {"head": "main"}}, "spec.conversion.head: head 'main' is not a TripleDDetect"),
     ({"conversion": {"formats": ["tflite"]}}, "formats"),
     ({"conversion": {"atol": -1}}, "atol"),
     ({"registry": {"trackingUri": "mlflow", "modelName": "m"}}, "trackingUri"),

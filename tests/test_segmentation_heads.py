@@ -370,7 +370,7 @@ def test_dual_segmentation_checkpoint_converts_to_the_official_format(tmp_path: 
 def test_segmentation_onnx_has_output0_and_the_prototypes_output1(tmp_path: Path) -> None:
     """ONNX of a segmentation model: output0 (boxes, scores, mask coefficients) and output1 (prototypes), names and
     shapes declared, metadata task=segment; run through onnxruntime here, both outputs match the torch deploy model;
-    the TorchScript returns the same pair. --nms is refused before any work (exit 2, nothing written)."""
+    the TorchScript returns the same pair (--nms: tests/test_segmentation_export.py)."""
     import onnx
 
     from reparam.converter.artifacts import load_safetensors
@@ -409,7 +409,3 @@ def test_segmentation_onnx_has_output0_and_the_prototypes_output1(tmp_path: Path
         ts_y, ts_p = ts(x)
     assert (ts_y - ref.y).abs().max().item() <= 1e-3 and (ts_p - ref.prototypes).abs().max().item() <= 1e-4
 
-    refused = tmp_path / "refused"
-    with pytest.raises(InvalidInputError, match="--nms is not supported for segmentation models") as info:
-        convert(source, refused, ConvertOptions(imgsz=128, formats=("onnx",), onnx={"nms": True}))
-    assert info.value.exit_code == exitcodes.INVALID_INPUT and not refused.exists()

@@ -78,6 +78,8 @@ def _put(field: str, value: str, s: dict[str, Any]) -> None:
         s["conversion"]["precision"] = value
     elif field == "device":
         s["conversion"]["device"] = value
+    elif field == "head":
+        s["conversion"]["head"] = value
 
 
 def _argv(field: str, value: str) -> list[str]:
@@ -86,7 +88,7 @@ def _argv(field: str, value: str) -> list[str]:
         base[1] = value
     extra = {"sha256": ["--sha256", value], "alias": ["--alias", value], "model_name": ["--register", value],
              "tag_key": ["--tag", f"{value}=x"], "format": ["--format", value],
-             "device": ["--device", value],
+             "device": ["--device", value], "head": ["--head", value],
              # the Job passes the CRD's formats as --only: the CLI sees the example's formats too
              "precision": ["--precision", value,
                            *[a for f in EXAMPLE["spec"]["conversion"]["formats"] for a in ("--only", f)]],
@@ -198,6 +200,12 @@ CASES = [
     ("device", "mps", False),
     ("device", "cuda:0,1", False),
     ("device", "", False),
+    ("head", "fine", True),
+    ("head", "coarse", True),
+    ("head", "main", False),  # DualDDetect's branch name: not a choice
+    ("head", "Fine", False),
+    ("head", "aux", False),
+    ("head", "", False),
 ]
 
 # Tag keys: the CRD leaves map keys to the operator (a CEL rule on keys of unbounded length would exceed the API
@@ -318,6 +326,9 @@ def test_crd_says_what_spec_says() -> None:
     assert conv["precision"]["pattern"] == spec.PRECISION_PATTERN
     assert conv["precision"]["default"] == spec.DEFAULT_PRECISION
     assert (conv["device"]["pattern"], conv["device"]["default"]) == (spec.DEVICE_PATTERN, spec.DEFAULT_DEVICE)
+    # --head: the same choices, and no default (a default would pass --head for every checkpoint, refused by all
+    # heads but TripleDDetect)
+    assert conv["head"]["enum"] == list(spec.TRIPLE_HEAD_BRANCHES) and "default" not in conv["head"]
     assert conv["formats"]["items"]["enum"] == list(spec.FORMATS)
     assert conv["formats"]["default"] == list(spec.OPERATOR_DEFAULT_FORMATS)
     assert conv["formats"]["maxItems"] == len(spec.FORMATS)

@@ -299,8 +299,8 @@ def _state_dict_args(p: argparse.ArgumentParser) -> None:
     # `reparam operator` too, which must stay torch-free
     p.add_argument("--cfg", default=None, metavar="NAME|FILE",
                    help="the source is a bare state_dict ({key: tensor}); build this architecture for it: a "
-                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg; "
-                        "the yaml files in reparam/models/configs) or a model yaml in the official format")
+                        "published config (yolov9-t/s/m/c/e, gelan-t/s/m/c/e, yolov9-cf, yolov9-c-dseg, gelan-c-dseg, "
+                        "gelan-c-seg; the yaml files in reparam/models/configs) or a model yaml in the official format")
     p.add_argument("--nc", type=int, default=None,
                    help="with --cfg: number of classes (default: from the weights' head, which must agree)")
     p.add_argument("--names", type=_names_arg, default=None,

@@ -39,6 +39,9 @@ Sources of the rules:
   :func:`parse_precision`.
 * **Devices** -- torch's device strings that a conversion can use: ``auto`` (CUDA when available, else CPU),
   ``cpu``, ``cuda`` (the current CUDA device, index 0 in a fresh process) and ``cuda:N`` (:data:`DEVICE_PATTERN`).
+* **Head branch** -- which branch of a ``TripleDDetect`` head (yolov9-cf) becomes the deploy ``DDetect``: one of
+  :data:`TRIPLE_HEAD_BRANCHES` (CLI ``--head``, CRD ``spec.conversion.head``, an enum with no default: left out,
+  the converter takes :data:`DEFAULT_TRIPLE_HEAD` for a yolov9-cf checkpoint and every other head needs none).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ __all__ = [
     "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "PROMOTION_METRICS",
     "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision",
     "SHA256_PATTERN", "SOURCE_KINDS", "SourceRef", "SpecError", "TAG_KEY_MAX", "TAG_KEY_PATTERN", "TAG_VALUE_MAX",
-    "TRACKING_URI_PATTERN", "TRIPLE_HEAD_BRANCHES", "alias_problem", "check_aliases", "device_problem",
+    "TRACKING_URI_PATTERN", "TRIPLE_HEAD_BRANCHES", "alias_problem", "check_aliases", "device_problem", "head_problem",
     "model_name_problem", "parse_precision", "parse_source_uri", "resolve_formats", "sha256_problem",
     "tag_key_problem",
 ]
@@ -254,6 +257,17 @@ def device_problem(device: object) -> str | None:
     """
     if not _full(DEVICE_PATTERN, device):
         return f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N"
+    return None
+
+
+def head_problem(head: object) -> str | None:
+    """Why ``head`` is not a branch of a ``TripleDDetect`` head (:data:`TRIPLE_HEAD_BRANCHES`), or None.
+
+    Whether the checkpoint has such a head is decided when it is read (:func:`reparam.converter.pruning.head_rule`).
+    """
+    if not isinstance(head, str) or head not in TRIPLE_HEAD_BRANCHES:
+        return (f"head {head!r} is not a TripleDDetect (yolov9-cf) branch: use {' or '.join(TRIPLE_HEAD_BRANCHES)}, "
+                "or leave it out (only yolov9-cf checkpoints have a choice)")
     return None
 
 

@@ -37,7 +37,7 @@ EMPTY_TRAINING_STATE: dict[str, Any] = {
 
 #: Our classes that YOLOv9 defines in ``models/yolo.py``; every other block lives in ``models/common.py``.
 _YOLO_CLASSES = ("DetectionModel", "SegmentationModel", "DDetect", "DualDDetect", "TripleDDetect", "DSegment",
-                 "DualDSegment")
+                 "DualDSegment", "Detect", "Segment")
 
 
 def official_names() -> dict[type, tuple[str, str]]:

@@ -35,8 +35,8 @@ entries are "main":
   (``utils/general.py`` lines 902-903) of the ``(y, d)`` that ``TripleDDetect``'s eval forward returns, and that
   ``y`` is the third (fine) branch's.
 
-A graph whose last layer is already ``DDetect`` or ``DSegment`` (a gelan checkpoint from ``train.py``) passes
-through unchanged.
+A graph whose last layer is already ``DDetect``, ``DSegment`` or ``Segment`` (a gelan checkpoint from ``train.py``:
+gelan-c, gelan-c-dseg, gelan-c-seg) passes through unchanged.
 The official notebook (``tools/reparameterization.ipynb``) hard-codes the resulting offsets per variant; here
 they are derived, so custom configs work too.
 """
@@ -142,16 +142,16 @@ DUAL_HEADS: dict[str, tuple[str, dict[str, str]]] = {
     for name, rule in MULTI_HEADS.items()
 }
 #: Heads that need no pruning (a ``train.py`` checkpoint: gelan detection or segmentation).
-DEPLOY_HEADS = ("DDetect", "Detect", "DSegment")
+DEPLOY_HEADS = ("DDetect", "Detect", "DSegment", "Segment")
 #: Heads we recognise but do not convert (the message names them instead of guessing).
 UNSUPPORTED_HEADS = {
     "Panoptic": "panoptic checkpoints (Panoptic head, e.g. gelan-c-pan) are not supported",
-    "Segment": "Segment-head checkpoints (anchor-free Detect + Proto, e.g. gelan-c-seg) are not supported",
     "TripleDetect": "TripleDetect checkpoints are not supported",
     "DualDetect": "DualDetect checkpoints are not supported",
 }
 #: What reparam converts, for the messages above.
-SUPPORTED_HEADS = "detection (DualDDetect, TripleDDetect, DDetect) and segmentation (DualDSegment, DSegment)"
+SUPPORTED_HEADS = ("detection (DualDDetect, TripleDDetect, DDetect) and segmentation (DualDSegment, DSegment, "
+                   "Segment)")
 
 
 def head_rule(head_name: str, branch: str | None = None) -> tuple[HeadRule, Branch] | None:

@@ -10,11 +10,12 @@ from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, Proto,
 from .graph import BLOCKS, BlockSpec, DetectionModel, SegmentationModel, parse_model, resolve_arg
 from .heads import (DDetect, DFL, DSegment, DualDDetect, DualDSegment, TripleDDetect, dist2bbox, make_anchors,
                     make_divisible)
+from .segment import Detect, Segment
 
 __all__ = [
     "ADown", "AConv", "CBFuse", "CBLinear", "Concat", "Conv", "ELAN1", "Proto", "RepConvN", "RepNBottleneck",
     "RepNCSP", "RepNCSPELAN4", "Silence", "SP", "SPPELAN", "autopad", "fold_batchnorm", "fuse_model",
     "BLOCKS", "BlockSpec", "DetectionModel", "SegmentationModel", "parse_model", "resolve_arg",
     "DDetect", "DFL", "DSegment", "DualDDetect", "DualDSegment", "TripleDDetect", "dist2bbox", "make_anchors",
-    "make_divisible",
+    "make_divisible", "Detect", "Segment",
 ]

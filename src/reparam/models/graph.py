@@ -24,6 +24,7 @@ from ..errors import InvalidInputError, brief
 from .blocks import (ADown, AConv, CBFuse, CBLinear, Concat, Conv, ELAN1, RepConvN, RepNBottleneck, RepNCSP,
                      RepNCSPELAN4, Silence, SP, SPPELAN, fuse_model)
 from .heads import DDetect, DSegment, DualDDetect, DualDSegment, TripleDDetect, _AnchorFreeHead, make_divisible
+from .segment import Segment
 
 __all__ = ["BlockSpec", "BLOCKS", "DetectionModel", "SegmentationModel", "SEGMENTATION_HEADS", "parse_model",
            "resolve_arg", "STRIDE_PROBE_SIZE"]
@@ -79,6 +80,7 @@ BLOCKS: dict[str, BlockSpec] = {
     "TripleDDetect": BlockSpec(TripleDDetect, _yolo("TripleDDetect"), "head"),
     "DSegment": BlockSpec(DSegment, _yolo("DSegment"), "seghead"),
     "DualDSegment": BlockSpec(DualDSegment, _yolo("DualDSegment"), "seghead"),
+    "Segment": BlockSpec(Segment, _yolo("Segment"), "seghead"),
 }
 
 _ACTIVATIONS_OK = (None, "nn.SiLU()")
@@ -335,9 +337,10 @@ class DetectionModel(nn.Module):
 
 
 class SegmentationModel(DetectionModel):
-    """A :class:`DetectionModel` whose head is ``DSegment``/``DualDSegment`` (YOLOv9 ``models/yolo.py``: the official
-    ``SegmentationModel`` adds nothing to ``DetectionModel`` either). ``DetectionModel(cfg)`` returns one for a
-    segmentation config, so the deploy ``.pt`` pickles it under the official name ``models.yolo.SegmentationModel``.
+    """A :class:`DetectionModel` whose head is ``DSegment``/``DualDSegment``/``Segment`` (YOLOv9 ``models/yolo.py``:
+    the official ``SegmentationModel`` adds nothing to ``DetectionModel`` either). ``DetectionModel(cfg)`` returns one
+    for a segmentation config, so the deploy ``.pt`` pickles it under the official name
+    ``models.yolo.SegmentationModel``.
 
     Forward (eval): ``(cat(y, mc) [B, 4 + nc + nm, A], (maps, mc [B, nm, A], p [B, nm, H/4, W/4]))``.
     """

@@ -1,8 +1,8 @@
 """Model configs: the published YOLOv9 / GELAN architectures (package data) and users' config files.
 
-The published configs of WongKinYiu/yolov9 (``models/detect/{yolov9,gelan}-{t,s,m,c,e}.yaml``, ``yolov9-cf.yaml``
-and ``models/segment/{yolov9,gelan}-c-dseg.yaml``) ship as ``reparam/models/configs/<name>.yaml``, in the official
-config format (``nc``, ``depth_multiple``,
+The published configs of WongKinYiu/yolov9 (``models/detect/{yolov9,gelan}-{t,s,m,c,e}.yaml``, ``yolov9-cf.yaml``,
+``models/segment/{yolov9,gelan}-c-dseg.yaml`` and ``gelan-c-seg.yaml``) ship as
+``reparam/models/configs/<name>.yaml``, in the official config format (``nc``, ``depth_multiple``,
 ``width_multiple``, ``anchors``, ``backbone``, ``head``; each layer ``[from, number, module, args]``). They are
 reparam's own description of those architectures (the one source: tests read them from here too), and what
 ``reparam convert weights.pt --cfg yolov9-c`` builds for a bare state_dict.

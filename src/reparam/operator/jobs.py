@@ -93,6 +93,9 @@ def validate_spec(spec: dict[str, Any]) -> None:
     problem = grammar.device_problem(conv.get("device", grammar.DEFAULT_DEVICE))
     if problem:
         problems.append(f"spec.conversion.device: {problem}")
+    problem = grammar.head_problem(conv["head"]) if "head" in conv else None
+    if problem:
+        problems.append(f"spec.conversion.head: {problem}")
     formats = conv.get("formats") or list(grammar.OPERATOR_DEFAULT_FORMATS)
     bad = [f for f in formats if f not in grammar.FORMATS]
     if bad:
@@ -225,6 +228,8 @@ def command(spec: dict[str, Any]) -> list[str]:
         cmd.append("--fuse")
     cmd += ["--precision", conv.get("precision", grammar.DEFAULT_PRECISION)]
     cmd += ["--device", conv.get("device", grammar.DEFAULT_DEVICE)]
+    if "head" in conv:  # only when set: every head but TripleDDetect refuses --head
+        cmd += ["--head", conv["head"]]
     for fmt in conv.get("formats") or grammar.OPERATOR_DEFAULT_FORMATS:  # exactly these: --only
         cmd += ["--only", fmt]
     if conv.get("atol") is not None:

@@ -11,7 +11,9 @@ returns only the decoded prediction, never the raw per-level maps:
   ``reparam_version``, ``source_sha256``, ``variant``, and with NMS ``nms`` (settings and ``semantics``).
 * ONNX with ``--nms`` (``<stem>-converted-end2end.onnx``): the same prediction followed by NMS (best class per box
   by default, ``--multi-label`` per class: :mod:`reparam.converter.export.nms`), outputs ``num_dets [B, 1]``,
-  ``boxes [B, max_det, 4]`` xyxy pixels, ``scores [B, max_det]``, ``labels [B, max_det]`` (int64; padding 0, 0, -1).
+  ``boxes [B, max_det, 4]`` xyxy pixels, ``scores [B, max_det]``, ``labels [B, max_det]`` (int64; padding 0, 0, -1);
+  a segmentation model adds ``mask_coefficients [B, max_det, nm]`` (the selected detections' raw coefficients,
+  padding 0) and ``output1`` (the prototypes, as without NMS).
 * TorchScript (``<stem>-converted.torchscript``): ``torch.jit.trace`` of the same wrapper (shapes stay free: the
   anchor grid is computed from the feature maps); ``config.txt`` extra file holds the metadata as JSON.
 

@@ -16,7 +16,9 @@ run ran, else ``true``.
   detections with :func:`~reparam.converter.export.nms.reference_detections` (independent of the graph, same semantics)
   run on exactly those values: counts must agree and every detection must match a reference one of the same label
   within the tolerance. torch's own end-to-end count is information (``torch_num_dets``), not judged: NMS is
-  discontinuous at its thresholds.
+  discontinuous at its thresholds. For a segmentation model the reference also gathers torch's mask coefficients at
+  the anchors it selects, and a detection matches only when its ``mask_coefficients`` are within the tolerance too;
+  the prototypes ``output1`` are compared with torch's as a plain output (``prototypes_max_abs_diff``).
 """
 
 from __future__ import annotations
@@ -54,14 +56,18 @@ def max_diff(a: Any, b: Any) -> float:
 def compare_detections(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor], atol: float,
                        allowed_unmatched: int = 0) -> tuple[float, str]:
     """Compare two end-to-end outputs ``(num_dets [B, 1], boxes [B, K, 4], scores [B, K], labels [B, K])``,
-    order-insensitively.
+    order-insensitively; when both also hold ``mask_coefficients [B, K, nm]`` (segmentation), those too.
 
     Each detection of ``got`` is matched with the closest reference detection of the same label (distance: max
-    |diff| over box corners and score). Returns ``(max distance over matched detections, reason)``; ``reason`` is
-    empty when the counts agree and at most ``allowed_unmatched`` detections per image are farther than ``atol``.
+    |diff| over box corners, score and, for segmentation, the mask coefficients). Returns ``(max distance over
+    matched detections, reason)``; ``reason`` is empty when the counts agree and at most ``allowed_unmatched``
+    detections per image are farther than ``atol``.
     """
-    n_ref, b_ref, s_ref, l_ref = (t.detach().cpu() for t in ref)
-    n_got, b_got, s_got, l_got = (t.detach().cpu() for t in got)
+    n_ref, b_ref, s_ref, l_ref = (t.detach().cpu() for t in ref[:4])
+    n_got, b_got, s_got, l_got = (t.detach().cpu() for t in got[:4])
+    masks = len(ref) > 4 and len(got) > 4
+    m_ref = ref[4].detach().cpu().float() if masks else None
+    m_got = got[4].detach().cpu().float() if masks else None
     worst, reason = 0.0, ""
     for i in range(n_ref.shape[0]):
         k_ref, k_got = int(n_ref[i, 0]), int(n_got[i, 0])
@@ -72,6 +78,9 @@ def compare_detections(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor],
         rb, rs, rl = b_ref[i, :k_ref].float(), s_ref[i, :k_ref].float(), l_ref[i, :k_ref]
         gb, gs, gl = b_got[i, :k_got].float(), s_got[i, :k_got].float(), l_got[i, :k_got]
         dist = torch.maximum((gb[:, None] - rb[None]).abs().amax(-1), (gs[:, None] - rs[None]).abs())
+        if m_ref is not None and m_got is not None and m_ref.shape[-1]:
+            coef = (m_got[i, :k_got, None] - m_ref[i, None, :k_ref]).abs().amax(-1)
+            dist = torch.maximum(dist, coef)
         dist = torch.where(gl[:, None] == rl[None], dist, torch.full_like(dist, float("inf")))
         best = dist.amin(1)
         far = int((best > atol).sum())
@@ -132,7 +141,8 @@ def _half_atol(ref: Any, atol: float) -> float:
 
 def _compare_run(kind: str, x: torch.Tensor, ref: Any, got: list[torch.Tensor], tol: float,
                  nms: ExportOptions | None) -> dict[str, Any]:
-    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs, then the NMS boxes and raw scores. Without
+    """One comparison; for end-to-end graphs ``got`` holds the 4 outputs (6 for segmentation: then
+    ``mask_coefficients`` and ``output1``), then the NMS boxes and raw scores. Without
     NMS every output of the reference (one; two for segmentation) is compared with the artifact's output of the
     same position (``output_max_abs_diff`` per output)."""
     run: dict[str, Any] = {"precision": kind, "input_shape": list(x.shape)}
@@ -156,13 +166,28 @@ def _compare_run(kind: str, x: torch.Tensor, ref: Any, got: list[torch.Tensor], 
         if len(refs) > 1:
             run["output_max_abs_diff"] = per
     else:
-        boxes_ref, scores_ref = nms_inputs(ref)
-        outs, boxes_got, scores_got = list(got[:4]), got[4].float(), got[5].float()
+        refs = outputs_of(ref)  # [y] or, for segmentation, [y with nm mask coefficients, prototypes]
+        nm = int(refs[1].shape[1]) if len(refs) > 1 else 0
+        n_out = 6 if nm else 4  # segmentation: + mask_coefficients, output1 (prototypes)
+        if len(got) < n_out + 2:
+            run.update({"max_abs_diff": float("inf"), "atol": tol, "passed": False,
+                        "reason": f"{len(got)} output(s); the end-to-end graph and its probes need {n_out + 2}"})
+            return run
+        boxes_ref, scores_ref = nms_inputs(refs[0], nm)
+        outs, boxes_got, scores_got = list(got[:n_out]), got[n_out].float(), got[n_out + 1].float()
         d = max(max_diff(boxes_ref, boxes_got), max_diff(scores_ref, scores_got))
         why = "" if d <= tol else f"NMS inputs (boxes, scores) max |diff| {d:.3g} exceeds {tol:.3g}"
+        if nm:  # the prototypes pass through unchanged
+            d_proto = max_diff(refs[1], outs[5])
+            run["prototypes_max_abs_diff"] = d_proto
+            if d_proto > tol and not why:
+                why = f"prototypes (output1) max |diff| {d_proto:.3g} exceeds {tol:.3g}"
+            d = max(d, d_proto)
+        # the selected detections' mask coefficients are checked against torch's at the anchors the reference picks
+        coefficients = refs[0][:, -nm:].float() if nm else None
         expected = reference_detections(boxes_got, scores_got, iou_thres=nms.iou_thres, score_thres=nms.score_thres,
-                                        max_det=nms.max_det, multi_label=nms.multi_label)
-        d_nms, why_nms = compare_detections(expected, outs, tol)
+                                        max_det=nms.max_det, multi_label=nms.multi_label, coefficients=coefficients)
+        d_nms, why_nms = compare_detections(expected, outs[:5], tol)
         run["nms_max_abs_diff"] = d_nms
         run["num_dets"] = [int(v) for v in outs[0].flatten()]
         run["reference_num_dets"] = [int(v) for v in expected[0].flatten()]

@@ -12,6 +12,7 @@ from torch import nn
 
 from ...errors import InvalidInputError
 from ...models.heads import DDetect, DSegment
+from ...models.segment import Segment
 from .nms import NMSHead
 from ..validation import main_output
 from .options import ExportOptions
@@ -19,29 +20,31 @@ from .options import ExportOptions
 __all__ = ["deploy_head", "is_segmentation", "check_export_target", "Predictions", "EndToEnd", "export_metadata"]
 
 
-def deploy_head(model: nn.Module) -> DDetect:
-    """The model's ``DDetect`` or ``DSegment`` head; InvalidInputError for anything else (a dual head is never
-    exported)."""
+def deploy_head(model: nn.Module) -> nn.Module:
+    """The model's ``DDetect``, ``DSegment`` or ``Segment`` head; InvalidInputError for anything else (a dual head
+    is never exported)."""
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
-    if type(head) not in (DDetect, DSegment):
+    if type(head) not in (DDetect, DSegment, Segment):
         raise InvalidInputError(
-            f"export needs a deploy model (head DDetect or DSegment), got head {type(head).__name__}: a dual model is "
-            "never exported as is (its first output would be the auxiliary branch); convert it first")
+            f"export needs a deploy model (head DDetect, DSegment or Segment), got head {type(head).__name__}: a dual "
+            "model is never exported as is (its first output would be the auxiliary branch); convert it first")
     return head
 
 
 def is_segmentation(model: nn.Module) -> bool:
-    """True when ``model``'s head is ``DSegment`` (two outputs: ``output0`` and the prototypes ``output1``)."""
-    return isinstance(deploy_head(model), DSegment)
+    """True when ``model``'s head is ``DSegment`` or ``Segment`` (two outputs: ``output0`` and the prototypes
+    ``output1``)."""
+    return isinstance(deploy_head(model), (DSegment, Segment))
 
 
 def check_export_target(model: nn.Module, formats: tuple[str, ...], nms: bool) -> None:
-    """Refuse, before any work, an export this model cannot have: ``--nms`` for a segmentation model (the
-    end-to-end graph carries no mask coefficients). Raises InvalidInputError (one line)."""
-    if nms and "onnx" in formats and is_segmentation(model):
-        raise InvalidInputError("--nms is not supported for segmentation models yet (the end-to-end graph carries no "
-                                "mask coefficients); export without --nms: output0 and the prototypes output1")
+    """Refuse, before any work, an export this model cannot have: a model without a deploy head (:func:`deploy_head`).
+    Every format/NMS combination a detection model has, a segmentation model has too (``--nms``: the end-to-end graph
+    also returns the selected detections' mask coefficients and the prototypes). Raises InvalidInputError (one
+    line)."""
+    if {"onnx", "torchscript"} & set(formats):
+        deploy_head(model)
 
 
 class Predictions(nn.Module):
@@ -54,14 +57,17 @@ class Predictions(nn.Module):
     model (``DSegment``) returns ``(y [B, 4 + nc + nm, A], protos [B, nm, H/4, W/4])``: ``y`` ends with the ``nm``
     raw mask coefficients, ``protos`` are the mask prototypes (YOLOv9 ``DSegment`` in export mode).
     Raises InvalidInputError for a model whose head is neither ``DDetect`` nor ``DSegment``.
+
+    Attributes: ``segmentation`` (bool) and ``nm`` (mask coefficients per anchor; 0 for detection).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        deploy_head(model)
+        head = deploy_head(model)
         self.model = copy.deepcopy(model).eval()
         self.model.model[-1].export = True
         self.segmentation = is_segmentation(model)
+        self.nm = int(head.nm) if self.segmentation else 0
 
     def forward(self, images: torch.Tensor):
         out = self.model(images)
@@ -76,18 +82,26 @@ class EndToEnd(nn.Module):
     Args:
         model: a deploy model or a :class:`Predictions` (used as is).
         nms: the NMS head (its semantics: :mod:`reparam.converter.export.nms`); default ``NMSHead()`` (default
-            settings).
+            settings). Its ``nm`` is set to the model's (0 for detection).
 
-    Shapes: ``images [B, 3, H, W] -> (num_dets [B, 1], boxes [B, max_det, 4], scores [B, max_det],
-    labels [B, max_det])``.
+    Shapes: ``images [B, 3, H, W] -> (num_dets [B, 1] int64, boxes [B, max_det, 4] xyxy px, scores [B, max_det],
+    labels [B, max_det] int64)``. A segmentation model (``DSegment``) adds ``mask_coefficients [B, max_det, nm]``
+    (the selected detections' raw coefficients, 0 past ``num_dets``) and the prototypes ``[B, nm, H/4, W/4]``
+    unchanged (``output1``): a detection's mask is ``sigmoid(mask_coefficients[j] @ prototypes.view(nm, -1))``
+    reshaped to ``[H/4, W/4]`` and cropped to its box, as the official ``segment/predict.py`` (``process_mask``).
     """
 
     def __init__(self, model: nn.Module, nms: NMSHead | None = None):
         super().__init__()
         self.predict = model if isinstance(model, Predictions) else Predictions(model)
         self.nms = nms if nms is not None else NMSHead()
+        self.nms.nm = self.predict.nm
+        self.segmentation = self.predict.segmentation
 
     def forward(self, images: torch.Tensor):
+        if self.segmentation:
+            y, protos = self.predict(images)
+            return (*self.nms(y), protos)
         return self.nms(self.predict(images))
 
 
@@ -105,19 +119,22 @@ def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
     nms = options.nms_settings() if options is not None else None
     strides = [int(s) for s in torch.as_tensor(model.stride).tolist()]
     names = {str(k): v for k, v in getattr(model, "names", {}).items()}
+    segment = is_segmentation(model)
     if nms:
         output = ("num_dets [batch, 1], boxes [batch, max_det, 4] (xyxy px), scores [batch, max_det], "
                   "labels [batch, max_det]; " + (
+                      "mask_coefficients [batch, max_det, nm] (raw, of the same detections), output1 [batch, nm, "
+                      "height / 4, width / 4]: mask prototypes (mask = sigmoid(coefficients @ prototypes), as the "
+                      "official segment/predict.py); " if segment else "") + (
                       "multi-label: one detection per (box, class) above score_thres (as official val.py)"
                       if nms["multi_label"] else
                       "best class: one detection per box, its best class (as official detect.py)"))
-    elif is_segmentation(model):
+    elif segment:
         output = ("output0 [batch, 4 + nc + nm, anchors]: box xywh in input pixels, class scores, then nm mask "
                   "coefficients; output1 [batch, nm, height / 4, width / 4]: mask prototypes (mask = "
                   "sigmoid(coefficients @ prototypes), as the official segment/predict.py)")
     else:
         output = "output0 [batch, 4 + nc, anchors]: box xywh in input pixels, then class scores"
-    segment = is_segmentation(model)
     meta = {
         "task": "segment" if segment else "detect",
         "names": json.dumps(names),

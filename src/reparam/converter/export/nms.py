@@ -1,7 +1,9 @@
 """Class-aware non-maximum suppression for the end-to-end graph, and an independent reference to check it.
 
 The end-to-end export appends :class:`NMSHead` to a deploy model's ``y [B, 4 + nc, A]`` (box xywh in input pixels,
-then class scores). Two semantics (``NMSHead(multi_label=...)``, CLI ``--multi-label``):
+then class scores; a segmentation model's ``y [B, 4 + nc + nm, A]`` ends with ``nm`` raw mask coefficients, which
+take no part in the selection and come out gathered for the selected detections). Two semantics
+(``NMSHead(multi_label=...)``, CLI ``--multi-label``):
 
 * **best class** (default), as the official YOLOv9 ``detect.py`` (WongKinYiu/yolov9 ``utils/general.py``
   ``non_max_suppression(multi_label=False)``): each box is a candidate once, with its best
@@ -31,11 +33,14 @@ from torch import nn
 
 from .options import EXPORT_DEFAULTS
 
-__all__ = ["xywh2xyxy", "nms_indices", "best_class_scores", "gather_detections", "NMSHead", "nms_inputs",
-           "reference_detections", "NMS_OUTPUTS"]
+__all__ = ["xywh2xyxy", "nms_indices", "best_class_scores", "gather_detections", "gather_segment_detections",
+           "NMSHead", "nms_inputs", "reference_detections", "NMS_OUTPUTS", "MASK_COEFFICIENTS"]
 
 #: Output names of the end-to-end ONNX graph, in order.
 NMS_OUTPUTS = ("num_dets", "boxes", "scores", "labels")
+#: The extra output of a segmentation end-to-end graph, after :data:`NMS_OUTPUTS`: the selected detections' raw mask
+#: coefficients ``[B, max_det, nm]`` (the prototypes ``output1`` follow it unchanged).
+MASK_COEFFICIENTS = "mask_coefficients"
 
 
 def xywh2xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -121,18 +126,13 @@ class _NonMaxSuppression(torch.autograd.Function):
         )
 
 
-def gather_detections(selected: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
-                      max_det: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank the kept boxes of each image by score and pad to ``max_det`` (traceable; no data-dependent shapes out).
+def _rank(selected: torch.Tensor, scores: torch.Tensor, max_det: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``max_det`` best kept (box, class) pairs of each image, by decreasing score (traceable).
 
-    Args:
-        selected: ``[N, 3]`` (batch, class, box) rows from NMS.
-        boxes: ``[B, A, 4]`` xyxy; scores: ``[B, C, A]``.
-        max_det: detections per image in the outputs.
-
-    Returns:
-        ``num_dets [B, 1]`` int64, ``boxes [B, max_det, 4]`` xyxy, ``scores [B, max_det]``, ``labels [B, max_det]``
-        int64; rows past ``num_dets`` are box 0, score 0, label -1. Sorted by decreasing score.
+    Returns ``num_dets [B, 1]`` int64, ``values [B, max_det]`` (kept scores, -1 past ``num_dets``), ``labels
+    [B, max_det]`` int64 (-1 past ``num_dets``), ``anchor [B, max_det]`` int64 (the box index of each detection; any
+    index past ``num_dets``) and ``valid [B, max_det]`` bool.
     """
     n_cls, n_anchor = scores.shape[1], scores.shape[2]
     width = n_cls * n_anchor + max_det  # max_det padding columns so top-k always has max_det entries
@@ -146,10 +146,52 @@ def gather_detections(selected: torch.Tensor, boxes: torch.Tensor, scores: torch
     num_dets = valid.sum(1, keepdim=True).to(torch.int64)
     labels = torch.where(valid, torch.div(idx, n_anchor, rounding_mode="floor"), torch.full_like(idx, -1))
     anchor = torch.remainder(idx, n_anchor)
-    out_boxes = torch.gather(boxes, 1, anchor.unsqueeze(-1).expand(-1, -1, 4))
-    out_boxes = torch.where(valid.unsqueeze(-1), out_boxes, torch.zeros_like(out_boxes))
+    return num_dets, values, labels, anchor, valid
+
+
+def _gather_at(values: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values [B, A, K]`` at ``anchor [B, max_det]`` -> ``[B, max_det, K]``, zero where not ``valid``."""
+    out = torch.gather(values, 1, anchor.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+    return torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
+
+
+def gather_detections(selected: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                      max_det: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank the kept boxes of each image by score and pad to ``max_det`` (traceable; no data-dependent shapes out).
+
+    Args:
+        selected: ``[N, 3]`` (batch, class, box) rows from NMS.
+        boxes: ``[B, A, 4]`` xyxy; scores: ``[B, C, A]``.
+        max_det: detections per image in the outputs.
+
+    Returns:
+        ``num_dets [B, 1]`` int64, ``boxes [B, max_det, 4]`` xyxy, ``scores [B, max_det]``, ``labels [B, max_det]``
+        int64; rows past ``num_dets`` are box 0, score 0, label -1. Sorted by decreasing score.
+    """
+    num_dets, values, labels, anchor, valid = _rank(selected, scores, max_det)
     out_scores = torch.where(valid, values, torch.zeros_like(values))
-    return num_dets, out_boxes, out_scores, labels
+    return num_dets, _gather_at(boxes, anchor, valid), out_scores, labels
+
+
+def gather_segment_detections(selected: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                              coefficients: torch.Tensor, max_det: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gather_detections` plus each detection's mask coefficients (traceable).
+
+    Args:
+        selected, boxes, scores, max_det: as :func:`gather_detections`.
+        coefficients: the raw mask coefficients ``[B, nm, A]`` (the last ``nm`` rows of a segmentation model's
+            ``y``, YOLOv9 ``DSegment``).
+
+    Returns:
+        ``(num_dets, boxes, scores, labels)`` as :func:`gather_detections`, then ``mask_coefficients
+        [B, max_det, nm]`` of the same detections (rows past ``num_dets`` are 0). A detection's mask is
+        ``sigmoid(mask_coefficients @ prototypes)`` (official ``utils/segment/general.py`` ``process_mask``).
+    """
+    num_dets, values, labels, anchor, valid = _rank(selected, scores, max_det)
+    out_scores = torch.where(valid, values, torch.zeros_like(values))
+    return (num_dets, _gather_at(boxes, anchor, valid), out_scores, labels,
+            _gather_at(coefficients.transpose(1, 2), anchor, valid))
 
 
 def best_class_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -172,36 +214,49 @@ class NMSHead(nn.Module):
         max_det: detections per image (also the per-class cap of the NMS operator).
         multi_label: every (box, class) pair above ``score_thres`` is a candidate (official ``val.py``); default
             one candidate per box, its best class (official ``detect.py``).
+        nm: number of mask coefficients at the end of ``y`` (a segmentation model, YOLOv9 ``DSegment``), 0 for
+            detection. :class:`~reparam.converter.export.modules.EndToEnd` sets it from the model.
 
-    Input: ``y [B, 4 + nc, A]`` (xywh in input pixels, then class scores; any float dtype, computed in fp32 since
-    the ONNX operator takes float only).
+    Input: ``y [B, 4 + nc + nm, A]`` (xywh in input pixels, class scores, then ``nm`` mask coefficients; any float
+    dtype, computed in fp32 since the ONNX operator takes float only).
     Output: ``(num_dets [B, 1] int64, boxes [B, max_det, 4] xyxy fp32, scores [B, max_det] fp32,
-    labels [B, max_det] int64)``; see :func:`gather_detections`.
+    labels [B, max_det] int64)``, with ``nm`` also ``mask_coefficients [B, max_det, nm]``; see
+    :func:`gather_detections` and :func:`gather_segment_detections`.
     """
 
     def __init__(self, iou_thres: float = EXPORT_DEFAULTS.iou_thres, score_thres: float = EXPORT_DEFAULTS.score_thres,
-                 max_det: int = EXPORT_DEFAULTS.max_det, multi_label: bool = EXPORT_DEFAULTS.multi_label):
+                 max_det: int = EXPORT_DEFAULTS.max_det, multi_label: bool = EXPORT_DEFAULTS.multi_label,
+                 nm: int = 0):
         super().__init__()
         self.iou_thres = float(iou_thres)
         self.score_thres = float(score_thres)
         self.max_det = int(max_det)
         self.multi_label = bool(multi_label)
+        self.nm = int(nm)
 
     def forward(self, y: torch.Tensor):
-        boxes, scores = nms_inputs(y)
-        return self.select(boxes, scores)
+        boxes, scores = nms_inputs(y, self.nm)
+        if not self.nm:
+            return self.select(boxes, scores)
+        candidates, selected = self._selected(boxes, scores)
+        coefficients = y[:, -self.nm:].float()
+        return gather_segment_detections(selected, boxes, candidates, coefficients, self.max_det)
+
+    def _selected(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        candidates = scores if self.multi_label else best_class_scores(scores)
+        return candidates, _NonMaxSuppression.apply(boxes, candidates, self.max_det, self.iou_thres, self.score_thres)
 
     def select(self, boxes: torch.Tensor, scores: torch.Tensor):
         """NMS + ranking on prepared ``boxes [B, A, 4]`` xyxy and raw class ``scores [B, C, A]`` (fp32)."""
-        candidates = scores if self.multi_label else best_class_scores(scores)
-        selected = _NonMaxSuppression.apply(boxes, candidates, self.max_det, self.iou_thres, self.score_thres)
+        candidates, selected = self._selected(boxes, scores)
         return gather_detections(selected, boxes, candidates, self.max_det)
 
 
-def nms_inputs(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y [B, 4 + nc, A]`` -> ``boxes [B, A, 4]`` xyxy and raw class ``scores [B, nc, A]``, fp32."""
+def nms_inputs(y: torch.Tensor, nm: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y [B, 4 + nc + nm, A]`` -> ``boxes [B, A, 4]`` xyxy and raw class ``scores [B, nc, A]``, fp32 (the last
+    ``nm`` rows, a segmentation model's mask coefficients, are not part of either)."""
     y = y.float()
-    return xywh2xyxy(y[:, :4].transpose(1, 2)), y[:, 4:]
+    return xywh2xyxy(y[:, :4].transpose(1, 2)), (y[:, 4:-int(nm)] if nm else y[:, 4:])
 
 
 def _pairwise_iou(one: np.ndarray, many: np.ndarray) -> np.ndarray:
@@ -216,8 +271,8 @@ def _pairwise_iou(one: np.ndarray, many: np.ndarray) -> np.ndarray:
 
 
 def reference_detections(boxes: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray, *, iou_thres: float,
-                         score_thres: float, max_det: int, multi_label: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         score_thres: float, max_det: int, multi_label: bool,
+                         coefficients: torch.Tensor | np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
     """The end-to-end post-processing computed independently of the graph (numpy, no code shared with it).
 
     Follows the official ``non_max_suppression`` flow: candidates (best class per box, or every pair above the
@@ -226,10 +281,12 @@ def reference_detections(boxes: torch.Tensor | np.ndarray, scores: torch.Tensor 
 
     Args:
         boxes: ``[B, A, 4]`` xyxy (pixels); scores: raw class scores ``[B, C, A]``; both as fed to the graph's NMS.
+        coefficients: a segmentation model's raw mask coefficients ``[B, nm, A]``, or None.
 
     Returns:
         ``(num_dets [B, 1] int64, boxes [B, max_det, 4] fp32, scores [B, max_det] fp32, labels [B, max_det] int64)``,
-        by decreasing score, padded like :class:`NMSHead`'s outputs.
+        by decreasing score, padded like :class:`NMSHead`'s outputs; with ``coefficients`` also the detections'
+        ``mask_coefficients [B, max_det, nm]`` fp32 (padding 0).
     """
     bx = np.asarray(boxes, dtype=np.float32)
     sc = np.asarray(scores, dtype=np.float32)
@@ -238,6 +295,8 @@ def reference_detections(boxes: torch.Tensor | np.ndarray, scores: torch.Tensor 
     out_b = np.zeros((n_img, max_det, 4), np.float32)
     out_s = np.zeros((n_img, max_det), np.float32)
     out_l = np.full((n_img, max_det), -1, np.int64)
+    mc = None if coefficients is None else np.asarray(coefficients, dtype=np.float32)
+    out_m = np.zeros((n_img, max_det, 0 if mc is None else mc.shape[1]), np.float32)
     for i in range(n_img):
         per_box = sc[i].T  # [A, C]
         if multi_label:
@@ -265,5 +324,8 @@ def reference_detections(boxes: torch.Tensor | np.ndarray, scores: torch.Tensor 
         out_b[i, :n] = bx[i, anchor[kept]]
         out_s[i, :n] = conf[kept]
         out_l[i, :n] = label[kept]
-    return (torch.from_numpy(out_n), torch.from_numpy(out_b), torch.from_numpy(out_s), torch.from_numpy(out_l))
+        if mc is not None:
+            out_m[i, :n] = mc[i][:, anchor[kept]].T
+    out = (torch.from_numpy(out_n), torch.from_numpy(out_b), torch.from_numpy(out_s), torch.from_numpy(out_l))
+    return out if mc is None else (*out, torch.from_numpy(out_m))
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .nms import NMS_OUTPUTS, NMSHead
+from .nms import MASK_COEFFICIENTS, NMS_OUTPUTS, NMSHead
 from .modules import EndToEnd
 from .options import EXPORT_DEFAULTS
 
@@ -33,9 +33,12 @@ def quiet(fn: Callable[[], Any]) -> Any:
 
 
 def _output_names(module: nn.Module) -> list[str]:
+    """The graph's output names: ``output0`` (and ``output1``, the prototypes, for segmentation), or the end-to-end
+    :data:`~.nms.NMS_OUTPUTS` (for segmentation followed by ``mask_coefficients`` and ``output1``)."""
+    segment = bool(getattr(module, "segmentation", False))
     if isinstance(module, (EndToEnd, NMSHead)):
-        return list(NMS_OUTPUTS)
-    return [OUTPUT_NAME, PROTO_NAME] if getattr(module, "segmentation", False) else [OUTPUT_NAME]
+        return [*NMS_OUTPUTS, MASK_COEFFICIENTS, PROTO_NAME] if segment else list(NMS_OUTPUTS)
+    return [OUTPUT_NAME, PROTO_NAME] if segment else [OUTPUT_NAME]
 
 
 def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: int = EXPORT_DEFAULTS.opset,
@@ -45,7 +48,9 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
     Args:
         module: :class:`~.modules.Predictions` (output ``output0``; a segmentation model also ``output1``, the
             prototypes), :class:`~.modules.EndToEnd` or a bare
-            :class:`~reparam.converter.export.nms.NMSHead` (outputs :data:`~reparam.converter.export.nms.NMS_OUTPUTS`).
+            :class:`~reparam.converter.export.nms.NMSHead` (outputs :data:`~reparam.converter.export.nms.NMS_OUTPUTS`;
+            a segmentation :class:`~.modules.EndToEnd` adds ``mask_coefficients [B, max_det, nm]`` and
+            ``output1``).
         path: the ``.onnx`` file to write (one file, weights inside).
         sample: tracing input (``images [B, 3, H, W]``, or ``y [B, 4 + nc, A]`` for a bare NMSHead), fp32; its
             shape is the static shape.
@@ -97,11 +102,17 @@ def export_onnx(module: nn.Module, path: Path, sample: torch.Tensor, *, opset: i
 
 
 def _output_shapes(module: nn.Module, x: torch.Tensor) -> list[list[int]]:
-    """The output shapes of ``module`` on ``x``; end-to-end ones without running NMS (fixed by ``max_det``)."""
+    """The output shapes of ``module`` on ``x``; end-to-end ones without running NMS (fixed by ``max_det``; a
+    segmentation model's prototypes from its prediction)."""
     nms = module if isinstance(module, NMSHead) else getattr(module, "nms", None)
     if isinstance(nms, NMSHead):
         b, k = int(x.shape[0]), nms.max_det
-        return [[b, 1], [b, k, 4], [b, k], [b, k]]
+        shapes = [[b, 1], [b, k, 4], [b, k], [b, k]]
+        if isinstance(module, EndToEnd) and module.segmentation:
+            with torch.no_grad():
+                protos = module.predict(x)[1]
+            shapes += [[b, k, nms.nm], list(protos.shape)]
+        return shapes
     with torch.no_grad():
         got = module(x)
     return [list(t.shape) for t in ([got] if isinstance(got, torch.Tensor) else got)]
