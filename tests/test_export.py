@@ -7,6 +7,7 @@ Tests that do not compare with the 640 references run at small image sizes to st
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -82,14 +83,14 @@ def test_onnx_like_official_export(name, models, fixtures, image, tmp_path):
     fused = fuse_model(copy.deepcopy(deploy)).eval()
     path = tmp_path / "m.onnx"
     proto = export_onnx(Predictions(fused), path, image, opset=17,
-                        metadata={"names": json.dumps({str(k): v for k, v in deploy.names.items()}), "stride": "32"})
+                        metadata={"names": str({int(k): v for k, v in deploy.names.items()}), "stride": "32"})
     assert [o.name for o in proto.graph.output] == ["output0"]
     got = run_onnx(path, image)
     assert len(got) == 1
     ref = _ref(fixtures, name)
     assert float((got[0] - ref["converted_fused.y"]).abs().max()) <= 1e-3
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(meta["names"]) == {str(k): v for k, v in deploy.names.items()}
+    assert ast.literal_eval(meta["names"]) == {int(k): v for k, v in deploy.names.items()}
     if name == T:
         official = onnx.load(str(fixtures / "reference" / f"{T}-converted.onnx"))
         off_out = official.graph.output
@@ -286,7 +287,7 @@ def test_torchscript_roundtrip(models, tmp_path):
             assert float((loaded(x) - pred(x)).abs().max()) <= 1e-4
 
 
-def test_export_all_half(models, tmp_path):
+def test_export_all_half(models, fixtures, tmp_path):
     dual, deploy = models(T)
     fused = fuse_model(copy.deepcopy(deploy)).eval()
     opts = ConvertOptions(half=True, fuse=True, formats=("onnx", "torchscript"), imgsz=64)
@@ -310,7 +311,10 @@ def test_export_all_half(models, tmp_path):
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["stride"] == "32" and json.loads(meta["names"]) == {"0": "red", "1": "green", "2": "blue"}
+    # the official export's form, which its DetectMultiBackend reads with eval and indexes by class id
+    official = {p.key: p.value for p in onnx.load(str(fixtures / "reference" / f"{T}-converted.onnx")).metadata_props}
+    assert (meta["stride"], meta["names"]) == (official["stride"], official["names"]) == (
+        "32", "{0: 'red', 1: 'green', 2: 'blue'}")
     ts = torch.jit.load(str(tmp_path / arts[1]["name"]))
     assert {p.dtype for p in ts.parameters()} == {torch.float16}
 

@@ -11,7 +11,7 @@ gelan-c-seg model, and by its outputs against our own model (pass-through, fused
 
 from __future__ import annotations
 
-import json
+import ast
 from pathlib import Path
 
 import onnx
@@ -114,8 +114,8 @@ def test_gelan_c_seg_checkpoint_passes_through_and_exports(tmp_path: Path) -> No
     for kind in ("onnx", "torchscript"):
         assert arts[kind]["check"]["passed"] is True, arts[kind]["check"]
     meta = {p.key: p.value for p in onnx.load(str(out / arts["onnx"]["name"])).metadata_props}
-    assert meta["task"] == "segment" and meta["nm"] == str(NM) and json.loads(meta["names"]) == {
-        str(k): v for k, v in NAMES.items()}
+    assert meta["task"] == "segment" and meta["nm"] == str(NM) and ast.literal_eval(meta["names"]) == {
+        int(k): v for k, v in NAMES.items()}
 
     deploy = load_safetensors(out / "gelan-c-seg-quarter-converted.safetensors")
     assert type(deploy.model[-1]) is Segment

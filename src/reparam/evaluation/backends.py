@@ -153,8 +153,10 @@ def _meta_nm(meta: dict[str, str], path: Path) -> int:
 
 
 def _meta_names(meta: dict[str, str], path: Path) -> tuple[dict[int, str], int]:
+    from ..converter.export.modules import names_from_metadata
+
     try:
-        names = {int(k): str(v) for k, v in json.loads(meta["names"]).items()}
+        names = names_from_metadata(meta["names"])
         stride = int(float(meta.get("stride", 32)))
     except (KeyError, ValueError, TypeError, AttributeError):
         raise InvalidInputError(f"'{path}' carries no class names in its metadata (export it with reparam, which "
@@ -284,7 +286,9 @@ def load_model(path: str | Path, *, prefer_ema: bool = True, device: torch.devic
 
     ckpt = read_checkpoint(path, prefer_ema=prefer_ema)
     model = build_model(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict)
-    form = "pt" if ckpt.head_name in ("DDetect", "DSegment") else "dual"
+    from ..converter.pruning import DEPLOY_HEADS
+
+    form = "pt" if ckpt.head_name in DEPLOY_HEADS else "dual"
     loaded = from_module(model, form, ckpt.names, device=device)
     loaded.weights_dtype = ckpt.dtype
     return loaded

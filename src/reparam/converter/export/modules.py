@@ -105,11 +105,32 @@ class EndToEnd(nn.Module):
         return self.nms(self.predict(images))
 
 
+def names_from_metadata(text: str) -> dict[int, str]:
+    """Class names from the ``names`` metadata of an export: the official Python literal (``{0: 'red'}``, what
+    :func:`export_metadata` writes) or the JSON with string keys of reparam's earlier files (``{"0": "red"}``).
+    Parsed with :func:`ast.literal_eval` (literals only, never code).
+
+    Raises:
+        ValueError: not a literal mapping of class ids to names.
+    """
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"names is not a literal mapping ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("names is not a mapping")
+    return {int(k): str(v) for k, v in value.items()}
+
+
 def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
                     options: ExportOptions | None = None) -> dict[str, str]:
     """String metadata stored in the ONNX ``metadata_props`` and the TorchScript ``config.txt``.
 
-    Keys: ``task`` (``detect``, or ``segment`` with ``nm`` for a ``DSegment`` model), ``names`` (JSON ``{id: name}``),
+    Keys: ``task`` (``detect``, or ``segment`` with ``nm`` for a ``DSegment`` model), ``names`` (``{id: name}`` as a
+    Python literal with int keys, ``{0: 'red', 1: 'green'}``, as the official ``export.py`` writes it: the official
+    ``DetectMultiBackend`` reads it with ``eval`` and indexes it by class id; :func:`names_from_metadata` reads it),
     ``nc``, ``stride`` (largest, as the official ``export.py``),
     ``strides``, ``imgsz``, ``output`` (what the outputs hold), ``reparam_version``, ``source_sha256``, ``variant``;
     with NMS also ``nms`` (JSON of :meth:`ExportOptions.nms_settings`, including ``semantics``).
@@ -118,7 +139,7 @@ def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
 
     nms = options.nms_settings() if options is not None else None
     strides = [int(s) for s in torch.as_tensor(model.stride).tolist()]
-    names = {str(k): v for k, v in getattr(model, "names", {}).items()}
+    names = {int(k): str(v) for k, v in getattr(model, "names", {}).items()}
     segment = is_segmentation(model)
     if nms:
         output = ("num_dets [batch, 1], boxes [batch, max_det, 4] (xyxy px), scores [batch, max_det], "
@@ -137,7 +158,7 @@ def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
         output = "output0 [batch, 4 + nc, anchors]: box xywh in input pixels, then class scores"
     meta = {
         "task": "segment" if segment else "detect",
-        "names": json.dumps(names),
+        "names": str(names),
         "nc": str(len(names) or model.model[-1].nc),
         "stride": str(max(strides)),
         "strides": json.dumps(strides),
