@@ -324,12 +324,12 @@ def _fetch(source: str, workdir: Path, args: argparse.Namespace, say=lambda _m: 
                           "kind": fetched.kind, "lineage": fetched.lineage, "warnings": list(fetched.warnings)}
 
 
-def _weights_note(report: dict[str, Any]) -> list[str]:
+def _weights_note(report: "report_mod.Report") -> list[str]:
     """A line saying that the EMA of a mid-training checkpoint was converted (official ``attempt_load`` does too)."""
-    if report.get("weights_used") != "ema":
+    if report.weights_used != "ema":
         return []
-    epoch = (report.get("removed") or {}).get("checkpoint_entries", {}).get("epoch")
-    diff = report.get("ema_vs_raw_max_abs_diff")
+    epoch = (report.removed or {}).get("checkpoint_entries", {}).get("epoch")
+    diff = report.ema_vs_raw_max_abs_diff
     return ["  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
             + (f", epoch {epoch}" if isinstance(epoch, int) else "") + ")"
             + (f"; the raw 'model' differs by up to {diff:.3g}" if isinstance(diff, float) else "")
@@ -363,58 +363,57 @@ def _artifact_line(a: "report_mod.Artifact") -> str:
     return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
 
 
-def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> str:
+def _human_summary(r: "report_mod.Report", tracking_uri: str | None = None) -> str:
     """The text ``reparam convert`` prints on stdout (the report itself with ``--json``)."""
-    r = report_mod.Report.from_dict(report)
     v = r.validation
     reg = r.registry
     head = f"reparam {r.versions.get('reparam') or __version__}: {r.source.uri}"
-    if "layers" not in report and reg:  # nothing converted: an identical version already existed
+    if r.reused and reg:  # nothing converted: an identical version already existed
         return "\n".join([
             head,
             f"  registered   {reg.model_uri} already holds this conversion (deploy sha256 "
             f"{r.deploy_sha256}); nothing new was created",
             f"  aliases      {', '.join(reg.aliases) or 'none'}",
             *([f"  updated tags: {', '.join(reg.updated_tags)}"] if reg.updated_tags else []),
-            *_promotion_line(report),
+            *_promotion_line(r.promotion),
             *_registry_lines(reg, tracking_uri),
         ])
+    head_names, layers, gflops = r.head or {}, r.layers or {}, r.gflops or {}
     lines = [
         head,
-        f"  variant      {r.variant} ({report['head']['dual']} -> {report['head']['deploy']}), "
-        f"nc={r.nc}, weights={report['weights_used']}",
-        *_weights_note(report),
+        f"  variant      {r.variant} ({head_names['dual']} -> {head_names['deploy']}), "
+        f"nc={r.nc}, weights={r.weights_used}",
+        *_weights_note(r),
     ]
     if r.pruned is False:
-        lines.append(f"  layers       {report['layers']['dual']}: already a deploy model (no auxiliary branch): "
+        lines.append(f"  layers       {layers['dual']}: already a deploy model (no auxiliary branch): "
                      "passed through, nothing pruned")
     else:
         lines += [
-            f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
-            f"(dropped {len(report['layers']['dropped'])})",
+            f"  layers       {layers['dual']} -> {layers['deploy']} "
+            f"(dropped {len(layers['dropped'])})",
             f"  parameters   {r.params_before:,} -> {r.params_after:,}",
         ]
-    lines.append(f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
-                 f"(at {report['gflops_imgsz']}px)")
+    lines.append(f"  GFLOPs       {gflops['before']:.2f} -> {gflops['after']:.2f} "
+                 f"(at {r.gflops_imgsz}px)")
     fused = [c for c in v.comparisons if c.model == "fused"]
     lines.append(f"  max |diff|   {v.max_abs_diff:.3g} (atol {v.atol:g}, check {v.check}"
                  + (f"; fused {max(c.max_abs_diff for c in fused):.3g}" if fused else "") + ") "
                  + ("passed" if v.passed else "FAILED: " + v.reason))
-    if report.get("device"):
-        dev = report["device"]
-        lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(
-            f"; also checked on {d['used']}: max |diff| {d['max_abs_diff']:.3g} "
-            f"{'passed' if d['passed'] else 'FAILED'}" for d in report["validation"].get("devices", [])[1:]))
-    kept = report.get("outputs_kept", True)
+    if r.device:
+        lines.append(f"  device       {r.device.used} ({r.device.name})" + "".join(
+            f"; also checked on {d.used}: max |diff| {d.max_abs_diff:.3g} "
+            f"{'passed' if d.passed else 'FAILED'}" for d in (v.devices or [])[1:]))
+    kept = r.outputs_kept is not False
     lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
                  f"{r.source.uri}")
     if kept:
         lines.extend(_artifact_line(a) for a in r.artifacts)
-    stale = report.get("stale_outputs") if kept else None
+    stale = r.stale_outputs if kept else None
     if stale:
         lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
                      f"report.json's artifacts): {', '.join(stale)}")
-    ev = report.get("evaluation")
+    ev = r.evaluation
     if ev:
         d = ev["dataset"]
         lines.append(f"  evaluation   {d['source']} ({d['images']} images, {len(d['skipped'])} skipped, digest "
@@ -424,16 +423,16 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
             lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}) "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
-        for f in ev.get("files", []) if report.get("outputs_kept", True) else []:
+        for f in ev.get("files", []) if kept else []:
             lines.append(f"  wrote        {f['path']} ({f['kind'].replace('_', ' ')} of {f['form']})")
     if reg:
-        skipped = reg.extra.get("promotion_skipped") or reg.promotion_skipped
+        skipped = reg.promotion_skipped
         lines.append(f"  registered   {reg.model_uri} (aliases: {', '.join(reg.aliases) or 'none'})"
                      + (" [existing version, nothing new]" if reg.existing else "")
                      + (f" [no alias moved: {skipped}]" if skipped and skipped != "no alias requested" else ""))
         if reg.updated_tags:
             lines.append(f"  updated tags: {', '.join(reg.updated_tags)}")
-    lines.extend(_promotion_line(report))
+    lines.extend(_promotion_line(r.promotion))
     lines.append(f"  time         {r.duration_s or 0:.1f} s")
     if kept and r.artifacts:
         folder = str(Path(r.artifacts[0].path).parent)
@@ -452,16 +451,15 @@ def _registry_lines(reg: "report_mod.Registry", tracking_uri: str | None) -> lis
             f"  run          {reg.run_id or 'none'} (metrics of this conversion, experiment 'reparam')"]
 
 
-def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -> dict[str, Any]:
-    """The termination summary (:mod:`reparam.summary`) of a run, read from its report through
-    :class:`reparam.report.Report`."""
+def _summary_of(r: "report_mod.Report | None", code: int, message: str | None) -> dict[str, Any]:
+    """The termination summary (:mod:`reparam.summary`) of a run, read from its report (``None`` when the run
+    failed before there was one)."""
     outcome = "succeeded" if code == 0 else ("validation_failed" if code == exitcodes.VALIDATION_FAILED else "failed")
     s: dict[str, Any] = {"outcome": outcome, "exitCode": code}
     if code:
         s["reason"] = exitcodes.REASONS.get(code, "Error")
         s["message"] = message
-    if report and report.get("status") in report_mod.STATUSES:
-        r = report_mod.Report.from_dict(report)
+    if r is not None and r.status in report_mod.STATUSES:
         reg = r.registry
         pt = r.artifact("pt")
         s.update({
@@ -476,8 +474,8 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
             "bytesBefore": r.source.bytes if pt else None,
             "bytesAfter": pt.bytes if pt else None,
         })
-        ev = report.get("evaluation") or {}
-        promo = report.get("promotion") or {}
+        ev = r.evaluation or {}
+        promo = r.promotion or {}
         if ev.get("dual") or promo.get("map50_95") is not None:
             s["metrics"] = {"map50_95": promo.get("map50_95", (ev.get("dual") or {}).get("map50_95")),
                             "map50": (ev.get("dual") or {}).get("map50"),
@@ -520,15 +518,8 @@ def _check_promotion(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--max-regression must be between 0 and 1, got {args.max_regression:g}")
 
 
-def _move_promotion(report: dict[str, Any]) -> None:
-    """The gated decision goes to the report's top-level ``promotion`` (absent without ``--promote``)."""
-    promo = report["registry"].pop("promotion", None)
-    if promo is not None:
-        report["promotion"] = promo
-
-
-def _promotion_line(report: dict[str, Any]) -> list[str]:
-    p = report.get("promotion")
+def _promotion_line(p: dict[str, Any] | None) -> list[str]:
+    """The summary line of the report's ``promotion`` section (none without ``--promote``)."""
     if not p:
         return []
     m = f"mAP@0.5:0.95 {p['map50_95']:.4f}" if isinstance(p.get("map50_95"), float) else "no mAP"
@@ -562,7 +553,7 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 def cmd_convert(args: argparse.Namespace) -> int:
     """``reparam convert``; returns the exit code."""
     say = (lambda m: None) if args.quiet else (lambda m: _eprint(f"reparam: {m}"))
-    report: dict[str, Any] | None = None
+    report: report_mod.Report | None = None
     t0 = time.perf_counter()
     try:
         _check_output(args)  # first: before torch is imported or the source is read
@@ -625,12 +616,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
                     f"{args.register} version {previous['version']}; nothing to convert")
-                report = {"status": "succeeded", "command": report_mod.command_line(getattr(args, 'argv', None)),
-                          "versions": report_mod.versions(), "source": info,
-                          **publish.summary_from_tags(previous), "timing": {}}
-                report["registry"] = publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say,
-                                                   gated=_gated_request(args, eval_dataset))
-                _move_promotion(report)
+                report = publish.reused_report(previous, source=report_mod.Source(**info),
+                                               command=report_mod.command_line(getattr(args, 'argv', None)),
+                                               versions=report_mod.versions())
+                report.registry, report.promotion = publish.reuse(
+                    previous, args.alias, args.tracking_uri, report, tags=tags, log=say,
+                    gated=_gated_request(args, eval_dataset))
             else:
                 try:
                     report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset,
@@ -646,18 +637,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
                     say(f"registering in MLflow at {redact(resolve_tracking_uri(args.tracking_uri))} ...")
                     t_reg = time.perf_counter()
-                    report["registry"] = publish.register_conversion(
+                    report.registry, report.promotion = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
                         wait_s=args.registry_wait, gated=_gated_request(args, eval_dataset),
                     )
-                    report["registry"]["tracking_uri"] = redact(resolve_tracking_uri(args.tracking_uri))
-                    report["timing"]["register_s"] = round(time.perf_counter() - t_reg, 4)
-                    say(f"registering in MLflow: done in {report['timing']['register_s']:.1f} s")
-                    _move_promotion(report)
-                    report["outputs_kept"] = bool(args.output)
+                    report.registry.tracking_uri = redact(resolve_tracking_uri(args.tracking_uri))
+                    report.timing["register_s"] = round(time.perf_counter() - t_reg, 4)
+                    say(f"registering in MLflow: done in {report.timing['register_s']:.1f} s")
+                    report.outputs_kept = bool(args.output)
                     finish_report(out, report)
-        report["timing"]["total_s"] = time.perf_counter() - t0
+        report.timing["total_s"] = time.perf_counter() - t0
         if args.json:
             print(report_mod.dumps(report))
         else:

@@ -95,6 +95,6 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
             "evaluation failed: " + "; ".join(f"{a['format']} mAP@0.5:0.95 {a['map50_95']:.4f} differs from the "
                                               f"dual model's by {a['delta_map50_95']:+.4f}" for a in bad)
             + f" (--eval-atol {atol:g}); nothing was published")
-        err.evaluation = section  # type: ignore[attr-defined]
+        err.evaluation = section
         raise err
     return section

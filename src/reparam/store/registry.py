@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
-from ..report import Report
+from ..report import Report, dumps
 from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
@@ -207,13 +207,10 @@ def update_tags(model_name: str, version: str | int, tags: Mapping[str, object] 
     return changed
 
 
-def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
+def version_tags(r: Report, *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
                  idempotency_key: str) -> dict[str, str]:
-    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags.
-
-    ``report`` is read through :class:`reparam.report.Report` (raises ``ValueError`` without a valid ``status``).
-    """
-    r = Report.from_dict(report)
+    """All tags a new version gets (strings): conversion facts of the report ``r``, lineage, the key, the user's
+    tags."""
     out: dict[str, object] = {
         TAG_KEY: idempotency_key,
         f"{TAG_PREFIX}source_uri": redact(r.source.uri),
@@ -234,11 +231,10 @@ def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, l
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def run_metrics(report: dict[str, Any]) -> dict[str, float]:
+def run_metrics(r: Report) -> dict[str, float]:
     """Numeric conversion metrics for the run (those known): max_abs_diff, params_before/after, bytes_before (the
     source checkpoint), bytes_after (the deploy ``.pt``), duration_s (the conversion's wall time, the report's
-    ``timing.total_s``). Read through :class:`reparam.report.Report`."""
-    r = Report.from_dict(report)
+    ``timing.total_s``)."""
     pt = r.artifact("pt")
     values = {"max_abs_diff": r.validation.max_abs_diff, "params_before": r.params_before,
               "params_after": r.params_after, "bytes_before": r.source.bytes, "bytes_after": pt.bytes if pt else None,
@@ -246,10 +242,10 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def evaluation_files(report: dict[str, Any], artifacts_dir: Path) -> list[Path]:
+def evaluation_files(report: Report, artifacts_dir: Path) -> list[Path]:
     """The evaluation's plots and tables (report ``evaluation.files``, :mod:`reparam.evaluation.plots`) that are
     in ``artifacts_dir``."""
-    listed = ((report.get("evaluation") or {}).get("files")) or []
+    listed = (report.evaluation or {}).get("files") or []
     return [p for p in (Path(artifacts_dir) / str(f.get("name", "")) for f in listed) if p.is_file()]
 
 
@@ -278,7 +274,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], model_id: str, run_id: str) -> list[str]:
+def _build_model_dir(dest: Path, artifacts_dir: Path, report: Report, model_id: str, run_id: str) -> list[str]:
     """Lay out the logged model: deploy files + MLmodel (ONNX flavor if an .onnx is there)."""
     from mlflow.models import Model
 
@@ -291,12 +287,12 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], mo
     dest.mkdir(parents=True, exist_ok=True)
     if onnx_files:
         _add_onnx_flavor(model, dest, onnx_files[0].name)
-    model.metadata = {"reparam_version": __version__, "variant": report.get("variant"), "nc": report.get("nc")}
+    model.metadata = {"reparam_version": __version__, "variant": report.variant, "nc": report.nc}
     model.model_id, model.run_id = model_id, run_id
     for p in files:
         shutil.copyfile(p, dest / p.name)
     if not (dest / "report.json").exists():
-        (dest / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        (dest / "report.json").write_text(dumps(report) + "\n")
     model.save(str(dest / "MLmodel"))
     return sorted(p.name for p in dest.iterdir())
 
@@ -343,7 +339,7 @@ def _add_onnx_flavor(model: "Model", dest: Path, data: str) -> None:
 def register(
     model_name: str,
     artifacts_dir: Path,
-    report: dict[str, Any],
+    report: Report,
     *,
     tags: Mapping[str, object] | None = None,
     lineage: Mapping[str, object] | None = None,
@@ -375,8 +371,7 @@ def register(
             left that looks registered.
     """
     artifacts_dir = Path(artifacts_dir)
-    val = report.get("validation") or {}
-    if val.get("passed") is not True:
+    if report.validation.passed is not True:
         raise RegistryError(f"register {model_name}: refused: validation did not pass (nothing registered)")
     if not artifacts_dir.is_dir():
         raise RegistryError(f"register {model_name}: read artifacts failed: {artifacts_dir} is not a directory")
@@ -444,7 +439,7 @@ def register(
             source=f"models:/{model_id}" if remote else logged.artifact_location,
             run_id=run_id,
             tags={**all_tags, TAG_STATUS: "pending", f"{TAG_PREFIX}files": ",".join(files)},
-            description=f"reparam {__version__}: {report.get('variant', '?')} deploy model from "
+            description=f"reparam {__version__}: {report.variant or '?'} deploy model from "
             f"{all_tags.get(f'{TAG_PREFIX}source_uri', '?')}",
             model_id=model_id,
             await_creation_for=0,  # waited for below, once the version number is known (for the cleanup)
