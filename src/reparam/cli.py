@@ -121,7 +121,7 @@ def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         self.exit(exitcodes.INVALID_INPUT,
                   error_line(f"{message} (see '{self.prog} --help')", more=f"see '{self.prog} --help'") + "\n")
 

@@ -248,6 +248,7 @@ def main_branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = 
     Returns the head's eval output for that branch: ``(y, maps)``, or for segmentation ``(cat(y, mc), (maps, mc,
     p))`` (read it with :func:`unpack_output`).
     """
+    # the ignores on `model.model` below: a YOLOv9 model (its layers in .model); nn.Module declares no .model
     layers = list(model.model)  # type: ignore[attr-defined]
     head = layers[-1]
     found = _branch_of(head, branch)

@@ -155,7 +155,7 @@ def _load_torchscript(path: Path, device: torch.device | str | None = None) -> L
     extra = {"config.txt": ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - torch.jit raises several types for a bad file; all become one line
         raise InvalidInputError(f"'{path}' is not a loadable TorchScript module ({type(exc).__name__})") from None
     try:
         meta = json.loads(extra["config.txt"] or "{}")

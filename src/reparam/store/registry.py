@@ -153,7 +153,7 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
     try:
         client = tracking.client(tracking_uri)
         ready, broken = _keyed_versions(client, model_name, idempotency_key)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         raise RegistryError(
             redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
     if log and not ready:
@@ -201,7 +201,7 @@ def update_tags(model_name: str, version: str | int, tags: Mapping[str, object] 
     for k in changed:
         try:
             client.set_model_version_tag(model_name, str(version), k, wanted[k])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
             raise RegistryError(redact(f"update tags of {model_name} v{version}: set tag {k!r} failed: "
                                        f"{tracking.describe_error(err)}")) from None
     return changed
@@ -468,7 +468,7 @@ def register(
                 pass
             return _registration(ready[0], created=False)
         return _registration(client.get_model_version(model_name, mv.version), created=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         if state.get("done"):  # registered and marked ready: only bookkeeping after it failed
             version = state["version"]
             return Registration(model_name, version, f"models:/{model_name}/{version}", state.get("run_id"),
@@ -488,20 +488,20 @@ def _cleanup(client: MlflowClient, model_name: str, state: dict[str, Any]) -> No
     if version is not None:
         try:
             client.set_model_version_tag(model_name, version, TAG_STATUS, "failed")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
         try:
             client.delete_model_version(model_name, version)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
     if state.get("model_id"):
         try:
             client.finalize_logged_model(state["model_id"], "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
     if state.get("run_id"):
         try:
             client.set_tag(state["run_id"], f"{TAG_PREFIX}failed_step", state.get("step", "?"))
             client.set_terminated(state["run_id"], "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
