@@ -79,8 +79,8 @@ CONVERT = PRELUDE + r"""
 from reparam.converter.convert import ConvertOptions, convert
 cpu0, wall0 = time.process_time(), time.perf_counter()
 report = convert(sys.argv[1], sys.argv[2], ConvertOptions(check_level=sys.argv[3]))
-done(cpu0, wall0, timing=report["timing"], threads=report["threads"], check=report["validation"]["check"],
-     max_abs_diff=report["validation"]["max_abs_diff"])
+done(cpu0, wall0, timing=report.timing, threads=report.threads, check=report.validation.check,
+     max_abs_diff=report.validation.max_abs_diff)
 """
 
 NOTEBOOK = PRELUDE + r"""

@@ -58,16 +58,17 @@ def fixtures() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _report_schema_in_process():
     """Validate each report the converter writes in this process, before it is written."""
+    from reparam import report as report_mod
     from reparam.converter import artifacts
 
     import report_schema
 
     original = artifacts._write_json
 
-    def checked_write(path: Path, data: dict) -> None:
+    def checked_write(path: Path, report) -> None:
         if path.name in ("report.json", ".report.json.tmp"):
-            report_schema.check(json.loads(json.dumps(data, default=str)), str(path))
-        original(path, data)
+            report_schema.check(json.loads(report_mod.dumps(report)), str(path))
+        original(path, report)
 
     artifacts._write_json = checked_write
     yield

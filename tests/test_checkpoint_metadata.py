@@ -89,7 +89,7 @@ def test_final_checkpoint_metadata(final: Path) -> None:
 
 
 def test_early_converts_with_the_ema(early: Path, tmp_path: Path) -> None:
-    report = convert(early, tmp_path, ConvertOptions(imgsz=192))
+    report = convert(early, tmp_path, ConvertOptions(imgsz=192)).to_dict()
     assert report["weights_used"] == "ema"
     assert report["ema_vs_raw_max_abs_diff"] == pytest.approx(0.0078125)  # the README's max |diff| 0.0078
     assert report["validation"]["passed"] and report["validation"]["max_abs_diff"] == 0.0
@@ -159,7 +159,7 @@ def test_vendored_package_prefix_is_accepted_and_reported(early: Path, tmp_path:
     original = read_checkpoint(early).state_dict
     assert list(ckpt.state_dict) == list(original)
     assert all(torch.equal(v, original[k]) for k, v in ckpt.state_dict.items())
-    report = convert(path, tmp_path / "out", ConvertOptions(imgsz=128))
+    report = convert(path, tmp_path / "out", ConvertOptions(imgsz=128)).to_dict()
     assert report["package_prefix"] == "yolov9." and report["validation"]["max_abs_diff"] == 0.0
     proc = run_cli("inspect", str(path))
     assert proc.returncode == 0 and "under the prefix 'yolov9.'" in proc.stdout
@@ -198,7 +198,7 @@ def test_numpy_scalars_and_arrays_of_other_forms(early: Path, tmp_path: Path) ->
     assert top["optimizer"]["param_groups"][0] == {"lr": 0.5, "betas": [0.9, 0.999]}
     assert top["results"] == {"type": "ndarray", "shape": [3, 4], "dtype": "float32"}
     assert top["git"]["branch"] == "main"
-    report = convert(path, tmp_path / "out", ConvertOptions(imgsz=128))
+    report = convert(path, tmp_path / "out", ConvertOptions(imgsz=128)).to_dict()
     assert report["validation"]["max_abs_diff"] == 0.0 and report["weights_used"] == "model"
 
 

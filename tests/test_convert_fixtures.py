@@ -33,7 +33,7 @@ def converted(fixtures: Path, tmp_path_factory: pytest.TempPathFactory):
     def get(name: str) -> tuple[Path, dict]:
         if name not in cache:
             out = tmp_path_factory.mktemp(name)
-            report = convert(fixtures / "ckpt" / f"{name}.pt", out, ConvertOptions(imgsz=256))
+            report = convert(fixtures / "ckpt" / f"{name}.pt", out, ConvertOptions(imgsz=256)).to_dict()
             cache[name] = (out, report)
         return cache[name]
 

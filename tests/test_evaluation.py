@@ -92,7 +92,7 @@ def converted(eval_dir, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("final-out")
     options = ConvertOptions(imgsz=160, atol=1e-3, fuse=True, formats=("pt", "onnx", "torchscript"),
                              onnx={"dynamic": True}, eval_data=str(eval_dir), eval_imgsz=160)
-    report = convert(eval_dir / "yolov9-t-dual-shapes-final.pt", out, options, eval_dataset=dataset)
+    report = convert(eval_dir / "yolov9-t-dual-shapes-final.pt", out, options, eval_dataset=dataset).to_dict()
     return out, report
 
 

@@ -30,6 +30,7 @@ from reparam.models import fuse_model
 from reparam.converter.export.nms import NMS_OUTPUTS, NMSHead, nms_indices, reference_detections, xywh2xyxy
 from reparam.converter.pruning import derive_deploy_plan
 from reparam.errors import InvalidInputError, ValidationFailedError
+from reparam.report import Report, Source, Validation
 
 REPO = Path(__file__).resolve().parents[1]
 T = "yolov9-t-dual-best"
@@ -244,13 +245,19 @@ def _confident(deploy, boost: float = 7.5):
     return model
 
 
+def _report(**fields) -> Report:
+    """The report so far that export_all reads (source sha256, variant) and adds its timings to."""
+    return Report(**{"status": "succeeded", "source": Source(uri=""),
+                     "validation": Validation(passed=True, max_abs_diff=0.0), **fields})
+
+
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_export_all_nms_high_scores(models, tmp_path, multi_label):
     _, deploy = models(T)
     model = fuse_model(_confident(deploy)).eval()
     onnx_opts = {"nms": True, "multi_label": multi_label, "max_det": 30, "dynamic": True}
     opts = ConvertOptions(fuse=True, formats=("onnx",), imgsz=64, onnx=onnx_opts)
-    arts = export_all(model, None, tmp_path, "m", opts, {}, lambda _m: None)
+    arts = [a.to_dict() for a in export_all(model, None, tmp_path, "m", opts, _report(), lambda _m: None)]
     (art,) = arts
     check = art["check"]
     assert check["passed"] is True, check
@@ -291,8 +298,8 @@ def test_export_all_half(models, fixtures, tmp_path):
     dual, deploy = models(T)
     fused = fuse_model(copy.deepcopy(deploy)).eval()
     opts = ConvertOptions(half=True, fuse=True, formats=("onnx", "torchscript"), imgsz=64)
-    report: dict = {"source": {"sha256": "ab"}, "variant": "yolov9-t"}
-    arts = export_all(fused, dual, tmp_path, "m", opts, report, lambda _m: None)
+    report = _report(source=Source(uri="", sha256="ab"), variant="yolov9-t")
+    arts = [a.to_dict() for a in export_all(fused, dual, tmp_path, "m", opts, report, lambda _m: None)]
     assert [a["format"] for a in arts] == ["onnx", "torchscript"]
     for a in arts:
         assert a["dtype"] == "float16" and a["check"]["passed"] is True, a["check"]
@@ -368,13 +375,13 @@ def test_export_check_failure_raises(models, tmp_path):
     dual, deploy = models(T)
     opts = ConvertOptions(formats=("onnx",), imgsz=64, export_atol=1e-9)
     with pytest.raises(ValidationFailedError, match="ONNX export check failed"):
-        export_all(fuse_model(copy.deepcopy(deploy)), None, tmp_path, "m", opts, {}, lambda _m: None)
+        export_all(fuse_model(copy.deepcopy(deploy)), None, tmp_path, "m", opts, _report(), lambda _m: None)
 
 
 def test_dual_model_is_never_exported(models, tmp_path):
     dual, _ = models(T)
     with pytest.raises(InvalidInputError, match="dual model is never exported"):
-        export_all(dual, None, tmp_path, "m", ConvertOptions(formats=("onnx",)), {}, lambda _m: None)
+        export_all(dual, None, tmp_path, "m", ConvertOptions(formats=("onnx",)), _report(), lambda _m: None)
     with pytest.raises(InvalidInputError):
         Predictions(dual)
 

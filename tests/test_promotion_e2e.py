@@ -20,6 +20,7 @@ import pytest
 
 from test_registry_e2e import cli_env, one_error_line, reparam
 from reparam import exitcodes
+from reparam.report import Report, Source, Validation
 from reparam.store import champion, registry
 from reparam.store.promotion import Gates
 
@@ -180,13 +181,15 @@ def test_champion_challenger_sequence(fixtures, env, name, client, tmp_path):
     assert champion.measured_from_tags(t2, digest, 160).map50_95 == pytest.approx(p2["map50_95"])  # kept
 
 
-def _report_of(client, name: str, version: str, digest: str) -> dict:
+def _report_of(client, name: str, version: str, digest: str) -> Report:
     """A conversion report of an existing version, rebuilt from its evaluation tags on ``digest`` at 160 px."""
     m = champion.measured_from_tags(client.get_model_version(name, version).tags, digest, 160)
-    return {"validation": {"passed": True},
-            "evaluation": {"dataset": {"digest": m.digest}, "settings": {"imgsz": m.imgsz},
-                           "dual": {"map50_95": m.map50_95, "map50": m.map50},
-                           "artifacts": [{"format": "pt", "map50_95": m.map50_95, "map50": m.map50, "passed": True}]}}
+    return Report(status="succeeded", source=Source(uri=f"models:/{name}/{version}"),
+                  validation=Validation(passed=True, max_abs_diff=None),
+                  evaluation={"dataset": {"digest": m.digest}, "settings": {"imgsz": m.imgsz},
+                              "dual": {"map50_95": m.map50_95, "map50": m.map50},
+                              "artifacts": [{"format": "pt", "map50_95": m.map50_95, "map50": m.map50,
+                                             "passed": True}]})
 
 
 def test_race_never_leaves_the_alias_on_the_worse_model(name, client, mlflow_server):

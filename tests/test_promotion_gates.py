@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from reparam import summary
+from reparam.report import Report, Source, Validation
 from reparam.store.champion import eval_tags, measured_from_report, measured_from_tags
 from reparam.store.promotion import RULES, Gates, Measured, decide
 
@@ -71,9 +72,12 @@ def test_early_decision_refuses_on_min_map_without_the_registry():
     assert d.rule == "min_map"
 
 
-def report(artifacts, dual=0.70):
-    return {"evaluation": {"dataset": {"digest": DIGEST}, "settings": {"imgsz": 160},
-                           "dual": {"map50_95": dual, "map50": 0.9}, "artifacts": artifacts}}
+def report(artifacts, dual=0.70, evaluated=True):
+    """A passed conversion's report, with an evaluation section of ``artifacts`` (none: ``evaluated`` False)."""
+    ev = {"dataset": {"digest": DIGEST}, "settings": {"imgsz": 160}, "dual": {"map50_95": dual, "map50": 0.9},
+          "artifacts": artifacts}
+    return Report(status="succeeded", source=Source(uri="best.pt"),
+                  validation=Validation(passed=True, max_abs_diff=0.0), evaluation=ev if evaluated else None)
 
 
 def test_measured_from_report_prefers_the_deploy_pt_and_collects_artifact_results():
@@ -83,7 +87,7 @@ def test_measured_from_report_prefers_the_deploy_pt_and_collects_artifact_result
     assert m == Measured(DIGEST, 160, 0.71, 0.91) and ok is True
     m, ok = measured_from_report(report([{"format": "onnx", "map50_95": 0.5, "passed": False}]))
     assert m == Measured(DIGEST, 160, 0.70, 0.9) and ok is False
-    assert measured_from_report({}) == (None, True)
+    assert measured_from_report(report([], evaluated=False)) == (None, True)
 
 
 def test_eval_tags_round_trip():
@@ -114,10 +118,10 @@ def test_summary_carries_metrics_and_promotion():
 def test_human_summary_line_names_decision_map_and_previous_version():
     from reparam.cli import _promotion_line
 
-    held = {"promotion": {"alias": "champion", "decision": "held", "map50_95": 0.4637, "previous_version": "2",
-                          "previous_map50_95": 0.8342, "reason": "regression: ...", "hold_alias": "challenger"}}
+    held = {"alias": "champion", "decision": "held", "map50_95": 0.4637, "previous_version": "2",
+            "previous_map50_95": 0.8342, "reason": "regression: ...", "hold_alias": "challenger"}
     assert _promotion_line(held) == ["  promotion    @champion: HELD, mAP@0.5:0.95 0.4637 vs version 2 (0.8342); "
                                      "reason: regression: ...; @challenger set"]
-    first = {"promotion": {"alias": "champion", "decision": "promoted", "map50_95": 0.8342, "previous_version": None}}
+    first = {"alias": "champion", "decision": "promoted", "map50_95": 0.8342, "previous_version": None}
     assert _promotion_line(first) == ["  promotion    @champion: PROMOTED, mAP@0.5:0.95 0.8342 (first holder)"]
-    assert _promotion_line({}) == []
+    assert _promotion_line(None) == []

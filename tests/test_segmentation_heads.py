@@ -343,7 +343,7 @@ def test_dual_segmentation_checkpoint_converts_to_the_official_format(tmp_path: 
     assert {"models.yolo.SegmentationModel", "models.yolo.DualDSegment", "models.yolo.DualDDetect",
             "__builtin__.getattr"} <= set(dual_globals)
 
-    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=128))
+    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=128)).to_dict()
     assert report["status"] == "succeeded" and report["head"]["deploy"] == "DSegment"
     assert report["validation"]["max_abs_diff"] <= 1e-5
     assert set(report["validation"]["comparisons"][0]["parts"]) == {"boxes", "scores", "mask_coefficients",
@@ -385,7 +385,7 @@ def test_segmentation_onnx_has_output0_and_the_prototypes_output1(tmp_path: Path
     save_official(dual.half(), source)
     out = tmp_path / "out"
     report = convert(source, out, ConvertOptions(imgsz=128, formats=("safetensors", "onnx", "torchscript"),
-                                                 onnx={"dynamic": True}))
+                                                 onnx={"dynamic": True})).to_dict()
     arts = {a["format"]: a for a in report["artifacts"]}
     assert arts["onnx"]["outputs"] == [{"name": "output0", "shape": ["batch", 4 + NC + 32, "anchors"]},
                                        {"name": "output1", "shape": ["batch", 32, "proto_height", "proto_width"]}]

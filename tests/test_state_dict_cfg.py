@@ -137,10 +137,11 @@ def test_big_inputs_give_bounded_cause_first_lines(tmp_path: Path, fixtures: Pat
 def test_plain_state_dict_with_published_cfg_gives_the_same_deploy_file(tmp_path: Path, fixtures: Path) -> None:
     ckpt = fixtures / "ckpt" / "yolov9-t-dual-best.pt"
     opts = ConvertOptions(imgsz=64)
-    ref = convert(ckpt, tmp_path / "from-ckpt", opts)
+    ref = convert(ckpt, tmp_path / "from-ckpt", opts).to_dict()
 
     sd = _save(_main_state_dict(fixtures, "yolov9-t-dual-best"), tmp_path / "sd" / ckpt.name)  # same stem
-    got = convert(sd, tmp_path / "from-sd", ConvertOptions(imgsz=64, cfg="yolov9-t", names=("red", "green", "blue")))
+    got = convert(sd, tmp_path / "from-sd",
+                  ConvertOptions(imgsz=64, cfg="yolov9-t", names=("red", "green", "blue"))).to_dict()
     assert got["status"] == "succeeded" and got["validation"]["max_abs_diff"] == 0.0
     assert got["deploy_sha256"] == ref["deploy_sha256"]  # the .pt, byte for byte
     assert got["state_dict"] == {
@@ -160,7 +161,7 @@ def test_plain_state_dict_with_published_cfg_gives_the_same_deploy_file(tmp_path
 def test_wrapped_state_dict_with_user_yaml_via_cli(tmp_path: Path, fixtures: Path) -> None:
     ckpt = fixtures / "ckpt" / "yolov9-c-quarter-dual.pt"
     yaml_file = fixtures / "configs" / "yolov9-c-quarter.yaml"
-    ref = convert(ckpt, tmp_path / "from-ckpt", ConvertOptions(imgsz=64))
+    ref = convert(ckpt, tmp_path / "from-ckpt", ConvertOptions(imgsz=64)).to_dict()
     state = {f"module.{k}": v for k, v in _main_state_dict(fixtures, "yolov9-c-quarter-dual").items()}
     sd = _save({"model": state, "epoch": 7}, tmp_path / "sd" / ckpt.name)  # DataParallel keys under 'model'
     out = tmp_path / "from-sd"

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import fixture_path
 from reparam.errors import RegistryError
+from reparam.report import Report
 from reparam.store import registry
 from reparam.store.promotion import promote
 from reparam.store.sources import fetch
@@ -32,7 +33,7 @@ SRC_SHA = sha(SRC)
 DEPLOY_SHA = sha(DEPLOY_PT)
 
 
-def make_outputs(d: Path, *, onnx: bool = False, passed: bool = True, salt: str = "") -> tuple[Path, dict]:
+def make_outputs(d: Path, *, onnx: bool = False, passed: bool = True, salt: str = "") -> tuple[Path, Report]:
     """A deploy output directory as the converter writes it (real files) and its report."""
     d.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEPLOY_PT, d / "best.pt")
@@ -54,7 +55,7 @@ def make_outputs(d: Path, *, onnx: bool = False, passed: bool = True, salt: str 
         "timing": {"total_s": 12.5},  # the converter's key for the wall time (the run's duration_s metric)
     }
     (d / "report.json").write_text(json.dumps(report))
-    return d, report
+    return d, Report.from_dict(report)
 
 
 def key(*salt) -> str:

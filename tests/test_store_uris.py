@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reparam.errors import InvalidInputError
+from reparam.report import Report
 from reparam.store.promotion import RULES, check_aliases, decide, version_problem
 from reparam.store.registry import idempotency_key, run_metrics, version_tags
 from reparam.store.uris import parse_source, redact
@@ -136,7 +137,7 @@ REPORT = {
 
 
 def test_version_tags_and_metrics():
-    tags = version_tags(REPORT, tags={"team": "vision"}, lineage={"source_run_id": "r1", "x": None},
+    tags = version_tags(Report.from_dict(REPORT), tags={"team": "vision"}, lineage={"source_run_id": "r1", "x": None},
                         idempotency_key="k")
     assert tags["reparam.source_uri"] == "https://***@host/best.pt"
     assert tags["reparam.nc"] == "3" and tags["reparam.max_abs_diff"] == "3e-05"
@@ -144,10 +145,10 @@ def test_version_tags_and_metrics():
     assert "reparam.x" not in tags and tags["team"] == "vision"
     assert all(isinstance(v, str) for v in tags.values())
     with pytest.raises(InvalidInputError, match="tag 'reparam.status' is reserved"):
-        version_tags(REPORT, tags={"reparam.status": "ready"}, lineage={}, idempotency_key="k")
-    assert run_metrics({**REPORT, "timing": {"total_s": 2}}) == {
+        version_tags(Report.from_dict(REPORT), tags={"reparam.status": "ready"}, lineage={}, idempotency_key="k")
+    assert run_metrics(Report.from_dict({**REPORT, "timing": {"total_s": 2}})) == {
         "max_abs_diff": 3.0e-5, "params_before": 2.7e6, "params_after": 2e6,
         "bytes_before": 6e6, "bytes_after": 4.4e6, "duration_s": 2.0,
     }  # fmt: skip
-    with pytest.raises(ValueError, match="report status"):  # read through reparam.report.Report
-        run_metrics({k: v for k, v in REPORT.items() if k != "status"})
+    with pytest.raises(ValueError, match="report status"):  # a report is read through reparam.report.Report
+        Report.from_dict({k: v for k, v in REPORT.items() if k != "status"})

@@ -222,7 +222,7 @@ def test_convert_refuses_with_the_right_exit_code(mutate, name: str, guard: str,
     else:
         assert err.exit_code == exitcodes.VALIDATION_FAILED
         assert sorted(p.name for p in out.iterdir()) == ["report.json"]
-        assert err.report["validation"]["check"] == "fast" and not err.report["validation"]["passed"]
+        assert err.report.validation.check == "fast" and err.report.validation.passed is False
 
 
 def test_correct_conversion_passes_both_levels(checkpoints) -> None:

@@ -122,7 +122,7 @@ def _check_output(args: argparse.Namespace, out: Path | None = None) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``reparam: error: ...``) and exit code 2, like every user error."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         self.exit(exitcodes.INVALID_INPUT,
                   error_line(f"{message} (see '{self.prog} --help')", more=f"see '{self.prog} --help'") + "\n")
 
@@ -326,12 +326,12 @@ def _fetch(source: str, workdir: Path, args: argparse.Namespace, say=lambda _m: 
                           "kind": fetched.kind, "lineage": fetched.lineage, "warnings": list(fetched.warnings)}
 
 
-def _weights_note(report: dict[str, Any]) -> list[str]:
+def _weights_note(report: "report_mod.Report") -> list[str]:
     """A line saying that the EMA of a mid-training checkpoint was converted (official ``attempt_load`` does too)."""
-    if report.get("weights_used") != "ema":
+    if report.weights_used != "ema":
         return []
-    epoch = (report.get("removed") or {}).get("checkpoint_entries", {}).get("epoch")
-    diff = report.get("ema_vs_raw_max_abs_diff")
+    epoch = (report.removed or {}).get("checkpoint_entries", {}).get("epoch")
+    diff = report.ema_vs_raw_max_abs_diff
     return ["  weights      the EMA (ckpt['ema'] of a mid-training checkpoint"
             + (f", epoch {epoch}" if isinstance(epoch, int) else "") + ")"
             + (f"; the raw 'model' differs by up to {diff:.3g}" if isinstance(diff, float) else "")
@@ -353,11 +353,11 @@ def _usage(a: "report_mod.Artifact") -> str:
     RGB scaled to 0-1 as the official ``detect.py`` feeds it; a TorchScript file also says the one device it runs
     on, as its trace keeps that device (:mod:`reparam.converter.device`)."""
     text = USAGE.get(a.format, "").format(path=a.path)
-    inputs = a.extra.get("inputs")
-    if a.format == "onnx" and isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict):
+    inputs = a.inputs if isinstance(a, report_mod.OnnxArtifact) else None
+    if inputs and len(inputs) == 1 and isinstance(inputs[0], dict):
         shape = ", ".join(str(d) for d in inputs[0].get("shape") or [])
         text += f"; input '{inputs[0].get('name')}' {a.dtype or ''} [{shape}] RGB 0-1"
-    if a.format == "torchscript" and a.traced_on:
+    if isinstance(a, report_mod.TorchScriptArtifact) and a.traced_on:
         if a.traced_on.startswith("cuda"):
             text = (f"torch.jit.load('{a.path}', map_location='{a.traced_on}'); traced on {a.traced_on}: loads and "
                     f"runs on CUDA only, inputs on {a.traced_on} (convert with --device cpu for a CPU file)")
@@ -390,39 +390,39 @@ def _artifact_line(a: "report_mod.Artifact", device: str | None = None) -> str:
     return f"  {a.format:<12} {_mb(a.bytes):>10}  sha256 {a.sha256[:12]}  {a.dtype or '':<8} {check}"
 
 
-def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> str:
+def _human_summary(r: "report_mod.Report", tracking_uri: str | None = None) -> str:
     """The text ``reparam convert`` prints on stdout (the report itself with ``--json``)."""
-    r = report_mod.Report.from_dict(report)
     v = r.validation
     reg = r.registry
     head = f"reparam {r.versions.get('reparam') or __version__}: {r.source.uri}"
-    if "layers" not in report and reg:  # nothing converted: an identical version already existed
+    if r.reused and reg:  # nothing converted: an identical version already existed
         return "\n".join([
             head,
             f"  registered   {reg.model_uri} already holds this conversion (deploy sha256 "
             f"{r.deploy_sha256}); nothing new was created",
             f"  aliases      {', '.join(reg.aliases) or 'none'}",
             *([f"  updated tags: {', '.join(reg.updated_tags)}"] if reg.updated_tags else []),
-            *_promotion_line(report),
+            *_promotion_line(r.promotion),
             *_registry_lines(reg, tracking_uri),
         ])
+    head_names, layers, gflops = r.head or {}, r.layers or {}, r.gflops or {}
     lines = [
         head,
-        f"  variant      {r.variant} ({report['head']['dual']} -> {report['head']['deploy']}), "
-        f"nc={r.nc}, weights={report['weights_used']}",
-        *_weights_note(report),
+        f"  variant      {r.variant} ({head_names['dual']} -> {head_names['deploy']}), "
+        f"nc={r.nc}, weights={r.weights_used}",
+        *_weights_note(r),
     ]
     if r.pruned is False:
-        lines.append(f"  layers       {report['layers']['dual']}: already a deploy model (no auxiliary branch): "
+        lines.append(f"  layers       {layers['dual']}: already a deploy model (no auxiliary branch): "
                      "passed through, nothing pruned")
     else:
         lines += [
-            f"  layers       {report['layers']['dual']} -> {report['layers']['deploy']} "
-            f"(dropped {len(report['layers']['dropped'])})",
+            f"  layers       {layers['dual']} -> {layers['deploy']} "
+            f"(dropped {len(layers['dropped'])})",
             f"  parameters   {r.params_before:,} -> {r.params_after:,}",
         ]
-    lines.append(f"  GFLOPs       {report['gflops']['before']:.2f} -> {report['gflops']['after']:.2f} "
-                 f"(at {report['gflops_imgsz']}px)")
+    lines.append(f"  GFLOPs       {gflops['before']:.2f} -> {gflops['after']:.2f} "
+                 f"(at {r.gflops_imgsz}px)")
     fused = [c for c in v.comparisons if c.model == "fused"]
     lines.append(f"  max |diff|   {v.max_abs_diff:.3g} (atol {v.atol:g}, check {v.check}"
                  + (f"; fused {max(c.max_abs_diff for c in fused):.3g}" if fused else "") + ") "
@@ -431,22 +431,21 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
         if c.layers_shared is not None and c.layers_run is not None:
             lines.append(f"  lockstep     {c.model} at {'x'.join(map(str, c.input_shape[2:]))}: {c.layers_shared} of "
                          f"{c.layers_shared + c.layers_run} layers shared with the dual forward, {c.layers_run} ran")
-    if report.get("device"):
-        dev = report["device"]
-        lines.append(f"  device       {dev['used']} ({dev['name']})" + "".join(
-            f"; also checked on {d['used']}: max |diff| {d['max_abs_diff']:.3g} "
-            f"{'passed' if d['passed'] else 'FAILED'}" for d in report["validation"].get("devices", [])[1:]))
-    kept = report.get("outputs_kept", True)
+    if r.device:
+        lines.append(f"  device       {r.device.used} ({r.device.name})" + "".join(
+            f"; also checked on {d.used}: max |diff| {d.max_abs_diff:.3g} "
+            f"{'passed' if d.passed else 'FAILED'}" for d in (v.devices or [])[1:]))
+    kept = r.outputs_kept is not False
     lines.append(f"  source       {_mb(r.source.bytes):>10}  sha256 {(r.source.sha256 or '?')[:12]}  "
                  f"{r.source.uri}")
     if kept:
-        used = (report.get("device") or {}).get("used")
+        used = r.device.used if r.device else None
         lines.extend(_artifact_line(a, used) for a in r.artifacts)
-    stale = report.get("stale_outputs") if kept else None
+    stale = r.stale_outputs if kept else None
     if stale:
         lines.append(f"  stale        {len(stale)} file(s) of an earlier run, kept but not written now (not in "
                      f"report.json's artifacts): {', '.join(stale)}")
-    ev = report.get("evaluation")
+    ev = r.evaluation
     if ev:
         d = ev["dataset"]
         lines.append(f"  evaluation   {d['source']} ({d['images']} images, {len(d['skipped'])} skipped, digest "
@@ -458,16 +457,16 @@ def _human_summary(report: dict[str, Any], tracking_uri: str | None = None) -> s
             lines.append(f"  evaluated    {a['format']}: " + (f"skipped ({a['skipped']})" if a.get("skipped") else
                          f"mAP@0.5:0.95 {a['map50_95']:.4f} (delta {a['delta_map50_95']:+.2g}){mask} "
                          f"{'passed' if a['passed'] else 'FAILED'}"))
-        for f in ev.get("files", []) if report.get("outputs_kept", True) else []:
+        for f in ev.get("files", []) if kept else []:
             lines.append(f"  wrote        {f['path']} ({f['kind'].replace('_', ' ')} of {f['form']})")
     if reg:
-        skipped = reg.extra.get("promotion_skipped") or reg.promotion_skipped
+        skipped = reg.promotion_skipped
         lines.append(f"  registered   {reg.model_uri} (aliases: {', '.join(reg.aliases) or 'none'})"
                      + (" [existing version, nothing new]" if reg.existing else "")
                      + (f" [no alias moved: {skipped}]" if skipped and skipped != "no alias requested" else ""))
         if reg.updated_tags:
             lines.append(f"  updated tags: {', '.join(reg.updated_tags)}")
-    lines.extend(_promotion_line(report))
+    lines.extend(_promotion_line(r.promotion))
     lines.append(f"  time         {r.duration_s or 0:.1f} s")
     if kept and r.artifacts:
         folder = str(Path(r.artifacts[0].path).parent)
@@ -486,16 +485,15 @@ def _registry_lines(reg: "report_mod.Registry", tracking_uri: str | None) -> lis
             f"  run          {reg.run_id or 'none'} (metrics of this conversion, experiment 'reparam')"]
 
 
-def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -> dict[str, Any]:
-    """The termination summary (:mod:`reparam.summary`) of a run, read from its report through
-    :class:`reparam.report.Report`."""
+def _summary_of(r: "report_mod.Report | None", code: int, message: str | None) -> dict[str, Any]:
+    """The termination summary (:mod:`reparam.summary`) of a run, read from its report (``None`` when the run
+    failed before there was one)."""
     outcome = "succeeded" if code == 0 else ("validation_failed" if code == exitcodes.VALIDATION_FAILED else "failed")
     s: dict[str, Any] = {"outcome": outcome, "exitCode": code}
     if code:
         s["reason"] = exitcodes.REASONS.get(code, "Error")
         s["message"] = message
-    if report and report.get("status") in report_mod.STATUSES:
-        r = report_mod.Report.from_dict(report)
+    if r is not None and r.status in report_mod.STATUSES:
         reg = r.registry
         pt = r.artifact("pt")
         s.update({
@@ -510,8 +508,8 @@ def _summary_of(report: dict[str, Any] | None, code: int, message: str | None) -
             "bytesBefore": r.source.bytes if pt else None,
             "bytesAfter": pt.bytes if pt else None,
         })
-        ev = report.get("evaluation") or {}
-        promo = report.get("promotion") or {}
+        ev = r.evaluation or {}
+        promo = r.promotion or {}
         if ev.get("dual") or promo.get("map50_95") is not None:
             dual = ev.get("dual") or {}
             box = promo.get("map50_95") if promo.get("metric", "box") == "box" else None
@@ -560,13 +558,6 @@ def _check_promotion(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--max-regression must be between 0 and 1, got {args.max_regression:g}")
 
 
-def _move_promotion(report: dict[str, Any]) -> None:
-    """The gated decision goes to the report's top-level ``promotion`` (absent without ``--promote``)."""
-    promo = report["registry"].pop("promotion", None)
-    if promo is not None:
-        report["promotion"] = promo
-
-
 def _mask_part(entry: dict[str, Any]) -> str:
     """The mask metrics of a segmentation model's evaluation entry (or why there are none); empty for detection."""
     if entry.get("masks"):
@@ -574,8 +565,8 @@ def _mask_part(entry: dict[str, Any]) -> str:
     return f"; masks not scored: {entry['masks_absent']}" if entry.get("masks_absent") else ""
 
 
-def _promotion_line(report: dict[str, Any]) -> list[str]:
-    p = report.get("promotion")
+def _promotion_line(p: dict[str, Any] | None) -> list[str]:
+    """The summary line of the report's ``promotion`` section (none without ``--promote``)."""
     if not p:
         return []
     kind = "mask mAP@0.5:0.95" if p.get("metric") == "mask" else "mAP@0.5:0.95"
@@ -612,7 +603,7 @@ def _gated_request(args: argparse.Namespace, dataset) -> dict[str, Any] | None:
 def cmd_convert(args: argparse.Namespace) -> int:
     """``reparam convert``; returns the exit code."""
     say = (lambda m: None) if args.quiet else (lambda m: _eprint(f"reparam: {m}"))
-    report: dict[str, Any] | None = None
+    report: report_mod.Report | None = None
     t0 = time.perf_counter()
     try:
         _check_output(args)  # first: before torch is imported or the source is read
@@ -675,12 +666,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if previous is not None:
                 say(f"{args.source} was already converted with these settings: "
                     f"{args.register} version {previous['version']}; nothing to convert")
-                report = {"status": "succeeded", "command": report_mod.command_line(getattr(args, 'argv', None)),
-                          "versions": report_mod.versions(), "source": info,
-                          **publish.summary_from_tags(previous), "timing": {}}
-                report["registry"] = publish.reuse(previous, args.alias, args.tracking_uri, tags=tags, log=say,
-                                                   gated=_gated_request(args, eval_dataset))
-                _move_promotion(report)
+                report = publish.reused_report(previous, source=report_mod.Source(**info),
+                                               command=report_mod.command_line(getattr(args, 'argv', None)),
+                                               versions=report_mod.versions())
+                report.registry, report.promotion = publish.reuse(
+                    previous, args.alias, args.tracking_uri, report, tags=tags, log=say,
+                    gated=_gated_request(args, eval_dataset))
             else:
                 try:
                     report = convert(path, out, options, source_info=info, log=say, eval_dataset=eval_dataset,
@@ -696,18 +687,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
                     say(f"registering in MLflow at {redact(resolve_tracking_uri(args.tracking_uri))} ...")
                     t_reg = time.perf_counter()
-                    report["registry"] = publish.register_conversion(
+                    report.registry, report.promotion = publish.register_conversion(
                         report, out, model_name=args.register, aliases=args.alias, tags=tags, key=key,
                         lineage=info.get("lineage"), tracking_uri=args.tracking_uri, log=say,
                         wait_s=args.registry_wait, gated=_gated_request(args, eval_dataset),
                     )
-                    report["registry"]["tracking_uri"] = redact(resolve_tracking_uri(args.tracking_uri))
-                    report["timing"]["register_s"] = round(time.perf_counter() - t_reg, 4)
-                    say(f"registering in MLflow: done in {report['timing']['register_s']:.1f} s")
-                    _move_promotion(report)
-                    report["outputs_kept"] = bool(args.output)
+                    report.registry.tracking_uri = redact(resolve_tracking_uri(args.tracking_uri))
+                    report.timing["register_s"] = round(time.perf_counter() - t_reg, 4)
+                    say(f"registering in MLflow: done in {report.timing['register_s']:.1f} s")
+                    report.outputs_kept = bool(args.output)
                     finish_report(out, report)
-        report["timing"]["total_s"] = time.perf_counter() - t0
+        report.timing["total_s"] = time.perf_counter() - t0
         if args.json:
             print(report_mod.dumps(report))
         else:

@@ -7,9 +7,12 @@ and exits with :data:`reparam.exitcodes.INTERNAL`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from . import exitcodes
+
+if TYPE_CHECKING:  # annotations only: reparam.report is pure too, but errors stays at the bottom of the layers
+    from .report import Report
 
 #: The longest error line the ``reparam`` command prints, ``reparam: error: `` included (characters). The CLI's
 #: error printer cuts longer messages there; messages themselves give counts and an example, never whole lists.
@@ -53,12 +56,15 @@ class UnsafeCheckpointError(InvalidInputError):
 class ValidationFailedError(ReparamError):
     """The deploy model's output differs from the dual model's main branch (exit 3).
 
-    ``report``: the failed conversion's report (``status: validation_failed``; fields: :class:`reparam.report.Report`),
-    set by the converter when it raises this, else ``None``.
+    ``report``: the failed conversion's report (:class:`reparam.report.Report`, ``status: validation_failed``), set
+    by the converter when it raises this, else ``None``. ``evaluation``: the failed ``--eval-data`` evaluation's
+    report section (:func:`reparam.evaluation.conversion.evaluate_conversion`), set by the evaluation when its mAP
+    check fails, else ``None``.
     """
 
     exit_code = exitcodes.VALIDATION_FAILED
-    report: dict[str, Any] | None = None
+    report: Report | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 class SourceError(ReparamError):

@@ -27,10 +27,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .report import STATUSES
+
 #: Kubernetes truncates a termination message at 4096 bytes (Pod API, terminationMessagePath).
 MAX_BYTES = 4096
 
-OUTCOMES = ("succeeded", "validation_failed", "failed")
+#: Outcomes of a run: a report's statuses (:data:`reparam.report.STATUSES`), or ``failed`` (no report: any other
+#: error). The one list: the operator's metrics label their series with it too.
+OUTCOMES = (*STATUSES, "failed")
 
 _RESULT_KEYS = (
     "modelName",

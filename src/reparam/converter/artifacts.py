@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -47,10 +47,10 @@ def _sha256(path: Path) -> str:
     return hash_file(path)[0]
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_json(path: Path, report: report_mod.Report) -> None:
     """Write a report as ``report.json`` text (:func:`reparam.report.dumps`: status, command, versions, artifacts
     first; the deploy config on one line)."""
-    path.write_text(report_mod.dumps(data) + "\n")
+    path.write_text(report_mod.dumps(report) + "\n")
 
 
 def _staging(out: Path) -> Path:
@@ -71,14 +71,14 @@ __all__ = ["artifact_names", "finish_report", "load_safetensors", "save_safetens
            "write_report_only"]
 
 
-def write_report_only(out: Path, report: dict[str, Any], stem: str | None = None) -> Path:
+def write_report_only(out: Path, report: report_mod.Report, stem: str | None = None) -> Path:
     """Write just ``report.json`` (a failed conversion), atomically. Returns its path.
 
     With ``stem``, deploy files of an earlier run of the same checkpoint in ``out`` are listed in the report's
     ``stale_outputs`` (they are kept: this run did not write them, and they are not its result).
     """
     if stem:
-        report["stale_outputs"] = stale_outputs(out, stem)
+        report.stale_outputs = stale_outputs(out, stem)
     stage = _staging(out)
     try:
         _write_json(stage / "report.json", report)
@@ -173,11 +173,11 @@ def write_all(
     deploy: "DetectionModel",
     deploy_sd: dict[str, torch.Tensor],
     options: "ConvertOptions",
-    report: dict[str, Any],
+    report: report_mod.Report,
     say: Callable[[str], None],
-    evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None,
+    evaluate: Callable[[Path, list[report_mod.Artifact]], None] | None = None,
 ) -> None:
-    """Write every requested artifact plus ``report.json`` atomically into ``out``; fills ``report['artifacts']``.
+    """Write every requested artifact plus ``report.json`` atomically into ``out``; fills ``report.artifacts``.
 
     ``evaluate(stage, artifacts)``, when given, runs on the written files before anything is published; what it
     raises (:class:`~reparam.errors.ValidationFailedError` for a failed evaluation) publishes nothing.
@@ -185,14 +185,14 @@ def write_all(
     The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 unless ``options.fp32``) in the
     unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export.
     Without ``--fp32``, ``deploy`` itself is turned to fp16 in place (no copy: it normally holds ``deploy_sd``'s
-    fp16 tensors already). The export's wall and CPU time go to ``report['timing']['export_s'/'export_cpu_s']``.
+    fp16 tensors already). The export's wall and CPU time go to ``report.timing['export_s'/'export_cpu_s']``.
     Raises whatever an export step raises, after removing the staging folder.
     """
     from .official_format import save_official
 
     stem = source.stem
     stage = _staging(out)
-    arts: list[dict[str, Any]] = []
+    arts: list[report_mod.Artifact] = []
     try:
         # fp16 like the official deploy checkpoints (exact: the checkpoint's own fp16 tensors are copied in)
         saved = copy.deepcopy(deploy).float() if options.fp32 else deploy.half()
@@ -202,13 +202,13 @@ def write_all(
         if "pt" in options.formats:
             p = stage / f"{stem}-converted.pt"
             save_official(saved, p)
-            arts.append({"name": p.name, "format": "pt",
-                         "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+            arts.append(report_mod.Artifact(name=p.name, format="pt",
+                                            dtype=str(next(saved.parameters()).dtype).replace("torch.", "")))
         if "safetensors" in options.formats:
             p = stage / f"{stem}-converted.safetensors"
             save_safetensors(saved, p, nc=ckpt.nc, names=ckpt.names, stride=ckpt.stride)
-            arts.append({"name": p.name, "format": "safetensors",
-                         "dtype": str(next(saved.parameters()).dtype).replace("torch.", "")})
+            arts.append(report_mod.Artifact(name=p.name, format="safetensors",
+                                            dtype=str(next(saved.parameters()).dtype).replace("torch.", "")))
         extra_formats = [f for f in options.formats if f in ("onnx", "torchscript")]
         if extra_formats:
             from . import export
@@ -217,34 +217,34 @@ def write_all(
             wall, cpu = time.perf_counter(), time.process_time()
             with computing_in_fp32(dual):  # the dual model keeps its saved (fp16) weights
                 arts.extend(export.export_all(export_model, dual, stage, stem, options, report, say))
-            timing = report.setdefault("timing", {})
+            timing = report.timing
             timing["export_s"] = round(time.perf_counter() - wall, 4)
             timing["export_cpu_s"] = round(time.process_time() - cpu, 4)
         for a in arts:
-            p = stage / a["name"]
-            a["sha256"] = _sha256(p)
-            a["bytes"] = p.stat().st_size
-            a["path"] = str(out / a["name"])
-        report["artifacts"] = arts
+            p = stage / a.name
+            a.sha256 = _sha256(p)
+            a.bytes = p.stat().st_size
+            a.path = str(out / a.name)
+        report.artifacts = arts
         if evaluate is not None:
             evaluate(stage, arts)
-        main = next((a for a in arts if a["format"] == "pt"), arts[0] if arts else None)
-        report["deploy_sha256"] = main["sha256"] if main else None
+        main = next((a for a in arts if a.format == "pt"), arts[0] if arts else None)
+        report.deploy_sha256 = main.sha256 if main else None
         # like with like: the source .pt against the deploy .pt (no size comparison without a .pt artifact)
-        pt = next((a for a in arts if a["format"] == "pt"), None)
-        before = int(report["source"].get("bytes") or 0)
-        report["bytes"] = {"before": before, "after": int(pt["bytes"]), "saved": before - int(pt["bytes"])} \
+        pt = next((a for a in arts if a.format == "pt"), None)
+        before = int(report.source.bytes or 0)
+        report.bytes = {"before": before, "after": int(pt.bytes), "saved": before - int(pt.bytes)} \
             if pt and before else None
-        written = [a["name"] for a in arts] + [f["name"] for f in (report.get("evaluation") or {}).get("files", [])]
-        report["stale_outputs"] = stale_outputs(out, stem, written)
-        report["status"] = "succeeded"
+        written = [a.name for a in arts] + [f["name"] for f in (report.evaluation or {}).get("files", [])]
+        report.stale_outputs = stale_outputs(out, stem, written)
+        report.status = "succeeded"
         _write_json(stage / "report.json", report)
         _publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def finish_report(out: Path, report: dict[str, Any]) -> None:
+def finish_report(out: Path, report: report_mod.Report) -> None:
     """Rewrite ``report.json`` after the move (final timing), atomically via a temp file + ``os.replace``."""
     tmp = out / ".report.json.tmp"
     _write_json(tmp, report)

@@ -383,6 +383,8 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True, cfg: str | Pat
             f"no YOLOv9 model in '{path}': {count_of(obj, 'top-level keys', examples=3, limit=30)}{hint}"
         )
     use_ema = prefer_ema and isinstance(ema, ObjectRecord)
+    # the ignore: obj.get() is typed object; `model` is an ObjectRecord unless only `ema` is one, and then use_ema
+    # holds, except with --no-ema (prefer_ema False): that combination is not refused here yet
     chosen: ObjectRecord = ema if use_ema else model  # type: ignore[assignment]
     if not chosen.cls.startswith("models.yolo."):
         raise InvalidInputError(f"'{path}': the model is a {chosen.cls}, not a WongKinYiu/yolov9 model")

@@ -302,7 +302,7 @@ def convert(
     log: Callable[[str], None] | None = None,
     eval_dataset: Any = None,
     command: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> report_mod.Report:
     """Convert one dual checkpoint and write its deploy artifacts into ``out_dir``.
 
     With ``eval_dataset`` (a :class:`reparam.evaluation.Dataset`) the dual model and every artifact are evaluated on
@@ -310,8 +310,8 @@ def convert(
 
     ``command`` is the command line recorded in the report (the CLI passes ``reparam convert ...``).
 
-    Returns the report dict (also written as ``out_dir/report.json``; its fields: :class:`reparam.report.Report`,
-    its schema ``reparam/schemas/report.schema.json``).
+    Returns the report (:class:`reparam.report.Report`, also written as ``out_dir/report.json``; its schema
+    ``reparam/schemas/report.schema.json``).
 
     Raises:
         InvalidInputError / UnsafeCheckpointError: bad input (nothing written).
@@ -370,7 +370,7 @@ def convert(
             result.max_abs_diff = max(result.max_abs_diff, fused_result.max_abs_diff)
             # the top-level max |diff| covers both models: so do the comparisons listed under it
             result.comparisons += [dataclasses.replace(c, model="fused") for c in fused_result.comparisons]
-        devices = [{**device.to_dict(), "max_abs_diff": result.max_abs_diff, "passed": result.passed}]
+        devices = [report_mod.DeviceCheck(**device.to_dict(), max_abs_diff=result.max_abs_diff, passed=result.passed)]
         if check_device is not None:
             extra, _ = check_conversion(dual, deploy, **check, device=check_device.torch)
             if fused is not None:
@@ -378,7 +378,8 @@ def convert(
                 extra.max_abs_diff = max(extra.max_abs_diff, extra_fused.max_abs_diff)
                 extra.passed = extra.passed and extra_fused.passed
                 extra.reason = extra.reason or (f"fused model: {extra_fused.reason}" if extra_fused.reason else "")
-            devices.append({**check_device.to_dict(), "max_abs_diff": extra.max_abs_diff, "passed": extra.passed})
+            devices.append(report_mod.DeviceCheck(**check_device.to_dict(), max_abs_diff=extra.max_abs_diff,
+                                                  passed=extra.passed))
             if result.passed and not extra.passed:
                 result.passed = False
                 result.reason = f"on {check_device.torch}: {extra.reason}"
@@ -387,11 +388,8 @@ def convert(
         f"{'passed' if result.passed else 'FAILED'}")
 
     with phase("stats"):  # the GFLOPs were counted during the validation's non-square check
-        stats = {
-            "params": {"before": count_params(dual), "after": count_params(deploy)},
-            "gflops": {"before": round(flops["before"], 3), "after": round(flops["after"], 3)},
-            "gflops_imgsz": int(flops["imgsz"]),
-        }
+        params_before, params_after = count_params(dual), count_params(deploy)
+        gflops = {"before": round(flops["before"], 3), "after": round(flops["after"], 3)}
 
     published = compare_with_published(ckpt.cfg, plan)  # where the derived config differs from the published one
     removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
@@ -403,41 +401,41 @@ def convert(
     if "sha256" not in info:
         info["sha256"] = hash_file(path)[0]
 
-    report: dict[str, Any] = {
-        "status": "running",  # set below; first in report.json (reparam.report.LEAD)
-        "command": list(command) if command is not None else [],
-        "versions": report_mod.versions(),
-        "source": info,
-        "variant": variant_of(ckpt),
-        "model_class": ckpt.model_class,
-        "package_prefix": ckpt.package_prefix,
-        "head": {"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head,
-                 "branch": plan.branch, "inputs": plan.head_inputs, "renamed": dict(plan.head_rename)},
-        "pruned": plan.pruned,
-        "nc": ckpt.nc,
-        "names": {str(k): v for k, v in ckpt.names.items()},
-        "stride": ckpt.stride,
-        "weights_used": ckpt.weights,
-        "state_dict": ckpt.origin,
-        "ema_vs_raw_max_abs_diff": ckpt.ema_differs_by,
-        "layers": {
+    report = report_mod.Report(
+        status="running",  # set below, before it is written
+        command=list(command) if command is not None else [],
+        versions=report_mod.versions(),
+        source=report_mod.Source(**info),
+        variant=variant_of(ckpt),
+        model_class=ckpt.model_class,
+        package_prefix=ckpt.package_prefix,
+        head={"dual": plan.dual_head, "deploy": plan.deploy_cfg["head"][-1][2] if plan.pruned else plan.dual_head,
+              "branch": plan.branch, "inputs": plan.head_inputs, "renamed": dict(plan.head_rename)},
+        pruned=plan.pruned,
+        nc=ckpt.nc,
+        names={str(k): v for k, v in ckpt.names.items()},
+        stride=ckpt.stride,
+        weights_used=ckpt.weights,
+        state_dict=ckpt.origin,
+        ema_vs_raw_max_abs_diff=ckpt.ema_differs_by,
+        layers={
             "dual": len(ckpt.cfg["backbone"]) + len(ckpt.cfg["head"]),
             "deploy": len(plan.layer_map),
             "dropped": plan.dropped,
             "map": {str(k): v for k, v in sorted(plan.layer_map.items())},
         },
-        "tensors": {"dual": len(ckpt.state_dict), "deploy": len(deploy_sd), "dropped": account.dropped,
-                    "main_branch": account.main_keys, "used_exactly_once": account.exact},
-        **stats,
-        "removed": {"checkpoint_entries": removed, "model_attributes": dropped_attrs},
-        "validation": {**result.to_dict(), "imgsz": int(flops["imgsz"]), "seed": options.seed, "devices": devices},
-        "device": device.to_dict(),
-        "fusion": None if fused_result is None else {
+        tensors={"dual": len(ckpt.state_dict), "deploy": len(deploy_sd), "dropped": account.dropped,
+                 "main_branch": account.main_keys, "used_exactly_once": account.exact},
+        params_before=params_before, params_after=params_after, gflops=gflops, gflops_imgsz=int(flops["imgsz"]),
+        removed={"checkpoint_entries": removed, "model_attributes": dropped_attrs},
+        validation=result.to_report(imgsz=int(flops["imgsz"]), seed=options.seed, devices=devices),
+        device=report_mod.DeviceUse(**device.to_dict()),
+        fusion=None if fused_result is None else {
             "max_abs_diff_vs_dual": fused_result.max_abs_diff,
             "modules_before": sum(1 for _ in deploy.modules()),
             "modules_after": sum(1 for _ in fused.modules()),
         },
-        "options": {"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
+        options={"atol": options.atol, "fp32": options.fp32, "half": options.half, "fuse": options.fuse,
                     "precision": dataclasses.asdict(options.precision), "device": options.device,
                     "check_device": options.check_device,
                     "formats": list(options.formats), "imgsz": options.imgsz, "seed": options.seed,
@@ -447,42 +445,43 @@ def convert(
                     **({"cfg": options.cfg, "nc": options.nc,
                         "names": list(options.names) if options.names is not None else None}
                        if options.cfg is not None else {})},
-        "settings_key": options.settings_key(),
-        "deploy_config": copy.deepcopy(plan.deploy_cfg),
-        "published_config": published.to_dict() if published else None,
-        "timing": timings,
-        "threads": threads,
-    }
+        settings_key=options.settings_key(),
+        deploy_config=copy.deepcopy(plan.deploy_cfg),
+        published_config=published.to_dict() if published else None,
+        timing=timings,
+        threads=threads,
+    )
     out = Path(out_dir)
     if not result.passed:
-        report["status"] = "validation_failed"
-        report["timing"]["total_s"] = time.perf_counter() - t0
+        report.status = "validation_failed"
+        report.timing["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
         err = ValidationFailedError(
             f"validation failed: {result.reason}; no deploy model was written (report: {out / 'report.json'}"
-            + (f"; {len(report['stale_outputs'])} earlier deploy file(s) kept there, stale"
-               if report.get("stale_outputs") else "") + "). "
+            + (f"; {len(report.stale_outputs)} earlier deploy file(s) kept there, stale"
+               if report.stale_outputs else "") + "). "
             "Check that the checkpoint is a train_dual.py checkpoint, or loosen --atol if the difference is rounding"
         )
         err.report = report
         raise err
 
-    evaluate: Callable[[Path, list[dict[str, Any]]], None] | None = None
+    evaluate: Callable[[Path, list[report_mod.Artifact]], None] | None = None
     if eval_dataset is not None:
-        def evaluate_artifacts(stage: Path, arts: list[dict[str, Any]]) -> None:
+        def evaluate_artifacts(stage: Path, arts: list[report_mod.Artifact]) -> None:
             from ..evaluation import EvalSettings
             from ..evaluation.conversion import evaluate_conversion
 
             t_eval = time.perf_counter()
             try:
-                report["evaluation"] = section = evaluate_conversion(
-                    eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage, arts,
+                report.evaluation = section = evaluate_conversion(
+                    eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage,
+                    [a.to_dict() for a in arts],
                     options.eval_atol, say, device=device.torch, stem=path.stem)
                 for f in section.get("files", []):  # the plots and tables, published next to report.json
                     f["sha256"], f["bytes"] = hash_file(stage / f["name"])
                     f["path"] = str(out / f["name"])
             except ValidationFailedError as err:
-                report["evaluation"] = getattr(err, "evaluation", None)
+                report.evaluation = err.evaluation
                 raise
             finally:
                 timings["evaluate_s"] = time.perf_counter() - t_eval
@@ -498,12 +497,12 @@ def convert(
             timings[f"write_{unit}"] = round(timings[f"write_{unit}"] - timings.get(f"export_{unit}", 0.0)
                                              - (timings.get("evaluate_s", 0.0) if unit == "s" else 0.0), 4)
     except ValidationFailedError as err:  # an export's check or the evaluation failed: as a failed validation
-        report["status"] = "validation_failed"
-        report["timing"]["total_s"] = time.perf_counter() - t0
+        report.status = "validation_failed"
+        report.timing["total_s"] = time.perf_counter() - t0
         artifacts.write_report_only(out, report, stem=path.stem)
         err.report = report
         raise
-    report["status"] = "succeeded"
-    report["timing"]["total_s"] = time.perf_counter() - t0
+    report.status = "succeeded"
+    report.timing["total_s"] = time.perf_counter() - t0
     artifacts.finish_report(out, report)
     return report

@@ -57,6 +57,7 @@ def official_names() -> dict[type, tuple[str, str]]:
     return out
 
 
+# the ignore: pickle._Pickler (the pure-Python pickler, whose save_global can be overridden) is not in typeshed
 class OfficialNamePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     """A pure-Python pickler that writes our block classes under the official global names.
 

@@ -197,7 +197,7 @@ def _numpy_dtype(*args: Any) -> Any:
     return np.dtype(args[0])
 
 
-class InertArray(np.ndarray):  # type: ignore[type-arg]
+class InertArray(np.ndarray):  # type: ignore[type-arg]  # any shape and dtype: numpy's generics add nothing here
     """A numpy array rebuilt from a checkpoint pickle: numeric data only, no Python objects inside.
 
     numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by ``__setstate__((version, shape,

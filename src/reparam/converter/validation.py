@@ -54,12 +54,14 @@ Weights stay in their saved dtype (fp16) and are upcast one module at a time whi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from .. import report as report_mod
+from ..report import Comparison
 from ..spec import DEFAULT_ATOL
 from .pruning import ancestors, head_rule, resolve_from
 
@@ -67,27 +69,6 @@ from .pruning import ancestors, head_rule, resolve_from
 CHECK_LEVELS = ("fast", "full")
 #: Shorter side of the small non-square batch of the ``fast`` level, in pixels (rounded up to the largest stride).
 SMALL_SIDE = 128
-
-
-@dataclass
-class Comparison:
-    """One input's comparison: its shape ``[B, 3, H, W]``, the output shape and max |diff|."""
-
-    input_shape: list[int]
-    output_shape: list[int]
-    max_abs_diff: float
-    #: how the dual model ran: ``"full"`` (both branches) or ``"main-only"`` (:func:`main_branch_forward`)
-    dual: str = "full"
-    #: max |diff| of each part of the output: ``boxes``, ``scores`` and, for segmentation, ``mask_coefficients`` and
-    #: ``prototypes`` (:func:`output_parts`)
-    parts: dict[str, float] = field(default_factory=dict)
-    #: the model compared with the dual one: ``"deploy"`` (pruned, as saved) or ``"fused"`` (``--fuse``: BatchNorm
-    #: folded, RepConvN merged; its fp32 rounding is where a non-zero difference comes from)
-    model: str = "deploy"
-    #: lockstep runs only (:func:`lockstep_forward`; None where the compared model ran whole): deploy layers whose
-    #: output was the dual model's (same function, same inputs: not recomputed) and deploy layers that ran
-    layers_shared: int | None = None
-    layers_run: int | None = None
 
 
 @dataclass
@@ -101,6 +82,7 @@ class ValidationResult:
     passed: bool
     max_abs_diff: float
     atol: float
+    #: one per input compared (:class:`reparam.report.Comparison`, the report's own type)
     comparisons: list[Comparison] = field(default_factory=list)
     reason: str = ""
     #: the check level that ran (:data:`CHECK_LEVELS`)
@@ -108,8 +90,14 @@ class ValidationResult:
     #: ``fast`` only: max |main-only evaluation - full dual forward| on the small batch (must be <= atol)
     main_only_vs_full: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_report(self, *, imgsz: int, seed: int,
+                  devices: list[report_mod.DeviceCheck] | None) -> report_mod.Validation:
+        """The report's ``validation`` section: this result, the image size and seed of its inputs, and the check per
+        device (``--device`` first, then ``--check-device``)."""
+        return report_mod.Validation(passed=self.passed, max_abs_diff=self.max_abs_diff, atol=self.atol,
+                                     comparisons=list(self.comparisons), reason=self.reason, check=self.check,
+                                     main_only_vs_full=self.main_only_vs_full, imgsz=imgsz, seed=seed,
+                                     devices=devices)
 
 
 def main_output(out: Any) -> torch.Tensor:
@@ -282,6 +270,7 @@ def main_branch_forward(model: nn.Module, x: torch.Tensor, branch: str | None = 
     Returns the head's eval output for that branch: ``(y, maps)``, or for segmentation ``(cat(y, mc), (maps, mc,
     p))`` (read it with :func:`unpack_output`).
     """
+    # the ignores on `model.model` below: a YOLOv9 model (its layers in .model); nn.Module declares no .model
     layers = list(model.model)  # type: ignore[attr-defined]
     head = layers[-1]
     found = _branch_of(head, branch)

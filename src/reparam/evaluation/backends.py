@@ -32,7 +32,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -177,7 +177,7 @@ def _load_onnx(path: Path, device: torch.device | str | None = None) -> LoadedMo
     placement = onnx_placement(str(torch.device(device) if device is not None else torch.device("cpu")),
                                ort.get_available_providers())
 
-    def _session_on(proto: object) -> object:
+    def _session_on(proto: Any) -> Any:
         return _session(proto, placement.providers)
 
     try:
@@ -231,7 +231,7 @@ def _load_torchscript(path: Path, device: torch.device | str | None = None) -> L
     extra = {"config.txt": ""}
     try:
         module = torch.jit.load(str(path), map_location=dev, _extra_files=extra).eval()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - torch.jit raises several types for a bad file; all become one line
         raise InvalidInputError(f"'{path}' is not a loadable TorchScript module ({type(exc).__name__})") from None
     try:
         meta = json.loads(extra["config.txt"] or "{}")

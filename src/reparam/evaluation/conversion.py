@@ -96,7 +96,7 @@ def evaluate_conversion(dataset: Dataset, settings: EvalSettings, dual: nn.Modul
         err = ValidationFailedError(
             "evaluation failed: " + "; ".join(_failure(a) for a in bad)
             + f" (--eval-atol {atol:g}); nothing was published")
-        err.evaluation = section  # type: ignore[attr-defined]
+        err.evaluation = section
         raise err
     return section
 

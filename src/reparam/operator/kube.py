@@ -275,6 +275,7 @@ class KubeClient:
 
     async def patch_policy_status(self, namespace: str, plural: str, name: str, patch: dict[str, Any]) -> None:
         """JSON merge patch of a policy's status subresource (as :meth:`patch_conversion_status`)."""
+        # why the ignore below: _content_type goes through **kwargs, as in patch_conversion_status
         await self._call(self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
             jobs.GROUP, jobs.VERSION, namespace, plural, name, patch,
             _content_type="application/merge-patch+json", **self._opts()))

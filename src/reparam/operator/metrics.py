@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
+from ..summary import OUTCOMES
 from . import termination
 
 #: Conversion durations: 30 s to 8 h.
@@ -23,7 +24,6 @@ QUEUE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 #: Reconcile handler time.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-OUTCOMES = ("succeeded", "failed", "validation_failed")
 RESULTS = ("ok", "temporary_error", "permanent_error", "error")
 
 

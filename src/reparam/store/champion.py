@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import RegistryError
+from ..report import Report
 from . import promotion, registry, tracking
 from .promotion import Gates, Measured
 from .uris import redact
@@ -61,21 +62,21 @@ MLFLOW_DIGEST_CHARS = 32
 Evaluator = Callable[[Path], Measured]
 
 
-def measured_from_report(report: dict[str, Any]) -> tuple[Measured | None, bool]:
+def measured_from_report(report: Report) -> tuple[Measured | None, bool]:
     """This conversion's evaluation as the gates see it, and whether every evaluated artifact passed.
 
     The mAP is the deploy ``.pt``'s (what a champion is re-evaluated from), else the dual model's; box, and mask
     for a segmentation model evaluated on polygon labels. ``(None, True)`` when the report has no ``evaluation``
     section.
     """
-    ev = report.get("evaluation")
+    ev = report.evaluation
     if not ev:
         return None, True
     done = [a for a in ev.get("artifacts") or [] if not a.get("skipped")]
     passed = all(bool(a.get("passed")) for a in done)
     pt = [a for a in done if a.get("format") == "pt"]
     best = pt[0] if pt else ev["dual"]
-    imgsz = int((ev.get("settings") or {}).get("imgsz") or report.get("eval_imgsz") or 0)
+    imgsz = int((ev.get("settings") or {}).get("imgsz") or (report.options or {}).get("eval_imgsz") or 0)
     masks = best.get("masks") or {}  # the dual entry: a nested MaskMetrics dict; an artifact entry: flat keys
     mask_map50_95 = _float(best.get("mask_map50_95", masks.get("map50_95")))
     mask_map50 = _float(best.get("mask_map50", masks.get("map50")))
@@ -222,7 +223,7 @@ def _holder(client: MlflowClient, model_name: str, alias: str) -> str | None:
     return None if v is None else str(v)
 
 
-def promote_gated(model_name: str, version: str | int, alias: str, report: dict[str, Any], gates: Gates, *,
+def promote_gated(model_name: str, version: str | int, alias: str, report: Report, gates: Gates, *,
                   evaluate: Evaluator, tracking_uri: str | None, hold_alias: str | None = None,
                   dataset_source: str | None = None, log: Callable[[str], None] = lambda _m: None,
                   measured: Measured | None = None, _after_set: Callable[[], None] | None = None) -> GatedPromotion:
@@ -238,7 +239,7 @@ def promote_gated(model_name: str, version: str | int, alias: str, report: dict[
     version = str(version)
     from_report, artifacts_ok = measured_from_report(report)
     measured = measured or from_report
-    passed = bool((report.get("validation") or {}).get("passed"))
+    passed = report.validation.passed is True
     client = tracking.client(tracking_uri)
     step = f"read {model_name} version {version}"
     try:

@@ -348,7 +348,7 @@ def promote(model_name: str, version: str | int, aliases: Iterable[str], validat
         try:
             client.set_registered_model_alias(model_name, alias, version)
             previous[alias] = current.get(alias)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
             _restore(client, model_name, previous)
             raise RegistryError(
                 redact(f"promote {model_name} v{version}: set alias @{alias} failed: {tracking.describe_error(err)}")

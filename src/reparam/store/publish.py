@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import RegistryError
+from ..report import Registry, Report, Source, Validation
 from . import champion, promotion, registry, tracking
 from .uris import redact
 
@@ -50,7 +51,7 @@ def find_previous(model_name: str, key: str, aliases: list[str], tracking_uri: s
     return registry.find_existing(model_name, key, tracking_uri, log=log)
 
 
-def _gated(name: str, version: Any, report: dict[str, Any], gated: dict[str, Any] | None, tracking_uri: str | None,
+def _gated(name: str, version: Any, report: Report, gated: dict[str, Any] | None, tracking_uri: str | None,
            log: Callable[[str], None], *, existing: bool = False) -> dict[str, Any] | None:
     """Run :func:`champion.promote_gated` for ``gated`` (keys alias, gates, hold_alias, evaluate, dataset_source,
     probe: a :class:`promotion.Measured` naming the dataset digest and image size); None without ``gated``."""
@@ -72,32 +73,32 @@ def _gated(name: str, version: Any, report: dict[str, Any], gated: dict[str, Any
                                   dataset_source=gated.get("dataset_source"), log=log, measured=measured).to_dict()
 
 
-def _add_gated(out: dict[str, Any], promo: dict[str, Any] | None) -> None:
-    """Put the gated outcome in ``out['promotion']``; a promoted alias (and a held version's hold alias) also joins
-    ``aliases``/``previous_aliases`` like an ungated one."""
-    out["promotion"] = promo
+def _add_gated(out: Registry, promo: dict[str, Any] | None) -> tuple[Registry, dict[str, Any] | None]:
+    """``out`` and the gated outcome ``promo``; a promoted alias (and a held version's hold alias) also joins
+    ``out.aliases``/``out.previous_aliases`` like an ungated one."""
     if not promo:
-        return
+        return out, promo
     moved = promo["alias"] if promo["decision"] == "promoted" else promo.get("hold_alias")
-    if moved and moved not in out["aliases"]:
-        out["aliases"].append(moved)
+    if moved and moved not in out.aliases:
+        out.aliases.append(moved)
         if promo["decision"] == "promoted":
-            out["previous_aliases"][moved] = promo.get("previous_version")
+            out.previous_aliases[moved] = promo.get("previous_version")
+    return out, promo
 
 
 def _result(model_name: str, version: Any, model_uri: str | None, promo: promotion.Promotion | None,
-            *, existing: bool, run_id: str | None = None, updated_tags: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "model_name": model_name,
-        "version": str(version),
-        "model_uri": model_uri or f"models:/{model_name}/{version}",
-        "run_id": run_id,
-        "aliases": list(promo.aliases) if promo else [],
-        "previous_aliases": dict(promo.previous) if promo else {},
-        "promotion_skipped": promo.skipped_reason if promo else "no alias requested",
-        "existing": existing,
-        "updated_tags": list(updated_tags or []),
-    }
+            *, existing: bool, run_id: str | None = None, updated_tags: list[str] | None = None) -> Registry:
+    return Registry(
+        model_name=model_name,
+        version=str(version),
+        model_uri=model_uri or f"models:/{model_name}/{version}",
+        run_id=run_id,
+        aliases=list(promo.aliases) if promo else [],
+        previous_aliases=dict(promo.previous) if promo else {},
+        promotion_skipped=promo.skipped_reason if promo else "no alias requested",
+        existing=existing,
+        updated_tags=list(updated_tags or []),
+    )
 
 
 def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: dict[str, str] | None,
@@ -108,12 +109,14 @@ def _apply_tags(name: str, version: Any, tags: dict[str, str] | None, current: d
     return changed
 
 
-def reuse(existing: dict[str, Any], aliases: list[str], tracking_uri: str | None, *, tags: dict[str, str] | None = None,
-          log: Callable[[str], None] = lambda _m: None, gated: dict[str, Any] | None = None,
-          report: dict[str, Any] | None = None) -> dict[str, Any]:
+def reuse(existing: dict[str, Any], aliases: list[str], tracking_uri: str | None, report: Report, *,
+          tags: dict[str, str] | None = None, log: Callable[[str], None] = lambda _m: None,
+          gated: dict[str, Any] | None = None) -> tuple[Registry, dict[str, Any] | None]:
     """Report an existing version instead of registering a new one: set the ``tags`` it lacks (or has with another
     value; ``updated_tags`` in the result lists them), then point ``aliases`` at it, and with ``gated`` (see
     :func:`register_conversion`) decide the gated alias for it (its evaluation read from its tags, or evaluated).
+    ``report`` is the no-op's report (:func:`reused_report`). Returns the report's ``registry`` and ``promotion``
+    sections (``None`` without ``gated``).
 
     Raises InvalidInputError for a reserved tag, RegistryError when a tag or an alias cannot be set.
     """
@@ -122,13 +125,11 @@ def reuse(existing: dict[str, Any], aliases: list[str], tracking_uri: str | None
     promo = promotion.promote(name, version, aliases, True, tracking_uri) if aliases else None
     out = _result(name, version, existing.get("model_uri"), promo, existing=True, run_id=existing.get("run_id"),
                   updated_tags=changed)
-    _add_gated(out, _gated(name, version, {"validation": {"passed": True}, **(report or {})}, gated, tracking_uri,
-                           log, existing=True))
-    return out
+    return _add_gated(out, _gated(name, version, report, gated, tracking_uri, log, existing=True))
 
 
 def register_conversion(
-    report: dict[str, Any],
+    report: Report,
     out_dir: Path,
     *,
     model_name: str,
@@ -140,13 +141,14 @@ def register_conversion(
     log: Callable[[str], None] = lambda _m: None,
     wait_s: float = tracking.REGISTRY_WAIT_S,
     gated: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Register the validated outputs in ``out_dir`` and promote them; returns ``report['registry']``.
+) -> tuple[Registry, dict[str, Any] | None]:
+    """Register the validated outputs in ``out_dir`` and promote them; returns the report's ``registry`` and
+    ``promotion`` sections.
 
     ``aliases`` move by the promotion rule alone; ``gated`` (``--promote``: keys ``alias``, ``gates``
     (:class:`promotion.Gates`), ``hold_alias``, ``evaluate`` (:data:`champion.Evaluator`), ``dataset_source``,
     ``probe``) moves one alias by the gates and the race protocol of :mod:`reparam.store.champion`; its outcome is
-    ``result['promotion']``.
+    the ``promotion`` section (``None`` without ``gated``).
 
     Raises RegistryError (naming the failed step) from :func:`registry.register` / :func:`promotion.promote`; a
     failed registration leaves no version that looks good and moves no alias.
@@ -157,7 +159,7 @@ def register_conversion(
     log(f"registered {reg.model_uri}" + ("" if reg.created else " (an identical version already existed)"))
     # an identical version registered meanwhile (a concurrent conversion) gets the tags as in reuse()
     changed = [] if reg.created else _apply_tags(model_name, reg.version, tags, reg.tags, tracking_uri, log)
-    passed = bool((report.get("validation") or {}).get("passed"))
+    passed = report.validation.passed is True
     promo = promotion.promote(model_name, reg.version, aliases, passed, tracking_uri) if aliases else None
     if promo and promo.aliases:
         log(f"aliases {', '.join(promo.aliases)} -> version {reg.version}")
@@ -165,12 +167,13 @@ def register_conversion(
         log(f"no alias moved: {promo.skipped_reason}")
     out = _result(model_name, reg.version, reg.model_uri, promo, existing=not reg.created, run_id=reg.run_id,
                   updated_tags=changed)
-    _add_gated(out, _gated(model_name, reg.version, report, gated, tracking_uri, log))
-    return out
+    return _add_gated(out, _gated(model_name, reg.version, report, gated, tracking_uri, log))
 
 
-def summary_from_tags(existing: dict[str, Any]) -> dict[str, Any]:
-    """Report fields recovered from an existing version's tags (for the no-op path)."""
+def reused_report(existing: dict[str, Any], *, source: Source, command: list[str],
+                  versions: dict[str, str | None]) -> Report:
+    """The report of the no-op path (an identical conversion is registered already): the facts recovered from the
+    existing version's tags (``reused``: nothing converted, the rest is not written)."""
     t = existing.get("tags") or {}
     p = registry.TAG_PREFIX
 
@@ -180,10 +183,8 @@ def summary_from_tags(existing: dict[str, Any]) -> dict[str, Any]:
         except (KeyError, ValueError):
             return None
 
-    return {
-        "deploy_sha256": t.get(p + "deploy_sha256"),
-        "params": {"before": num("params_before"), "after": num("params_after")},
-        "validation": {"passed": True, "max_abs_diff": num("max_abs_diff", float)},
-        "variant": t.get(p + "variant"),
-        "nc": num("nc"),
-    }
+    return Report(status="succeeded", command=command, versions=versions, source=source, reused=True,
+                  deploy_sha256=t.get(p + "deploy_sha256"), params_before=num("params_before"),
+                  params_after=num("params_after"),
+                  validation=Validation(passed=True, max_abs_diff=num("max_abs_diff", float)),
+                  variant=t.get(p + "variant"), nc=num("nc"))

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .. import __version__
 from ..errors import InvalidInputError, RegistryError, count_of
-from ..report import Report
+from ..report import Report, dumps
 from . import tracking
 from .promotion import MLFLOW_READY, STATUS_READY, TAG_STATUS, TAG_VALIDATION, version_problem
 from .uris import redact
@@ -153,7 +153,7 @@ def find_existing(model_name: str, idempotency_key: str, tracking_uri: str | Non
     try:
         client = tracking.client(tracking_uri)
         ready, broken = _keyed_versions(client, model_name, idempotency_key)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         raise RegistryError(
             redact(f"register {model_name}: find existing failed: {tracking.describe_error(err)}")) from None
     if log and not ready:
@@ -201,19 +201,16 @@ def update_tags(model_name: str, version: str | int, tags: Mapping[str, object] 
     for k in changed:
         try:
             client.set_model_version_tag(model_name, str(version), k, wanted[k])
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
             raise RegistryError(redact(f"update tags of {model_name} v{version}: set tag {k!r} failed: "
                                        f"{tracking.describe_error(err)}")) from None
     return changed
 
 
-def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
+def version_tags(r: Report, *, tags: Mapping[str, object] | None, lineage: Mapping[str, object] | None,
                  idempotency_key: str) -> dict[str, str]:
-    """All tags a new version gets (strings): conversion facts, lineage, the key, the user's tags.
-
-    ``report`` is read through :class:`reparam.report.Report` (raises ``ValueError`` without a valid ``status``).
-    """
-    r = Report.from_dict(report)
+    """All tags a new version gets (strings): conversion facts of the report ``r``, lineage, the key, the user's
+    tags."""
     out: dict[str, object] = {
         TAG_KEY: idempotency_key,
         f"{TAG_PREFIX}source_uri": redact(r.source.uri),
@@ -234,11 +231,10 @@ def version_tags(report: dict[str, Any], *, tags: Mapping[str, object] | None, l
     return {k: redact(str(v)) for k, v in out.items()}
 
 
-def run_metrics(report: dict[str, Any]) -> dict[str, float]:
+def run_metrics(r: Report) -> dict[str, float]:
     """Numeric conversion metrics for the run (those known): max_abs_diff, params_before/after, bytes_before (the
     source checkpoint), bytes_after (the deploy ``.pt``), duration_s (the conversion's wall time, the report's
-    ``timing.total_s``). Read through :class:`reparam.report.Report`."""
-    r = Report.from_dict(report)
+    ``timing.total_s``)."""
     pt = r.artifact("pt")
     values = {"max_abs_diff": r.validation.max_abs_diff, "params_before": r.params_before,
               "params_after": r.params_after, "bytes_before": r.source.bytes, "bytes_after": pt.bytes if pt else None,
@@ -246,10 +242,10 @@ def run_metrics(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def evaluation_files(report: dict[str, Any], artifacts_dir: Path) -> list[Path]:
+def evaluation_files(report: Report, artifacts_dir: Path) -> list[Path]:
     """The evaluation's plots and tables (report ``evaluation.files``, :mod:`reparam.evaluation.plots`) that are
     in ``artifacts_dir``."""
-    listed = ((report.get("evaluation") or {}).get("files")) or []
+    listed = (report.evaluation or {}).get("files") or []
     return [p for p in (Path(artifacts_dir) / str(f.get("name", "")) for f in listed) if p.is_file()]
 
 
@@ -278,7 +274,7 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], model_id: str, run_id: str) -> list[str]:
+def _build_model_dir(dest: Path, artifacts_dir: Path, report: Report, model_id: str, run_id: str) -> list[str]:
     """Lay out the logged model: deploy files + MLmodel (ONNX flavor if an .onnx is there)."""
     from mlflow.models import Model
 
@@ -291,12 +287,12 @@ def _build_model_dir(dest: Path, artifacts_dir: Path, report: dict[str, Any], mo
     dest.mkdir(parents=True, exist_ok=True)
     if onnx_files:
         _add_onnx_flavor(model, dest, onnx_files[0].name)
-    model.metadata = {"reparam_version": __version__, "variant": report.get("variant"), "nc": report.get("nc")}
+    model.metadata = {"reparam_version": __version__, "variant": report.variant, "nc": report.nc}
     model.model_id, model.run_id = model_id, run_id
     for p in files:
         shutil.copyfile(p, dest / p.name)
     if not (dest / "report.json").exists():
-        (dest / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        (dest / "report.json").write_text(dumps(report) + "\n")
     model.save(str(dest / "MLmodel"))
     return sorted(p.name for p in dest.iterdir())
 
@@ -343,7 +339,7 @@ def _add_onnx_flavor(model: "Model", dest: Path, data: str) -> None:
 def register(
     model_name: str,
     artifacts_dir: Path,
-    report: dict[str, Any],
+    report: Report,
     *,
     tags: Mapping[str, object] | None = None,
     lineage: Mapping[str, object] | None = None,
@@ -375,8 +371,7 @@ def register(
             left that looks registered.
     """
     artifacts_dir = Path(artifacts_dir)
-    val = report.get("validation") or {}
-    if val.get("passed") is not True:
+    if report.validation.passed is not True:
         raise RegistryError(f"register {model_name}: refused: validation did not pass (nothing registered)")
     if not artifacts_dir.is_dir():
         raise RegistryError(f"register {model_name}: read artifacts failed: {artifacts_dir} is not a directory")
@@ -444,7 +439,7 @@ def register(
             source=f"models:/{model_id}" if remote else logged.artifact_location,
             run_id=run_id,
             tags={**all_tags, TAG_STATUS: "pending", f"{TAG_PREFIX}files": ",".join(files)},
-            description=f"reparam {__version__}: {report.get('variant', '?')} deploy model from "
+            description=f"reparam {__version__}: {report.variant or '?'} deploy model from "
             f"{all_tags.get(f'{TAG_PREFIX}source_uri', '?')}",
             model_id=model_id,
             await_creation_for=0,  # waited for below, once the version number is known (for the cleanup)
@@ -473,7 +468,7 @@ def register(
                 pass
             return _registration(ready[0], created=False)
         return _registration(client.get_model_version(model_name, mv.version), created=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         if state.get("done"):  # registered and marked ready: only bookkeeping after it failed
             version = state["version"]
             return Registration(model_name, version, f"models:/{model_name}/{version}", state.get("run_id"),
@@ -493,20 +488,20 @@ def _cleanup(client: MlflowClient, model_name: str, state: dict[str, Any]) -> No
     if version is not None:
         try:
             client.set_model_version_tag(model_name, version, TAG_STATUS, "failed")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
         try:
             client.delete_model_version(model_name, version)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
     if state.get("model_id"):
         try:
             client.finalize_logged_model(state["model_id"], "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass
     if state.get("run_id"):
         try:
             client.set_tag(state["run_id"], f"{TAG_PREFIX}failed_step", state.get("step", "?"))
             client.set_terminated(state["run_id"], "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best-effort cleanup; the error raised names the failed step
             pass

@@ -366,7 +366,7 @@ def _error_detail(resp: requests.Response) -> str:
     """The first line of an error body (MLflow sends JSON with ``message``), at most 200 characters."""
     try:
         text = resp.text
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - best effort: the body only adds detail to an error
         return ""
     try:
         import json
@@ -476,7 +476,7 @@ def _fetch_run(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | No
         listing = _list_files(root if parent == "." else f"{root}/{parent}", uri)
     except SourceError:
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         raise SourceError(mlflow_error(step, shown, err)) from None
     name = PurePosixPath(_part(ref.path)).name
     path = _part(ref.path)
@@ -586,7 +586,7 @@ def _fetch_model(ref: SourceRef, shown: str, workdir: Path, tracking_uri: str | 
         listing = _list_files(root, uri)
     except ReparamError:
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all become one line
         raise SourceError(mlflow_error(step, shown, err)) from None
     note = None
     if ref.path:

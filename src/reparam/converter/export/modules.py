@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from ...models.segment import Segment
 from .nms import NMSHead
 from ..validation import main_output
 from .options import ExportOptions
+
+if TYPE_CHECKING:
+    from ...report import Report
 
 __all__ = ["deploy_head", "is_segmentation", "check_export_target", "Predictions", "EndToEnd", "export_metadata"]
 
@@ -124,7 +127,7 @@ def names_from_metadata(text: str) -> dict[int, str]:
     return {int(k): str(v) for k, v in value.items()}
 
 
-def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
+def export_metadata(model: nn.Module, report: "Report", imgsz: int, *,
                     options: ExportOptions | None = None) -> dict[str, str]:
     """String metadata stored in the ONNX ``metadata_props`` and the TorchScript ``config.txt``.
 
@@ -165,8 +168,8 @@ def export_metadata(model: nn.Module, report: dict[str, Any], imgsz: int, *,
         "imgsz": json.dumps([imgsz, imgsz]),
         "output": output,
         "reparam_version": __version__,
-        "source_sha256": str((report.get("source") or {}).get("sha256", "")),
-        "variant": str(report.get("variant", "")),
+        "source_sha256": str(report.source.sha256 or ""),
+        "variant": str(report.variant or ""),
     }
     if segment:
         meta["nm"] = str(model.model[-1].nm)

@@ -110,13 +110,13 @@ class _NonMaxSuppression(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):  # noqa: D102
+    def forward(ctx, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):
         if torch.jit.is_tracing():
             return torch.zeros((1, 3), dtype=torch.int64)
         return nms_indices(boxes, scores, max_per_class, iou_thres, score_thres)
 
     @staticmethod
-    def symbolic(g, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):  # noqa: D102
+    def symbolic(g, boxes, scores, max_per_class: int, iou_thres: float, score_thres: float):
         return g.op(
             "NonMaxSuppression", boxes, scores,
             g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64)),

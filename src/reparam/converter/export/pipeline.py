@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from ... import report as report_mod
 from ...errors import InvalidInputError, ValidationFailedError
 from .nms import NMSHead
 from ..device import onnx_placement, resolve_device
@@ -38,7 +39,7 @@ def _verdict(check: dict[str, Any]) -> str:
 
 
 def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, stem: str, options: "ConvertOptions",
-               report: dict[str, Any], say: Callable[[str], None]) -> list[dict[str, Any]]:
+               report: report_mod.Report, say: Callable[[str], None]) -> list[report_mod.Artifact]:
     """Write and check the ONNX / TorchScript artifacts that ``options.formats`` asks for, into ``stage``.
 
     Args:
@@ -50,13 +51,14 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
             check runs on onnxruntime's CUDA provider when ``device`` is CUDA and onnxruntime has it, else on the CPU
             (:func:`reparam.converter.device.onnx_placement`; the check records ``device``, ``provider`` and
             ``provider_reason``).
-        report: the report so far (read for metadata; ``timing`` gets ``export_*_s``).
+        report: the report so far (read for metadata; ``report.timing`` gets ``export_*_s``).
         say: progress logger.
 
     Returns:
-        Artifact dicts ``{"name", "format", "dtype", "check", ...}`` (sha256/bytes are added by the caller); ONNX
-        ones also hold ``input``/``inputs`` and ``outputs`` with their declared shapes (names for symbolic axes),
-        TorchScript ones ``traced_on`` (the device the trace ran on and the only one it runs on).
+        :class:`~reparam.report.OnnxArtifact` / :class:`~reparam.report.TorchScriptArtifact` (sha256/bytes/path
+        are added by the caller); ONNX ones hold ``input``/``inputs`` and ``outputs`` with their declared shapes
+        (names for symbolic axes), TorchScript ones ``traced_on`` (the device the trace ran on and the only one it
+        runs on).
 
     Raises:
         InvalidInputError: ``export_model`` is not a deploy model, or bad options.
@@ -84,8 +86,8 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         ref32 = OnDevice(predict, where)
         return (ref32 if reference is predict else OnDevice(reference, where)), ref32
 
-    timings = report.setdefault("timing", {})
-    arts: list[dict[str, Any]] = []
+    timings = report.timing
+    arts: list[report_mod.Artifact] = []
     with torch.no_grad():
         dual_main = {tuple(x.shape): main_output(dual(x)) for x in inputs} if dual is not None else {}
 
@@ -126,11 +128,10 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
             check["vs_dual_max_abs_diff"] = max(max_diff(fp32_run(x)[0], dual_main[tuple(x.shape)])
                                                 for x in checked)
         shape = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
-        arts.append({"name": name, "format": "onnx", "dtype": _dtype_name(half), "opset": eo.opset,
-                     "dynamic": eo.dynamic, "nms": nms, "input": INPUT_NAME,
-                     "inputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
-                     "outputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.output],
-                     "check": check})
+        arts.append(report_mod.OnnxArtifact(
+            name=name, format="onnx", dtype=_dtype_name(half), opset=eo.opset, dynamic=eo.dynamic, nms=nms,
+            input=INPUT_NAME, inputs=[{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
+            outputs=[{"name": v.name, "shape": shape(v)} for v in proto.graph.output], check=check))
         timings["export_onnx_s"] = time.perf_counter() - t
         say(f"ONNX check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
         _fail_if(check, "ONNX", report)
@@ -164,15 +165,15 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
             with torch.no_grad():
                 check["vs_dual_max_abs_diff"] = max(max_diff(outputs_of(ts32(x))[0], dual_main[tuple(x.shape)])
                                                     for x in inputs)
-        arts.append({"name": name, "format": "torchscript", "dtype": _dtype_name(half), "input": INPUT_NAME,
-                     "traced_on": str(device), "check": check})
+        arts.append(report_mod.TorchScriptArtifact(name=name, format="torchscript", dtype=_dtype_name(half),
+                                                   input=INPUT_NAME, traced_on=str(device), check=check))
         timings["export_torchscript_s"] = time.perf_counter() - t
         say(f"TorchScript check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
         _fail_if(check, "TorchScript", report)
     return arts
 
 
-def _fail_if(check: dict[str, Any], what: str, report: dict[str, Any]) -> None:
+def _fail_if(check: dict[str, Any], what: str, report: report_mod.Report) -> None:
     """Raise ValidationFailedError (carrying ``report``) when ``check`` failed; a check that did not run
     (``passed`` None) is not a failure, and its reason stays in the report."""
     if check["passed"] is not False:
