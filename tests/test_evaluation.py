@@ -355,6 +355,13 @@ def test_cli_convert_eval_data(eval_dir, tmp_path):
     assert onnx["input_shapes"] == [[160, 160]] and "dual_map50_95_same_shapes" in onnx
     assert onnx["dual_map50_95_same_shapes"] != ev["dual"]["map50_95"]  # the dual itself ran at 192x192
     assert json.loads((out / "report.json").read_text())["options"]["eval_data"] == str(ds)
+    # the evaluation and each export are steps of their own on stderr, with their durations (issue #17 point 5)
+    err = proc.stderr.splitlines()
+    what = "reparam: evaluating the dual model and 3 artifact(s) on the dataset"
+    start = err.index(f"{what} ...")
+    done = next(i for i, ln in enumerate(err) if ln.startswith(f"{what}: done in "))
+    assert done > start and float(err[done].split("done in ")[1].removesuffix(" s")) > 0
+    assert any(ln.startswith("reparam: ONNX export and check: max |diff| ") and ln.endswith(" s)") for ln in err)
     # again into the same folder: this run's own plots and tables replace the earlier ones, none is called stale
     proc = run_cli("convert", ckpt, "-o", str(out), "--imgsz", "160", "--eval-data", str(ds), "--eval-imgsz", "160",
                    "--json")

@@ -472,6 +472,9 @@ def convert(
             from ..evaluation.conversion import evaluate_conversion
 
             t_eval = time.perf_counter()
+            what = f"evaluating the dual model and {len(arts)} artifact(s) on the dataset"
+            say(f"{what} ...")
+            ok = False
             try:
                 report.evaluation = section = evaluate_conversion(
                     eval_dataset, EvalSettings(imgsz=options.eval_imgsz), dual, fused, stage,
@@ -480,11 +483,13 @@ def convert(
                 for f in section.get("files", []):  # the plots and tables, published next to report.json
                     f["sha256"], f["bytes"] = hash_file(stage / f["name"])
                     f["path"] = str(out / f["name"])
+                ok = True
             except ValidationFailedError as err:
                 report.evaluation = err.evaluation
                 raise
             finally:
-                timings["evaluate_s"] = time.perf_counter() - t_eval
+                timings["evaluate_s"] = took = time.perf_counter() - t_eval
+                say(f"{what}: {'done in' if ok else 'failed after'} {took:.1f} s")
 
         evaluate = evaluate_artifacts
 

@@ -133,7 +133,8 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
             input=INPUT_NAME, inputs=[{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
             outputs=[{"name": v.name, "shape": shape(v)} for v in proto.graph.output], check=check))
         timings["export_onnx_s"] = time.perf_counter() - t
-        say(f"ONNX check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
+        say(f"ONNX export and check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)} "
+            f"(done in {timings['export_onnx_s']:.1f} s)")
         _fail_if(check, "ONNX", report)
 
     if "torchscript" in options.formats:
@@ -168,7 +169,8 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         arts.append(report_mod.TorchScriptArtifact(name=name, format="torchscript", dtype=_dtype_name(half),
                                                    input=INPUT_NAME, traced_on=str(device), check=check))
         timings["export_torchscript_s"] = time.perf_counter() - t
-        say(f"TorchScript check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> {_verdict(check)}")
+        say(f"TorchScript export and check: max |diff| {check['max_abs_diff']:.3g} (atol {atol:g}) -> "
+            f"{_verdict(check)} (done in {timings['export_torchscript_s']:.1f} s)")
         _fail_if(check, "TorchScript", report)
     return arts
 
