@@ -315,7 +315,8 @@ def test_summary_of_a_cuda_conversion_without_onnxruntime_gpu() -> None:
     assert cli._usage(ts_art) == ("torch.jit.load('/o/m.torchscript', map_location='cuda:0'); traced on cuda:0: "
                                   "loads and runs on CUDA only, inputs on cuda:0 (convert with --device cpu for a "
                                   "CPU file)")
-    assert ts_art.traced_on == "cuda:0" and onnx_art.traced_on is None
+    assert isinstance(ts_art, report_mod.TorchScriptArtifact) and ts_art.traced_on == "cuda:0"
+    assert not hasattr(onnx_art, "traced_on")  # only a TorchScript file has a trace device
 
 
 def test_evaluate_refuses_a_torchscript_of_another_device(tmp_path: Path, fixtures: Path, capsys) -> None:
@@ -328,7 +329,9 @@ def test_evaluate_refuses_a_torchscript_of_another_device(tmp_path: Path, fixtur
     ck = read_checkpoint(EXAMPLE)
     deploy = prune(ck.cfg, ck.nc, ck.names, ck.state_dict).deploy.float().eval()
     traced = torch.jit.trace(Predictions(deploy), torch.zeros(1, 3, 64, 64), check_trace=False, strict=False)
-    meta = {**export_metadata(deploy, {}, 64), "device": "cuda:0"}  # as a CUDA trace records it
+    report = report_mod.Report(status="succeeded", source=report_mod.Source(uri=str(EXAMPLE)),
+                               validation=report_mod.Validation(passed=True, max_abs_diff=0.0))
+    meta = {**export_metadata(deploy, report, 64), "device": "cuda:0"}  # as a CUDA trace records it
     path = tmp_path / "gpu.torchscript"
     torch.jit.save(traced, str(path), _extra_files={"config.txt": json.dumps(meta)})
     code = cli.main(["evaluate", str(path), "--data", str(fixtures / "eval"), "--imgsz", "64", "--device", "cpu",
