@@ -421,3 +421,28 @@ def test_mlflow_down_mid_registration_leaves_nothing_half_registered(mlflow_serv
     assert versions["2"]["reparam.status"] == "pending" and versions["2"]["reparam.source_sha256"] == CKPT_SHA
     assert str(direct.get_model_version_by_alias(deploy, "champion").version) == "1"
     assert {a: str(v) for a, v in direct.get_registered_model(deploy).aliases.items()} == {"champion": "1"}
+
+
+def test_upload_draws_a_byte_progress_bar_and_keeps_the_folder_layout(client, mlflow_server, tmp_path, capsys):
+    """The model folder goes up file by file (``log_model_artifact``, its folder as ``artifact_path``) with a
+    progress bar in bytes on stderr (issue #17: a bar where a step is long); a real server gets the same layout."""
+    import mlflow.artifacts
+
+    from reparam.store.registry import _upload_model_dir
+
+    src = tmp_path / "model"
+    (src / "evaluation").mkdir(parents=True)
+    (src / "m-converted.pt").write_bytes(b"w" * 300_000)
+    (src / "MLmodel").write_text("flavors: {}\n")
+    (src / "evaluation" / "pr_curve.png").write_bytes(b"p" * 1000)
+    exp = client.create_experiment(f"upload-{tmp_path.name}")
+    logged = client.create_logged_model(exp, name="upload-bar")
+    done = _upload_model_dir(client, logged.model_id, src, progress=True)
+    assert done == ["MLmodel", "evaluation/pr_curve.png", "m-converted.pt"]
+    err = capsys.readouterr().err
+    assert "uploading to the registry" in err and "100%" in err and "294k" in err.replace("K", "k")
+    back = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location,
+                                                    dst_path=str(tmp_path / "back"),
+                                                    tracking_uri=mlflow_server.tracking_uri))
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) == sorted(done)
+    assert (back / "m-converted.pt").read_bytes() == (src / "m-converted.pt").read_bytes()

@@ -336,6 +336,36 @@ def _add_onnx_flavor(model: "Model", dest: Path, data: str) -> None:
                      providers=["CUDAExecutionProvider", "CPUExecutionProvider"], code=None)
 
 
+def _upload_model_dir(client: Any, model_id: str, model_dir: Path, progress: bool | None) -> list[str]:
+    """Upload every file under ``model_dir`` to the logged model ``model_id``, one
+    ``MlflowClient.log_model_artifact`` per file (its folder as ``artifact_path``; the same layout
+    ``log_model_artifacts`` gives), with a tqdm bar in bytes on stderr when ``progress`` (None: stderr is a
+    terminal). Returns the uploaded paths relative to ``model_dir``, in upload order (sorted).
+
+    Raises: whatever the MLflow client raises (the caller names the step and cleans up).
+    """
+    import sys
+
+    from tqdm import tqdm
+
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(total=sum(p.stat().st_size for p in files), desc="uploading to the registry", unit="B",
+               unit_scale=True, unit_divisor=1024, file=sys.stderr, disable=not progress)
+    done: list[str] = []
+    try:
+        for p in files:
+            rel = p.relative_to(model_dir)
+            folder = rel.parent.as_posix()
+            client.log_model_artifact(model_id, str(p), None if folder == "." else folder)
+            bar.update(p.stat().st_size)
+            done.append(rel.as_posix())
+    finally:
+        bar.close()
+    return done
+
+
 def register(
     model_name: str,
     artifacts_dir: Path,
@@ -347,6 +377,7 @@ def register(
     tracking_uri: str | None = None,
     experiment_name: str | None = None,
     wait_s: float = tracking.REGISTRY_WAIT_S,
+    progress: bool | None = None,
 ) -> Registration:
     """Register the deploy outputs in ``artifacts_dir`` as a new version of ``model_name``.
 
@@ -362,6 +393,8 @@ def register(
             ``reparam``).
         wait_s: seconds to wait for a new version that the registry reports ``PENDING_REGISTRATION``
             (``--registry-wait``).
+        progress: draw an upload progress bar (bytes, file by file) on stderr; None = only when stderr is a
+            terminal (as the source download's bar).
 
     Returns:
         :class:`Registration` (``created=False`` if an existing version was found).
@@ -427,7 +460,7 @@ def register(
             model_dir = Path(tmp) / "model"
             files = _build_model_dir(model_dir, artifacts_dir, report, model_id, run_id)
             state["step"] = "upload artifacts"
-            client.log_model_artifacts(model_id, str(model_dir))
+            _upload_model_dir(client, model_id, model_dir, progress)
         state["step"] = "finalize logged model"
         client.finalize_logged_model(model_id, "READY")
         state["step"] = "create model version"
