@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--check-device", default=None, metavar="DEVICE",
                    help="also run the equivalence check on this device (e.g. cuda: the one the model will serve "
                         "on); a mismatch there fails the conversion")
-    c.add_argument("--imgsz", type=int, default=640, help="validation image size in pixels (default 640)")
+    c.add_argument("--imgsz", type=int, default=spec.DEFAULT_IMGSZ,
+                   help=f"validation image size in pixels (default {spec.DEFAULT_IMGSZ})")
     c.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
     c.add_argument("--check", choices=["fast", "full"], default="fast",
                    help="validation level: fast (default: main-only dual vs deploy at full size, a small non-square "
@@ -221,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the dual model and every artifact on this YOLO dataset (as for 'reparam evaluate "
                         "--data'); an artifact whose mAP@0.5:0.95 differs from the dual's by more than --eval-atol "
                         "fails the conversion (exit 3)")
-    c.add_argument("--eval-imgsz", type=int, default=640, help="evaluation image size in pixels (default 640)")
-    c.add_argument("--eval-atol", type=float, default=1e-3,
-                   help="largest |mAP@0.5:0.95 artifact - dual| allowed (default 0.001)")
+    c.add_argument("--eval-imgsz", type=int, default=spec.DEFAULT_IMGSZ,
+                   help=f"evaluation image size in pixels (default {spec.DEFAULT_IMGSZ})")
+    c.add_argument("--eval-atol", type=float, default=spec.DEFAULT_EVAL_ATOL,
+                   help=f"largest |mAP@0.5:0.95 artifact - dual| allowed (default {spec.DEFAULT_EVAL_ATOL:g})")
     c.add_argument("--promote", default=None, metavar="ALIAS",
                    help="gated alias (needs --register and --eval-data): moves to the new version only if the "
                         "equivalence check and every evaluated artifact passed, mAP@0.5:0.95 >= --min-map, and it is "
@@ -250,11 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  "s3://, models:/, runs:/ or http(s)://")
     e.add_argument("--data", required=True, help="YOLO dataset: folder with data.yaml, .zip/.tar.gz of one, "
                                                  "s3://bucket/prefix, runs:/<id>/<path> or models:/<name>/<version>")
-    e.add_argument("--imgsz", type=int, default=640, help="image size in pixels (default 640)")
-    e.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
-    e.add_argument("--conf", type=float, default=0.001, help="score threshold (default 0.001, as official val)")
-    e.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7, as official val)")
-    e.add_argument("--max-det", type=int, default=300, help="detections per image (default 300)")
+    e.add_argument("--imgsz", type=int, default=spec.DEFAULT_IMGSZ,
+                   help=f"image size in pixels (default {spec.DEFAULT_IMGSZ})")
+    e.add_argument("--batch", type=int, default=spec.DEFAULT_EVAL_BATCH,
+                   help=f"images per batch (default {spec.DEFAULT_EVAL_BATCH})")
+    e.add_argument("--conf", type=float, default=spec.DEFAULT_EVAL_CONF,
+                   help=f"score threshold (default {spec.DEFAULT_EVAL_CONF:g}, as official val)")
+    e.add_argument("--iou", type=float, default=spec.DEFAULT_EVAL_IOU,
+                   help=f"NMS IoU threshold (default {spec.DEFAULT_EVAL_IOU:g}, as official val)")
+    e.add_argument("--max-det", type=int, default=spec.DEFAULT_EVAL_MAX_DET,
+                   help=f"detections per image (default {spec.DEFAULT_EVAL_MAX_DET})")
     e.add_argument("--split", default="val", help="data.yaml split to evaluate (default val)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (as for convert)")

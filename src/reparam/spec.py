@@ -53,7 +53,9 @@ from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "ALIAS_MAX", "ALIAS_PATTERN", "ALIAS_RESERVED_PATTERN", "CLUSTER_SOURCE_KINDS", "CLUSTER_SOURCE_URI_PATTERN",
-    "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_DEVICE", "DEFAULT_FORMATS", "DEFAULT_PRECISION",
+    "CLUSTER_SOURCE_URI_RULE", "DEFAULT_ATOL", "DEFAULT_DEVICE", "DEFAULT_EVAL_ATOL", "DEFAULT_EVAL_BATCH",
+    "DEFAULT_EVAL_CONF", "DEFAULT_EVAL_IOU", "DEFAULT_EVAL_MAX_DET", "DEFAULT_IMGSZ", "DEFAULT_FORMATS",
+    "DEFAULT_PRECISION",
     "DEFAULT_PROMOTION_METRIC", "DEFAULT_TRIPLE_HEAD", "DEVICE_PATTERN", "FORMATS", "MODEL_NAME_MAX",
     "MODEL_NAME_PATTERN", "OFFICIAL_PRECISION", "OPERATOR_DEFAULT_FORMATS", "PRECISIONS", "PROMOTION_METRICS",
     "PRECISION_FAMILIES", "PRECISION_PATTERN", "Precision",
@@ -93,6 +95,18 @@ DEVICE_PATTERN = r"^(?:auto|cpu|cuda(?::[0-9]{1,2})?)$"
 DEFAULT_DEVICE = "auto"
 #: Default tolerance of the equivalence check: max |deploy - dual main| in output units (pixels / probability).
 DEFAULT_ATOL = 1e-4
+
+#: Default input size in pixels of the equivalence check (``--imgsz``) and of an evaluation (``--eval-imgsz``,
+#: ``reparam evaluate --imgsz``): the official ``val.py``/``detect.py`` default.
+DEFAULT_IMGSZ = 640
+#: Evaluation defaults, as the official ``val.py``: images per batch, score threshold, NMS IoU threshold,
+#: detections kept per image.
+DEFAULT_EVAL_BATCH = 16
+DEFAULT_EVAL_CONF = 0.001
+DEFAULT_EVAL_IOU = 0.7
+DEFAULT_EVAL_MAX_DET = 300
+#: Default largest allowed |mAP@0.5:0.95 of an artifact - that of the dual model| (``--eval-atol``).
+DEFAULT_EVAL_ATOL = 1e-3
 #: Branches of a TripleDDetect head (yolov9-cf) that can become the deploy DDetect (CLI ``--head``): ``fine``
 #: (NMS-free) and ``coarse`` (NMS-based), as models/detect/yolov9-cf.yaml of WongKinYiu/yolov9 names them.
 TRIPLE_HEAD_BRANCHES = ("fine", "coarse")

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .. import spec
 from .. import report as report_mod
 from ..spec import (DEFAULT_ATOL, DEFAULT_DEVICE, DEFAULT_FORMATS, FORMATS, TRIPLE_HEAD_BRANCHES, Precision,
                     device_problem)
@@ -79,14 +80,14 @@ class ConvertOptions:
     half: bool = False
     fuse: bool = False
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    imgsz: int = 640
+    imgsz: int = spec.DEFAULT_IMGSZ
     seed: int = 0
     prefer_ema: bool = True
     onnx: dict[str, Any] = field(default_factory=dict)
     export_atol: float = EXPORT_DEFAULTS.export_atol
     eval_data: str | None = None
-    eval_imgsz: int = 640
-    eval_atol: float = 1e-3
+    eval_imgsz: int = spec.DEFAULT_IMGSZ
+    eval_atol: float = spec.DEFAULT_EVAL_ATOL
     cfg: str | None = None
     nc: int | None = None
     names: tuple[str, ...] | None = None

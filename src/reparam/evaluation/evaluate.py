@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import spec
 from ..converter.export.nms import gather_detections, nms_indices, nms_inputs
 from .backends import LoadedModel, load_model
 from .coco import coco_mask_metrics, coco_metrics, label_boxes_xyxy
@@ -41,8 +42,8 @@ from .masks import image_rles
 from .result import ClassMetrics, EvalCurves, EvalResult, MaskMetrics
 from .settings import EvalSettings
 
-#: default largest allowed |mAP@0.5:0.95 of an artifact - that of the dual model| (``--eval-atol``)
-DEFAULT_EVAL_ATOL = 1e-3
+#: default largest allowed |mAP@0.5:0.95 of an artifact - that of the dual model| (``--eval-atol``; lives in spec)
+DEFAULT_EVAL_ATOL = spec.DEFAULT_EVAL_ATOL
 
 
 def _bar(label: str, total: int, enabled: bool | None = None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import spec
 from ..errors import InvalidInputError
 
 
@@ -22,11 +23,11 @@ class EvalSettings:
         split: the ``data.yaml`` entry evaluated.
     """
 
-    imgsz: int = 640
-    batch: int = 16
-    conf: float = 0.001
-    iou: float = 0.7
-    max_det: int = 300
+    imgsz: int = spec.DEFAULT_IMGSZ
+    batch: int = spec.DEFAULT_EVAL_BATCH
+    conf: float = spec.DEFAULT_EVAL_CONF
+    iou: float = spec.DEFAULT_EVAL_IOU
+    max_det: int = spec.DEFAULT_EVAL_MAX_DET
     split: str = "val"
 
     def check(self) -> None:
