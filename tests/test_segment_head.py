@@ -92,6 +92,7 @@ def test_gelan_c_seg_checkpoint_passes_through_and_exports(tmp_path: Path) -> No
     out = tmp_path / "out"
     report = convert(source, out, ConvertOptions(imgsz=64, fuse=True, formats=("pt", "safetensors", "onnx",
                                                                                "torchscript")))
+    report = report.to_dict()  # convert returns the typed Report
     assert report["status"] == "succeeded" and report["pruned"] is False
     assert report["head"] == {**report["head"], "dual": "Segment", "deploy": "Segment"}
     comparisons = report["validation"]["comparisons"]
@@ -136,6 +137,7 @@ def test_gelan_c_dseg_checkpoint_passes_through_unpruned(tmp_path: Path) -> None
     source = tmp_path / "gelan-c-dseg-quarter.pt"
     save_official(model.half(), source)
     report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64))
+    report = report.to_dict()  # convert returns the typed Report
     assert report["status"] == "succeeded" and report["pruned"] is False
     assert report["head"]["dual"] == report["head"]["deploy"] == "DSegment"
     assert report["tensors"]["used_exactly_once"] and report["validation"]["max_abs_diff"] == 0.0

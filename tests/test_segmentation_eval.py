@@ -270,6 +270,7 @@ def test_segmentation_conversion_reports_box_and_mask_metrics(seg_checkpoint: Pa
     report = convert(seg_checkpoint, out, ConvertOptions(imgsz=128, formats=("pt", "onnx"),
                                                          eval_data=str(polygon_set.root),
                                                          eval_imgsz=128), eval_dataset=polygon_set)
+    report = report.to_dict()  # convert returns the typed Report
     ev = report["evaluation"]
     assert report["status"] == "succeeded" and ev["passed"] is True
     assert ev["dataset"]["polygon_instances"] == ev["dataset"]["instances"] == 15

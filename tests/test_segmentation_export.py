@@ -23,6 +23,7 @@ from reparam.converter.export.nms import MASK_COEFFICIENTS, NMS_OUTPUTS, NMSHead
 from reparam.converter.official_format import save_official
 from reparam.models import DSegment, Segment
 from reparam.models.published import published_config
+from reparam.report import Report, Source, Validation
 from test_segmentation_heads import NAMES, NC, build, quarter
 
 NM = 32
@@ -51,7 +52,9 @@ def test_segment_nms_graph_outputs_the_selected_mask_coefficients(name: str, tmp
     coefficients of the wrong anchor."""
     model = _deploy_seg(name)
     opts = ConvertOptions(formats=("onnx",), imgsz=64, onnx={"nms": True, "max_det": 30, "dynamic": True})
-    (art,) = export_all(model, None, tmp_path, "seg", opts, {}, lambda _m: None)
+    report = Report(status="succeeded", source=Source(uri=""), validation=Validation(passed=True, max_abs_diff=0.0))
+    (typed,) = export_all(model, None, tmp_path, "seg", opts, report, lambda _m: None)
+    art = typed.to_dict()
     assert art["name"] == "seg-converted-end2end.onnx" and art["check"]["passed"] is True, art["check"]
     assert art["outputs"] == [
         {"name": "num_dets", "shape": ["batch", 1]}, {"name": "boxes", "shape": ["batch", 30, 4]},
@@ -118,6 +121,7 @@ def test_dual_segmentation_converts_with_fused_half_multi_label_nms(tmp_path: Pa
     out = tmp_path / "out"
     report = convert(source, out, ConvertOptions(imgsz=64, fuse=True, half=True, formats=("onnx",),
                                                  onnx={"nms": True, "multi_label": True, "max_det": 40}))
+    report = report.to_dict()  # convert returns the typed Report
     assert report["status"] == "succeeded"
     (art,) = [a for a in report["artifacts"] if a["format"] == "onnx"]
     assert art["name"] == "dseg-converted-end2end.onnx" and art["dtype"] == "float16"
