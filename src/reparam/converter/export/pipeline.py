@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ... import report as report_mod
+from ...models.blocks import Conv
 from ...errors import InvalidInputError, ValidationFailedError
 from .nms import NMSHead
 from ..device import onnx_placement, resolve_device
@@ -36,6 +37,17 @@ def _verdict(check: dict[str, Any]) -> str:
         return "NOT RUN"
     word = "passed" if check["passed"] else "FAILED"
     return word + (f" ({len(check['not_run'])} fp16 run(s) not run: no fp16 kernel)" if check.get("not_run") else "")
+
+
+def _batchnorm_folded(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``Conv``'s BatchNorm folded into its conv in fp32 (:meth:`Conv.fuse`), and
+    nothing else merged (a ``RepConvN`` keeps its two branches): the arithmetic of the ONNX graph, whose exporter
+    folds Conv+BatchNorm (torch.onnx's eval-mode peephole) and keeps the rest as traced."""
+    folded = copy.deepcopy(model)
+    for module in folded.modules():
+        if isinstance(module, Conv):
+            module.fuse()
+    return folded
 
 
 def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, stem: str, options: "ConvertOptions",
@@ -78,13 +90,17 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
     inputs = sample_inputs(options.imgsz, stride, options.seed)
     sample = inputs[0]
     predict = Predictions(model)
-    # the torch reference of a --half artifact: the same fp16-rounded weights, computed in fp32
+    # the torch reference of a --half artifact: the same fp16-rounded weights, computed in fp32. A TorchScript trace
+    # keeps each BatchNorm, so its weights are rounded apart from the conv's; the ONNX exporter folds every
+    # Conv+BatchNorm in fp32 before the graph is converted to fp16, so its reference is folded first too
+    # (:func:`_batchnorm_folded`), else an unfused model's check would measure the two roundings' difference
     reference = copy.deepcopy(predict).half().float() if half else predict
+    onnx_reference = Predictions(_batchnorm_folded(model)).half().float() if half else predict
 
-    def references(where: str) -> tuple[nn.Module, nn.Module]:
-        """The torch reference of a check and the fp32 model (rounding report), computing on ``where``."""
+    def references(where: str, ref: nn.Module = reference) -> tuple[nn.Module, nn.Module]:
+        """The torch reference ``ref`` of a check and the fp32 model (rounding report), computing on ``where``."""
         ref32 = OnDevice(predict, where)
-        return (ref32 if reference is predict else OnDevice(reference, where)), ref32
+        return (ref32 if ref is predict else OnDevice(ref, where)), ref32
 
     timings = report.timing
     arts: list[report_mod.Artifact] = []
@@ -118,7 +134,7 @@ def export_all(export_model: nn.Module, dual: nn.Module | None, stage: Path, ste
         if half:
             as_fp16 = OnnxRunner(as_stored, place.providers)
             fp16_run = lambda x: as_fp16(x.half())  # noqa: E731
-        ref, ref32 = references(place.device)
+        ref, ref32 = references(place.device, onnx_reference)
         check = run_checks("onnx", fp32_run, fp16_run, ref, checked, atol, half=half, fp32_model=ref32,
                            nms=eo if nms else None, where=f"{place.device}, {place.provider}")
         used, where, why = place.ran_on((fp32_run.used or [None])[0])
