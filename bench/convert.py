@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -57,18 +58,22 @@ size = sum(t.numel() * t.element_size() for t in ck.state_dict.values())
 print(json.dumps({"peak_mib": peak, "ckpt_mib": size / 2**20, "variant": ck.model_attrs.get("yaml_file")}))
 """
 
-FLOOR = PRELUDE + r"""
-import types, torch
+#: stand-in modules so that a plain torch.load can resolve models.common.* / models.yolo.* (bench only: this
+#: executes the pickle, which is exactly what reparam avoids)
+STAND_INS = r"""
+import types
 from torch import nn
 from reparam.converter.safe_load import OFFICIAL_CLASSES
-# stand-in modules so that a plain torch.load can resolve models.common.* / models.yolo.* (bench only: this
-# executes the pickle, which is exactly what reparam avoids)
 sys.modules["models"] = types.ModuleType("models")
 for mod, names in OFFICIAL_CLASSES.items():
     m = types.ModuleType(mod)
     for n in names:
         setattr(m, n, type(n, (nn.Module,), {"__module__": mod}))
     sys.modules[mod] = m
+"""
+
+FLOOR = PRELUDE + STAND_INS + r"""
+import torch
 cpu0, wall0 = time.process_time(), time.perf_counter()
 ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 torch.save(ckpt, sys.argv[2] + ".pt")
@@ -110,13 +115,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 what = sys.argv[3]
 if what == "floor":
-    from reparam.converter.safe_load import OFFICIAL_CLASSES
-    sys.modules["models"] = types.ModuleType("models")
-    for mod, names in OFFICIAL_CLASSES.items():
-        m = types.ModuleType(mod)
-        for n in names:
-            setattr(m, n, type(n, (nn.Module,), {"__module__": mod}))
-        sys.modules[mod] = m
+""" + textwrap.indent(STAND_INS.strip("\n"), "    ") + r"""
 else:
     from reparam.converter.convert import ConvertOptions, convert
 cpu0, wall0 = time.process_time(), time.perf_counter()

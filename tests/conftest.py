@@ -47,6 +47,15 @@ def fixture_path(*parts: str) -> Path:
     return path
 
 
+def installed(path: str | None, name: str) -> str:
+    """``path`` of Debian's ``prometheus`` package binary ``name`` (``shutil.which``); when it is missing the test
+    fails in one line (never a skip: ``.ci/run`` installs the package)."""
+    if path is None:
+        pytest.fail(f"{name} is not installed: apt-get install -y prometheus (as root; .ci/run does it)",
+                    pytrace=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     """The fixtures root (a Path); fails every test that asks for it when the root has no README.md."""

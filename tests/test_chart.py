@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from conftest import installed
 from reparam.operator import jobs, settings as settings_mod
 from reparam.operator.metrics import Metrics
 
@@ -45,11 +46,7 @@ PROMTOOL = shutil.which("promtool")
 
 @pytest.fixture
 def require_promtool() -> str:
-    """promtool's path; a missing promtool fails the test in one line (never a skip)."""
-    if PROMTOOL is None:
-        pytest.fail("promtool is not installed: apt-get install -y prometheus (as root; .ci/run does it)",
-                    pytrace=False)
-    return PROMTOOL
+    return installed(PROMTOOL, "promtool")
 
 
 needs_promtool = pytest.mark.usefixtures("require_promtool")

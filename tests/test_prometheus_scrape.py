@@ -30,6 +30,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from conftest import installed
 from jobrunner import JobRunner, SubprocessExecutor, reparam_entrypoint
 from kube_env import MC_RESOURCE, ClusterEmulator, KubeEnv, child_env, mc_path, wait_for
 from operator_env import OperatorProcess, free_port
@@ -42,11 +43,7 @@ pytestmark = [pytest.mark.servers, pytest.mark.usefixtures("require_prometheus")
 
 @pytest.fixture
 def require_prometheus() -> str:
-    """prometheus's path; a missing binary fails each test in one line (never a skip: .ci/run installs it)."""
-    if PROMETHEUS is None:
-        pytest.fail("prometheus is not installed: apt-get install -y prometheus (as root; .ci/run does it)",
-                    pytrace=False)
-    return PROMETHEUS
+    return installed(PROMETHEUS, "prometheus")
 NS = "scrape"
 JOB = "reparam-operator"
 

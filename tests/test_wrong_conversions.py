@@ -170,12 +170,10 @@ def test_accounting_catches_what_it_can(mutate, name: str, guard: str, checkpoin
         assert account.exact, account.problems
 
 
-@pytest.mark.parametrize("mutate, name, guard", PARAMS)
-def test_fast_check_is_as_strong_as_full(mutate, name: str, guard: str, checkpoints) -> None:
-    """With the accounting bypassed, both check levels give the same verdict and (nearly) the same max |diff|; the
-    cases the accounting cannot see fail both. (These checkpoints are barely trained: a missing bottleneck can move
-    the output by less than the tolerance; the accounting refuses those.)"""
-    ck = checkpoints[name]
+def _wrong_models(ck, mutate, guard: str):
+    """``(dual, deploy)`` of the wrong conversion ``mutate`` with the accounting bypassed (the deploy model built from
+    the tensors the mutated plan picks), or None when those tensors do not even fit the deploy graph (then the
+    accounting must be the guard that catches it)."""
     plan = _plan(ck, mutate)
     dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict, keep_dtype=True)
     with torch.device("meta"):
@@ -185,9 +183,21 @@ def test_fast_check_is_as_strong_as_full(mutate, name: str, guard: str, checkpoi
         deploy = load_weights(skeleton, sd, keep_dtype=True)
     except InvalidInputError as err:  # the wrong tensors do not even fit the deploy graph
         assert guard == "accounting" and "do not fit" in str(err)
-        return
+        return None
     deploy.stride = dual.stride.clone()
     deploy.model[-1].stride = dual.model[-1].stride.clone()
+    return dual, deploy
+
+
+@pytest.mark.parametrize("mutate, name, guard", PARAMS)
+def test_fast_check_is_as_strong_as_full(mutate, name: str, guard: str, checkpoints) -> None:
+    """With the accounting bypassed, both check levels give the same verdict and (nearly) the same max |diff|; the
+    cases the accounting cannot see fail both. (These checkpoints are barely trained: a missing bottleneck can move
+    the output by less than the tolerance; the accounting refuses those.)"""
+    built = _wrong_models(checkpoints[name], mutate, guard)
+    if built is None:
+        return
+    dual, deploy = built
     fast, full = (check_conversion(dual, deploy, imgsz=ConvertOptions().imgsz, stride=32, level=level)[0]
                   for level in CHECK_LEVELS)
     assert (fast.check, full.check) == ("fast", "full")
@@ -272,19 +282,10 @@ def test_wrong_stored_strides_fail_the_check(checkpoints) -> None:
 def test_lockstep_equals_running_every_layer(mutate, name: str, guard: str, checkpoints) -> None:
     """The lockstep's outputs are exactly those of the dual main-only forward and of the whole deploy forward, for
     every wrong conversion that builds; the deploy layers the mutation touched run, the rest are shared."""
-    ck = checkpoints[name]
-    plan = _plan(ck, mutate)
-    dual = build_model(ck.cfg, ck.nc, ck.names, ck.state_dict, keep_dtype=True)
-    with torch.device("meta"):
-        skeleton = DetectionModel(plan.deploy_cfg, nc=ck.nc)
-    sd, _account = transfer_weights(ck.state_dict, list(skeleton.state_dict()), plan, ck.cfg)
-    try:
-        deploy = load_weights(skeleton, sd, keep_dtype=True)
-    except InvalidInputError:
-        assert guard == "accounting"
+    built = _wrong_models(checkpoints[name], mutate, guard)
+    if built is None:
         return
-    deploy.stride = dual.stride.clone()
-    deploy.model[-1].stride = dual.model[-1].stride.clone()
+    dual, deploy = built
     x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(1))
     with computing_in_fp32(dual, deploy), torch.inference_mode():
         theirs, ours, steps = lockstep_forward(dual, deploy, x)

@@ -168,6 +168,18 @@ class _AnchorFreeHead(nn.Module):
         raise NotImplementedError
 
 
+def _single_branch(head: _AnchorFreeHead, x: list[torch.Tensor]):
+    """The forward of a one-branch head (``DDetect``, the plain ``Detect``): towers ``cv2``/``cv3`` on each level,
+    decoded through ``dfl``. Training: the raw maps ``[B, 64 + nc, H_i, W_i]``; eval: ``(y [B, 4 + nc, A], maps)``
+    (xywh in input pixels, sigmoid scores), or ``y`` alone when ``export`` is set."""
+    maps = head._raw(head.cv2, head.cv3, x)
+    if head.training:
+        return maps
+    anchors, strides = head._anchor_grid(maps)
+    y = head._decode(maps, head.dfl, anchors, strides)
+    return y if head.export else (y, maps)
+
+
 class DDetect(_AnchorFreeHead):
     """Single-branch anchor-free detection head (GELAN / deploy models).
 
@@ -194,12 +206,7 @@ class DDetect(_AnchorFreeHead):
         return [(self.cv2, self.cv3)]
 
     def forward(self, x: list[torch.Tensor]):
-        maps = self._raw(self.cv2, self.cv3, x)
-        if self.training:
-            return maps
-        anchors, strides = self._anchor_grid(maps)
-        y = self._decode(maps, self.dfl, anchors, strides)
-        return y if self.export else (y, maps)
+        return _single_branch(self, x)
 
 
 class DualDDetect(_AnchorFreeHead):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .blocks import Conv, Proto
-from .heads import DFL, _AnchorFreeHead, _cls_branch, _mask_branch
+from .heads import DFL, _AnchorFreeHead, _cls_branch, _mask_branch, _single_branch
 
 __all__ = ["Detect", "Segment"]
 
@@ -59,12 +59,7 @@ class Detect(_AnchorFreeHead):
         return [(self.cv2, self.cv3)]
 
     def forward(self, x: list[torch.Tensor]):
-        maps = self._raw(self.cv2, self.cv3, x)
-        if self.training:
-            return maps
-        anchors, strides = self._anchor_grid(maps)
-        y = self._decode(maps, self.dfl, anchors, strides)
-        return y if self.export else (y, maps)
+        return _single_branch(self, x)
 
 
 class Segment(Detect):
