@@ -29,6 +29,7 @@ from reparam.evaluation.coco import coco_mask_metrics
 from reparam.evaluation.dataset import Dataset, load_dataset
 from reparam.evaluation.masks import encode, image_rles, native_masks, polygon_masks
 from reparam.store import champion, promotion
+from reparam.report import Report, Source, Validation
 from reparam.store.promotion import Gates, Measured
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +71,12 @@ def draw_polygon_set(root: Path, boxes_only: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def polygon_set(tmp_path_factory) -> Dataset:
     return load_dataset(draw_polygon_set(tmp_path_factory.mktemp("seg-data")))
+
+
+def _with_evaluation(evaluation: dict) -> Report:
+    """A passed conversion's typed report holding only this ``evaluation`` section (what the gates read)."""
+    return Report(status="succeeded", source=Source(uri=""), validation=Validation(passed=True, max_abs_diff=0.0),
+                  evaluation=evaluation)
 
 
 # --- labels ---------------------------------------------------------------------------------------------------
@@ -227,12 +234,12 @@ def test_version_tags_carry_box_and_mask_metrics() -> None:
     box = Measured("b" * 64, 320, 0.3, None)
     assert champion.measured_from_tags(champion.eval_tags(box), "b" * 64, 320) == box
     # a report's evaluation: the deploy .pt's box and mask numbers
-    report = {"evaluation": {"dataset": {"digest": "a" * 64}, "settings": {"imgsz": 320},
-                             "dual": {"map50_95": 0.3, "map50": 0.5, "masks": {"map50_95": 0.2, "map50": 0.4}},
-                             "artifacts": [{"format": "pt", "map50_95": 0.31, "map50": 0.52, "mask_map50_95": 0.21,
-                                            "mask_map50": 0.41, "passed": True}]}}
+    report = _with_evaluation({"dataset": {"digest": "a" * 64}, "settings": {"imgsz": 320},
+                               "dual": {"map50_95": 0.3, "map50": 0.5, "masks": {"map50_95": 0.2, "map50": 0.4}},
+                               "artifacts": [{"format": "pt", "map50_95": 0.31, "map50": 0.52, "mask_map50_95": 0.21,
+                                              "mask_map50": 0.41, "passed": True}]})
     assert champion.measured_from_report(report) == (m, True)
-    del report["evaluation"]["artifacts"][0]
+    del report.evaluation["artifacts"][0]
     assert champion.measured_from_report(report) == (Measured("a" * 64, 320, 0.3, 0.5, 0.2, 0.4), True)
 
 
@@ -267,10 +274,10 @@ def test_segmentation_conversion_reports_box_and_mask_metrics(seg_checkpoint: Pa
     from reparam.converter.convert import ConvertOptions, convert
 
     out = tmp_path / "out"
-    report = convert(seg_checkpoint, out, ConvertOptions(imgsz=128, formats=("pt", "onnx"),
-                                                         eval_data=str(polygon_set.root),
-                                                         eval_imgsz=128), eval_dataset=polygon_set)
-    report = report.to_dict()  # convert returns the typed Report
+    typed = convert(seg_checkpoint, out, ConvertOptions(imgsz=128, formats=("pt", "onnx"),
+                                                        eval_data=str(polygon_set.root),
+                                                        eval_imgsz=128), eval_dataset=polygon_set)
+    report = typed.to_dict()
     ev = report["evaluation"]
     assert report["status"] == "succeeded" and ev["passed"] is True
     assert ev["dataset"]["polygon_instances"] == ev["dataset"]["instances"] == 15
@@ -297,7 +304,7 @@ def test_segmentation_conversion_reports_box_and_mask_metrics(seg_checkpoint: Pa
     assert rows[1][:2] == ["all", "15"] and float(rows[1][9]) == arts["pt"]["mask_map50_95"]
     assert [r[0] for r in rows[2:]] == NAMES
     # what a champion is compared on: the deploy .pt's mask mAP
-    measured, passed = champion.measured_from_report(report)
+    measured, passed = champion.measured_from_report(typed)
     assert passed and measured is not None and measured.metric == "mask"
     assert measured.primary == arts["pt"]["mask_map50_95"] and measured.map50_95 == arts["pt"]["map50_95"]
 
@@ -380,12 +387,11 @@ def test_registry_measures_a_box_only_champion_again_and_compares_masks(mlflow_s
     champion.record_evaluation(client, name, v1, Measured(digest, 128, 0.50, 0.70), "data")
     client.set_registered_model_alias(name, "champion", v1.version)
     v2 = version()
-    report = {"validation": {"passed": True},
-              "evaluation": {"dataset": {"digest": digest}, "settings": {"imgsz": 128},
-                             "dual": {"map50_95": 0.40, "map50": 0.6, "masks": {"map50_95": 0.30, "map50": 0.5}},
-                             "artifacts": [{"format": "pt", "map50_95": 0.40, "map50": 0.6, "mask_map50_95": 0.30,
-                                            "mask_map50": 0.5, "delta_mask_map50_95": 0.0,
-                                            "delta_mask_map50": 0.0, "passed": True}]}}
+    report = _with_evaluation({"dataset": {"digest": digest}, "settings": {"imgsz": 128},
+                               "dual": {"map50_95": 0.40, "map50": 0.6, "masks": {"map50_95": 0.30, "map50": 0.5}},
+                               "artifacts": [{"format": "pt", "map50_95": 0.40, "map50": 0.6, "mask_map50_95": 0.30,
+                                              "mask_map50": 0.5, "delta_mask_map50_95": 0.0,
+                                              "delta_mask_map50": 0.0, "passed": True}]})
     evaluated: list[str] = []
 
     def evaluate(path: Path) -> Measured:
