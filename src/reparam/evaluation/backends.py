@@ -215,7 +215,7 @@ def _load_onnx(path: Path, device: torch.device | str | None = None) -> LoadedMo
         return (y, torch.from_numpy(np.asarray(outs[1])).float()) if nm else y
 
     fixed = (dims[2], dims[3]) if dims[2] and dims[3] else None
-    used = sess.get_providers()  # type: ignore[attr-defined]  # an onnxruntime InferenceSession
+    used = sess.get_providers()
     provider, on, reason = placement.ran_on(used[0] if used else None)
     runtime = f"onnxruntime {provider} on {on}" + ("" if on == placement.device == str(torch.device(device or "cpu"))
                                                     else f" ({reason})")
