@@ -9,12 +9,20 @@ measurement runs in a fresh child process, so each peak RSS (``ru_maxrss``) is i
             with empty stand-in classes for ``models.common.*``/``models.yolo.*`` so no official code is needed;
 * convert:  ``reparam.converter.convert.convert`` with ``--check fast`` (the default) and ``--check full``; its
             report's per-phase wall and CPU times (load, derive, transfer, validate, stats, write, export);
-* notebook: only with ``--official /path/to/a/WongKinYiu/yolov9/checkout`` (or ``REPARAM_OFFICIAL_YOLOV9``; and
-            its requirements installed): the official ``tools/reparameterization.ipynb`` cells of the variant, read
-            from that checkout at run time and executed there (nothing of it is stored here); else "not run";
+* notebook: only with ``--official /path/to/a/WongKinYiu/yolov9/checkout`` (or ``REPARAM_OFFICIAL_YOLOV9``): the
+            official ``tools/reparameterization.ipynb`` cells of the variant, read from that checkout at run time and
+            executed there (nothing of it is stored here), by ``--official-python`` (an interpreter with the
+            checkout's requirements; default this one); else "not run". Two accommodations, neither of which the
+            cells' work depends on: ``torch.load`` unpickles the official classes as the notebook (written for torch
+            1.x) expects (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``), and when ``torchvision`` cannot be imported (a
+            CPU-only torch with a CUDA build of torchvision) an empty stand-in package satisfies the checkout's
+            module-level imports (the cells never call it);
 * as processes, the way issue #16 measured: the ``reparam convert CKPT -o OUT`` command (default checks) and
             ``python -c 'torch.load; torch.save'`` (the floor above), each a child whose CPU time (user + system)
             and peak RSS come from its own ``wait4`` rusage: interpreter start and imports included;
+* floor, official code: only with ``--official``: the same plain load + save as a process of ``--official-python``
+            with the checkout on ``sys.path`` instead of stand-ins, as issue #16 measured its floor (a user's
+            ``torch.load`` of an official checkpoint imports the official code, and with it its utils);
 * tensor peak: the floor and ``convert --check fast`` once more under ``torch.profiler`` (``profile_memory``): the
             largest number of bytes the CPU tensor allocator held at once (every tensor storage; Python objects,
             file buffers and the allocator's own slack excluded): a better defined peak than RSS.
@@ -23,7 +31,8 @@ CPU time in-process is user + system of every thread of the child (``time.proces
 the interpreter start and imports excluded). Peak memory is reported absolute and above the baseline, and as a ratio
 of the checkpoint's in-memory size (its model tensors as saved, e.g. fp16).
 
-Usage: python bench/convert.py [CKPT ...] [--variants t,e] [--repeat N] [--threads N] [--work DIR] [--official DIR]
+Usage: python bench/convert.py [CKPT ...] [--variants t,e] [--repeat N] [--threads N] [--work DIR]
+                               [--official DIR [--official-python PY]]
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("REPARAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -80,6 +90,31 @@ torch.save(ckpt, sys.argv[2] + ".pt")
 done(cpu0, wall0)
 """
 
+#: an empty stand-in ``torchvision`` when the real one cannot be imported (a CPU-only torch next to a CUDA build of
+#: torchvision): the official checkout's utils import it at module level; neither the notebook nor a load calls it
+TORCHVISION = r"""
+try:
+    import torchvision  # noqa: F401
+except Exception:
+    import types
+    for sub in ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.transforms.functional",
+                "torchvision.ops"):
+        sys.modules[sub] = types.ModuleType(sub)
+    sys.modules["torchvision.datasets"].ImageFolder = type("ImageFolder", (), {})
+    for sub in ("datasets", "transforms", "ops"):
+        setattr(sys.modules["torchvision"], sub, sys.modules["torchvision." + sub])
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+"""
+
+#: the floor as a user without reparam meets it (issue #16 measured it so): ``torch.load`` of an official checkpoint
+#: needs the official ``models`` package importable, which imports the checkout's utils (cv2, pandas, ...)
+FLOOR_OFFICIAL = PRELUDE + TORCHVISION + r"""
+sys.path.insert(0, sys.argv[3])
+import torch
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+torch.save(ckpt, sys.argv[2] + ".pt")
+"""
+
 CONVERT = PRELUDE + r"""
 from reparam.converter.convert import ConvertOptions, convert
 cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -94,6 +129,7 @@ import os
 checkout, variant, src, dst, nc = sys.argv[3], sys.argv[4], sys.argv[1], sys.argv[2] + ".pt", sys.argv[5]
 os.chdir(checkout)
 sys.path.insert(0, checkout)
+""" + TORCHVISION + r"""
 cells = json.load(open(os.path.join(checkout, "tools", "reparameterization.ipynb")))["cells"]
 code = ["".join(cells[0]["source"])]
 title = f"Convert YOLOv9-{variant.upper()}"
@@ -154,20 +190,21 @@ save_official(model.half(), path)
 PHASES = ("load", "derive", "transfer", "validate", "stats", "write", "export")
 
 
-def child(code: str, *args: str, threads: int | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def child(code: str, *args: str, threads: int | None = None, python: str | None = None,
+          env_extra: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([python or sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"child failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def process(argv: list[str], threads: int | None = None) -> dict:
+def process(argv: list[str], threads: int | None = None, env_extra: dict[str, str] | None = None) -> dict:
     """Run ``argv`` as a child; its CPU time (user + system), wall time and peak RSS from its own ``wait4``
     rusage (what ``resource.getrusage(RUSAGE_CHILDREN)`` adds up, for this child alone)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env_extra or {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     wall = time.perf_counter()
@@ -187,15 +224,16 @@ def reparam_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "reparam.cli"]
 
 
-def median_process(argv: list[str], repeat: int, threads: int | None) -> dict:
-    runs = sorted((process(argv, threads) for _ in range(repeat)), key=lambda r: r["cpu_s"])
+def median_process(argv: list[str], repeat: int, threads: int | None,
+                   env_extra: dict[str, str] | None = None) -> dict:
+    runs = sorted((process(argv, threads, env_extra) for _ in range(repeat)), key=lambda r: r["cpu_s"])
     best = dict(runs[len(runs) // 2])
     best["peak_mib"] = max(r["peak_mib"] for r in runs)
     return best
 
 
-def median_run(code: str, args: list[str], repeat: int, threads: int | None) -> dict:
-    runs = sorted((child(code, *args, threads=threads) for _ in range(repeat)), key=lambda r: r["cpu_s"])
+def median_run(code: str, args: list[str], repeat: int, threads: int | None, **how: Any) -> dict:
+    runs = sorted((child(code, *args, threads=threads, **how) for _ in range(repeat)), key=lambda r: r["cpu_s"])
     best = dict(runs[len(runs) // 2])
     best["peak_mib"] = max(r["peak_mib"] for r in runs)
     return best
@@ -226,6 +264,11 @@ def measure(ckpt: Path, args: argparse.Namespace, tmp: Path) -> dict:
     rows["reparam convert (process)"] = median_process(
         [*reparam_command(), "convert", str(ckpt), "-o", str(tmp / "out-process")], args.repeat, args.threads)
     official = args.official
+    if official:  # the official checkout importable, no stand-ins: what a plain load + save costs a user
+        env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": official}
+        rows["floor, official code (process)"] = median_process(
+            [args.official_python, "-c", FLOOR_OFFICIAL, str(ckpt), str(tmp / "floor-official"), official],
+            args.repeat, args.threads, env)
     variant = Path(str(base.get("variant") or "")).stem.replace("yolov9-", "")
     nb_note = ("not run: no official checkout given (--official)" if not official else
                f"not run: the notebook has no cells for yolov9-{variant}" if variant not in ("s", "m", "c", "e")
@@ -237,7 +280,8 @@ def measure(ckpt: Path, args: argparse.Namespace, tmp: Path) -> dict:
                                        env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout)
         try:
             rows["notebook"] = median_run(NOTEBOOK, [str(ckpt), str(tmp / "nb"), official, variant, str(nc)],
-                                          args.repeat, args.threads)
+                                          args.repeat, args.threads, python=args.official_python,
+                                          env_extra={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": ""})
         except RuntimeError as err:
             nb_note = f"not run: it failed ({str(err).splitlines()[-1][:200]})"
     return {"ckpt": ckpt, "base": base, "rows": rows, "notebook": nb_note}
@@ -262,6 +306,10 @@ def report(m: dict) -> None:
               f"{r['peak_mib']:9.0f} {above:10.0f} {above / size:6.2f} {tensors}")
     if m["notebook"]:
         print(f"  notebook procedure: {m['notebook']}")
+    official = rows.get("floor, official code (process)")
+    if official:
+        print(f"  reparam convert (process) / floor with the official code imported (process): "
+              f"{rows['reparam convert (process)']['cpu_s'] / official['cpu_s']:.2f}")
     for name, r in rows.items():
         if "timing" in r:
             t = r["timing"]
@@ -274,6 +322,8 @@ def main() -> None:
     ap.add_argument("ckpts", nargs="*", type=Path, help="checkpoints (default: --variants)")
     ap.add_argument("--official", default=os.environ.get("REPARAM_OFFICIAL_YOLOV9"),
                     help="a WongKinYiu/yolov9 checkout: also time its notebook procedure (default: not run)")
+    ap.add_argument("--official-python", default=os.environ.get("REPARAM_OFFICIAL_PYTHON", sys.executable),
+                    help="the interpreter that runs the notebook (one with the checkout's requirements)")
     ap.add_argument("--variants", default="t,e",
                     help="t and s: the shared fixtures; other letters: generated yolov9-<v> with random weights")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (median CPU, max peak)")

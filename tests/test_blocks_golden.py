@@ -154,3 +154,32 @@ def test_fold_batchnorm_with_a_conv_bias() -> None:
     assert (got - ref).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="BatchNorm2d\\(5\\)"):
         rm.fold_batchnorm(conv.weight, None, nn.BatchNorm2d(5))
+
+
+@pytest.mark.parametrize("batch, channels, side, chunk_bytes", [
+    (1, 64, 64, rm.blocks.CBFUSE_CHUNK_BYTES),  # a few channels per slice
+    (2, 7, 24, 6 * 24 * 24 * 4 * 3),            # 3 channels per slice, the last one shorter, two images
+    (1, 5, 16, 1),                              # one channel per slice
+])
+def test_cbfuse_in_slices_equals_the_plain_stack(batch: int, channels: int, side: int, chunk_bytes: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In inference mode CBFuse stacks and sums a few channels of one image at a time (bounded memory); the result
+    must be the plain ``stack(...).sum(0)``'s bit for bit, in both memory formats, and with the golden data."""
+    monkeypatch.setattr(rm.blocks, "CBFUSE_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(1)
+    sides = [side, side // 2, side // 4, side // 8, side]  # five CBLinear outputs (one of the target's size)
+    xs: list = [tuple(torch.randn(batch, channels, s, s, generator=g) * 7 for _ in range(2)) for s in sides]
+    xs.append(torch.randn(batch, channels, side, side, generator=g))
+    fuse = rm.CBFuse([1, 0, 1, 0, 1])
+    plain = fuse(xs)  # outside inference mode: the official form
+    with torch.inference_mode():
+        sliced = fuse(xs)
+        last = xs[:-1] + [xs[-1].contiguous(memory_format=torch.channels_last)]
+        sliced_cl = fuse(last)
+    assert torch.equal(sliced, plain) and torch.equal(sliced_cl, plain)
+    assert not torch.equal(plain, torch.stack([xs[-1]] + [xs[-1]]).sum(0))  # the inputs matter: a real comparison
+    meta, (tensors, _state) = _meta("CBFuse"), _load("CBFuse")
+    inp = _build(meta["input_structure"], tensors)
+    with torch.inference_mode():
+        out = rm.CBFuse(*meta["ctor_args"], **meta["ctor_kwargs"])(inp)
+    assert torch.equal(out, rm.CBFuse(*meta["ctor_args"], **meta["ctor_kwargs"])(inp))

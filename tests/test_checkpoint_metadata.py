@@ -211,6 +211,26 @@ def test_object_array_is_refused(early: Path, tmp_path: Path) -> None:
     assert "object" in one_error_line(proc) and not (tmp_path / "out").exists()
 
 
+def test_extension_code_goes_through_the_allowlist(tmp_path: Path) -> None:
+    """A pickle extension code (EXT1) names a global through copyreg's registry, not a GLOBAL opcode: the unpickler
+    resolves it through the allowlist too (the globals are checked as the stream is read, no separate scan)."""
+    import copyreg
+
+    path = raw_pickle_archive(tmp_path / "ext.pt", b"\x80\x02\x82\xf0X\x04\x00\x00\x00true\x85R.")
+    copyreg.add_extension("os", "system", 240)
+    try:
+        with pytest.raises(UnsafeCheckpointError, match=r"'os\.system', which is not allowed"):
+            load_pickle(path)
+    finally:
+        copyreg.remove_extension("os", "system", 240)
+
+
+def test_damaged_pickle_is_one_line(tmp_path: Path) -> None:
+    path = raw_pickle_archive(tmp_path / "bad.pt", b"\x80\x02}q\x00(X\x01\x00\x00\x00xq\x01\xff.")
+    with pytest.raises(InvalidInputError, match="damaged or truncated"):
+        load_pickle(path)
+
+
 @pytest.mark.parametrize("payload, match", [
     # numpy's _reconstruct with another subtype than ndarray (would construct an arbitrary class)
     (b"\x80\x02cnumpy._core.multiarray\n_reconstruct\nccollections\nOrderedDict\nK\x00\x85U\x01b\x87R.",
@@ -225,3 +245,19 @@ def test_numpy_globals_run_no_code(tmp_path: Path, payload: bytes, match: str) -
     path = raw_pickle_archive(tmp_path / "np-hostile.pt", payload)
     with pytest.raises(InvalidInputError, match=match):
         load_pickle(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_finite_check_finds_every_non_finite_value(dtype: torch.dtype, bad: float | None) -> None:
+    """The load-time NaN/Inf check (one min/max pass per tensor) finds a single bad value anywhere, in every float
+    dtype a checkpoint holds, at sizes on both sides of the vectorized kernels' tails."""
+    from reparam.converter.checkpoint import _all_finite
+
+    for n in (1, 7, 1000, 100003):
+        for where in (0, n // 2, n - 1):
+            t = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+            if bad is not None:
+                t[where] = bad
+            assert _all_finite(t) is (bad is None), (n, where)
+    assert _all_finite(torch.empty(0, dtype=dtype))

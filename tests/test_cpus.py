@@ -1,4 +1,4 @@
-"""The converter's thread count follows the CPUs the process may use (affinity mask, cgroup v2 quota)."""
+"""The converter's thread count follows the CPUs the process may use (affinity mask, cgroup v2/v1 quota)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,24 @@ def test_limit_threads_lowers_to_the_quota_and_never_raises(monkeypatch: pytest.
         assert cpus.limit_threads() == 1  # a lower count already set (by the user or a quota) is kept
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("quota, period, expected", [
+    ("150000\n", "100000\n", "150000 100000"),   # limits.cpu 1.5 on a cgroup v1 node
+    ("-1\n", "100000\n", "max 100000"),           # v1 without a quota
+])
+def test_cgroup_v1_quota_is_read_when_there_is_no_cpu_max(monkeypatch: pytest.MonkeyPatch, tmp_path, quota: str,
+                                                          period: str, expected: str) -> None:
+    v1 = tmp_path / "cpu,cpuacct"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text(quota)
+    (v1 / "cpu.cfs_period_us").write_text(period)
+    monkeypatch.setattr(cpus, "CPU_MAX_FILES", (str(tmp_path / "absent-cpu.max"),))
+    monkeypatch.setattr(cpus, "CFS_DIRS", (str(tmp_path / "cpu"), str(v1)))
+    assert cpus._read_cpu_max() == expected
+    assert cpus.usable_cpus(8, cpus._read_cpu_max()) == (2 if expected[0] != "m" else 8)
+    monkeypatch.setattr(cpus, "CFS_DIRS", (str(tmp_path / "cpu"),))
+    assert cpus._read_cpu_max() is None  # neither v2 nor v1: no quota
 
 
 def test_onnx_check_sessions_use_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -246,7 +246,7 @@ def test_correct_conversion_passes_both_levels(checkpoints) -> None:
         assert flops["before"] == pytest.approx(10.807, abs=1e-3) and flops["after"] == pytest.approx(7.165, abs=1e-3)
     fast = results["fast"][0]
     assert fast.main_only_vs_full == 0.0
-    assert [c.input_shape for c in fast.comparisons] == [[1, 3, 640, 640], [2, 3, 128, 192]]
+    assert [c.input_shape for c in fast.comparisons] == [[1, 3, 640, 640], [2, 3, 64, 96]]
     assert [c.dual for c in fast.comparisons] == ["main-only", "full"]
 
 

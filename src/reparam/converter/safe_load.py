@@ -33,7 +33,6 @@ import codecs
 import collections
 import io
 import pickle
-import pickletools
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,12 +332,23 @@ class _StorageMarker:
 
 
 class _Unpickler(pickle.Unpickler):
+    """The allowlisting unpickler: every global the stream names goes through :func:`allowed_global`.
+
+    The C unpickler resolves each ``GLOBAL``/``STACK_GLOBAL`` opcode (and each extension code) through
+    :meth:`find_class` and nothing else, so a global outside the allowlist is refused there, before it is imported or
+    called (the approach of ``torch.load(weights_only=True)``). ``globals`` records, in first-use order, every global
+    the stream named, for :attr:`RawCheckpoint.package_prefix`.
+    """
+
     def __init__(self, file: io.BytesIO, storages: "_StorageReader") -> None:
         super().__init__(file, encoding="utf-8")
         self._storages = storages
+        self.globals: dict[str, None] = {}
 
     def find_class(self, module: str, name: str) -> Any:  # noqa: D401 - pickle API
-        return allowed_global(module, name)
+        found = allowed_global(module, name)  # raises for anything outside the allowlist
+        self.globals.setdefault(f"{module}.{name}", None)
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         # torch.save writes ('storage', <storage class>, key, location, numel) for each storage
@@ -390,40 +400,6 @@ class RawCheckpoint:
         return package_prefix(self.globals)
 
 
-def scan_globals(data: bytes) -> list[str]:
-    """The distinct globals (``module.name``) a pickle stream references, in first-use order; nothing runs.
-
-    Raises :class:`InvalidInputError` when the stream is not a valid pickle.
-    """
-    seen: dict[str, None] = {}
-    # STACK_GLOBAL (protocol >= 4) takes module and name from the stack: the last two values pushed, each a string
-    # literal or a memo get of one (torch.save memoizes "torch._utils" once and gets it back for every tensor)
-    memo: dict[int, Any] = {}
-    pushed: list[Any] = []  # the last two values pushed (None: not a string)
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST"):
-                seen.setdefault(str(arg).replace(" ", "."), None)
-            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                pushed = (pushed + [arg])[-2:]
-            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed = (pushed + [memo.get(arg)])[-2:]
-            elif op.name == "MEMOIZE":  # memoizes the top of the stack at the next index; the stack is unchanged
-                memo[len(memo)] = pushed[-1] if pushed else None
-            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = pushed[-1] if pushed else None
-            elif op.name == "STACK_GLOBAL":
-                # names that are not two pushed strings are still checked by the unpickler's find_class
-                if len(pushed) == 2 and all(isinstance(v, str) for v in pushed):
-                    seen.setdefault(".".join(pushed), None)
-                pushed = [None]
-            elif op.name not in ("FRAME", "PROTO"):
-                pushed = (pushed + [None])[-2:]
-    except Exception as exc:  # pickletools raises ValueError and friends on garbage
-        raise InvalidInputError(f"checkpoint pickle is damaged or truncated ({brief(exc, 100)})") from None
-    return list(seen)
-
-
 def load_pickle(path: str | Path) -> RawCheckpoint:
     """Unpickle a ``torch.save`` zip archive through the allowlist.
 
@@ -464,17 +440,14 @@ def load_pickle(path: str | Path) -> RawCheckpoint:
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
-        found = scan_globals(data)
-        for qual in found:
-            module, _, name = qual.rpartition(".")
-            allowed_global(module, name)  # raises before anything is unpickled
+        unpickler = _Unpickler(io.BytesIO(data), _StorageReader(zf, prefix))
         try:
-            obj = _Unpickler(io.BytesIO(data), _StorageReader(zf, prefix)).load()
+            obj = unpickler.load()
         except (UnsafeCheckpointError, InvalidInputError):
             raise
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        except (zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError) as exc:
             raise InvalidInputError(f"'{path}' is damaged or truncated ({brief(exc, 100)})") from None
         except Exception as exc:
             raise InvalidInputError(
                 f"'{path}' could not be unpickled safely: {type(exc).__name__}: {brief(exc, 100)}") from None
-    return RawCheckpoint(path=path, obj=obj, globals=found)
+    return RawCheckpoint(path=path, obj=obj, globals=list(unpickler.globals))

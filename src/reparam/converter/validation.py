@@ -18,8 +18,9 @@ Two check levels (:func:`check_conversion`):
 * ``fast`` (default): the deploy model against the dual model's main branch on one full-size ``[1, 3, s, s]`` input,
   where the dual model runs only the layers its main branch depends on (:func:`main_branch_forward`: the auxiliary
   branch cannot influence the main output, so running it would prove nothing more), in lockstep with the deploy
-  model (:func:`lockstep_forward`, below); then, on a small non-square batch ``[2, 3, h, w]`` (``h = 128``, ``w =
-  192`` at 640 px and stride 32: shape handling, batching and rectangular anchors), the *whole* dual model (both
+  model (:func:`lockstep_forward`, below); then, on a small non-square batch ``[2, 3, h, w]`` (``h = 64``, ``w =
+  96`` at stride 32: every level's map is non-square, 8x12, 4x6 and 2x3: shape handling, batching and rectangular
+  anchors), the *whole* dual model (both
   branches), the whole deploy model and the lockstep of both, which must all agree. That second step also proves,
   on every conversion, that the main-only evaluation equals the full dual forward and that the lockstep's deploy
   output equals the deploy model's own forward. The FLOP count is taken during the small step and scaled to ``s x
@@ -67,8 +68,10 @@ from .pruning import ancestors, head_rule, resolve_from
 
 #: Check levels of :func:`check_conversion` (``--check``), the default first.
 CHECK_LEVELS = ("fast", "full")
-#: Shorter side of the small non-square batch of the ``fast`` level, in pixels (rounded up to the largest stride).
-SMALL_SIDE = 128
+#: Shorter side of the small non-square batch of the ``fast`` level, in pixels (rounded up to the largest stride):
+#: two strides at stride 32, so the longer side (1.5x) is three and every level's map stays non-square (2x3 at P5).
+#: Nothing about shape handling needs more pixels, and each pixel of it costs three forward passes.
+SMALL_SIDE = 64
 
 
 @dataclass
@@ -186,8 +189,8 @@ def sample_inputs(imgsz: int, stride: int, seed: int = 0) -> list[torch.Tensor]:
 def fast_inputs(imgsz: int, stride: int, seed: int = 0) -> list[torch.Tensor]:
     """Seeded inputs in [0, 1) of the ``fast`` level: ``[1, 3, s, s]`` and a small non-square ``[2, 3, h, w]``.
 
-    ``s = aligned(imgsz)`` (the first input equals :func:`sample_inputs`' first), ``h = aligned(min(s, 128))`` and
-    ``w = aligned(1.5 h)`` (128 x 192 at 640 px and stride 32): every size a multiple of ``stride``.
+    ``s = aligned(imgsz)`` (the first input equals :func:`sample_inputs`' first), ``h = aligned(min(s, SMALL_SIDE))``
+    and ``w = aligned(1.5 h)`` (64 x 96 at stride 32): every size a multiple of ``stride``.
     """
     g = torch.Generator().manual_seed(seed)
     s = aligned_size(imgsz, stride)

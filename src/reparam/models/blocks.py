@@ -454,9 +454,21 @@ class CBLinear(nn.Module):
         return self.conv(x).split(self.c2s, dim=1)
 
 
+#: Bytes of resized parts :class:`CBFuse` stacks at once in inference mode (see its docstring).
+CBFUSE_CHUNK_BYTES = 16 * 2**20
+
+
 class CBFuse(nn.Module):
     """CBNet fusion: pick part ``idx[i]`` of each CBLinear output, resize it
     (nearest) to the last input's size and sum everything.
+
+    As the official ``CBFuse.forward``: ``torch.stack(parts).sum(0)`` of the resized parts and the last input. In
+    inference mode (``torch.inference_mode``: the equivalence check, evaluation) the same stack-and-sum runs one
+    image and a few channels at a time into the output (:data:`CBFUSE_CHUNK_BYTES` of parts at once): nearest
+    resizing, stacking and the sum over the stacked dimension are each element by element, so every output element
+    is computed by the same operations on the same values, bit for bit, while the full-size stack (six full maps at
+    the first fusion of yolov9-e: 288 MiB at 640 px, more than the model's weights) is never held. Traced or
+    exported (TorchScript, ONNX) it is always the plain form, so the graph keeps free shapes.
 
     Args:
         idx: for each CBLinear input, which split to take.
@@ -471,9 +483,29 @@ class CBFuse(nn.Module):
     def forward(self, xs: list) -> torch.Tensor:
         target = xs[-1]
         size = target.shape[2:]
+        if torch.is_inference_mode_enabled() and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return self._chunked(xs)
         parts = [F.interpolate(x[self.idx[i]], size=size, mode="nearest") for i, x in enumerate(xs[:-1])]
         parts.append(target)
         return torch.stack(parts).sum(dim=0)
+
+    def _chunked(self, xs: list) -> torch.Tensor:
+        """The plain forward's result, computed ``[1, c, H, W]`` slice by slice (equal bits, bounded memory)."""
+        target = xs[-1]
+        b, c, h, w = target.shape
+        step = max(1, CBFUSE_CHUNK_BYTES // max(1, len(xs) * h * w * target.element_size()))
+        out = torch.empty_like(target)
+        for i in range(b):
+            for c0 in range(0, c, step):
+                where = (slice(i, i + 1), slice(c0, c0 + step))
+                parts = [F.interpolate(x[self.idx[k]][where], size=(h, w), mode="nearest")
+                         for k, x in enumerate(xs[:-1])]
+                parts.append(target[where])
+                # into a fresh tensor, then copied: a strided ``out=`` (a channels-last output) would let the
+                # reduction reorder its loop, and its additions
+                out[where] = torch.stack(parts).sum(dim=0)
+                del parts
+        return out
 
 
 class Concat(nn.Module):
