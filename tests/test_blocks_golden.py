@@ -178,7 +178,7 @@ def test_cbfuse_in_slices_equals_the_plain_stack(batch: int, channels: int, side
         sliced_cl = fuse(last)
     assert torch.equal(sliced, plain) and torch.equal(sliced_cl, plain)
     assert not torch.equal(plain, torch.stack([xs[-1]] + [xs[-1]]).sum(0))  # the inputs matter: a real comparison
-    meta, (tensors, _state) = _meta("CBFuse"), _load("CBFuse")
+    meta, tensors = _meta("CBFuse"), _load("CBFuse")[0]
     inp = _build(meta["input_structure"], tensors)
     with torch.inference_mode():
         out = rm.CBFuse(*meta["ctor_args"], **meta["ctor_kwargs"])(inp)
