@@ -261,3 +261,19 @@ def test_finite_check_finds_every_non_finite_value(dtype: torch.dtype, bad: floa
                 t[where] = bad
             assert _all_finite(t) is (bad is None), (n, where)
     assert _all_finite(torch.empty(0, dtype=dtype))
+
+
+def test_no_ema_on_an_ema_only_checkpoint_is_one_line(early: Path, tmp_path: Path) -> None:
+    """A checkpoint whose 'model' entry is None and whose EMA is the model: the default converts the EMA; --no-ema
+    (the raw weights, which the file does not hold) is refused in one line, nothing written."""
+    ck = read_checkpoint(early)
+    model = build_model(ck.cfg, ck.nc, ck.names, dict(ck.state_dict)).half()
+    path = tmp_path / "ema-only.pt"
+    torch.save({"model": None, "ema": model, "epoch": 3}, str(path), pickle_module=_pickle_module(),
+               pickle_protocol=2)
+    assert read_checkpoint(path).weights == "ema"
+    with pytest.raises(InvalidInputError, match="holds only the EMA model"):
+        read_checkpoint(path, prefer_ema=False)
+    proc = run_cli("convert", str(path), "--no-ema", "-o", str(tmp_path / "out"))
+    assert proc.returncode == exitcodes.INVALID_INPUT
+    assert "convert it without --no-ema" in one_error_line(proc) and not (tmp_path / "out").exists()

@@ -395,9 +395,14 @@ def read_checkpoint(path: str | Path, *, prefer_ema: bool = True, cfg: str | Pat
         raise InvalidInputError(
             f"no YOLOv9 model in '{path}': {count_of(obj, 'top-level keys', examples=3, limit=30)}{hint}"
         )
+    if not prefer_ema and not isinstance(model, ObjectRecord):
+        raise InvalidInputError(
+            f"'{path}' holds only the EMA model (its 'model' entry is {brief(model)}), and --no-ema asks for the raw "
+            "one; convert it without --no-ema"
+        )
     use_ema = prefer_ema and isinstance(ema, ObjectRecord)
     # the ignore: obj.get() is typed object; `model` is an ObjectRecord unless only `ema` is one, and then use_ema
-    # holds, except with --no-ema (prefer_ema False): that combination is not refused here yet
+    # holds (the --no-ema case is refused above)
     chosen: ObjectRecord = ema if use_ema else model  # type: ignore[assignment]
     if not chosen.cls.startswith("models.yolo."):
         raise InvalidInputError(f"'{path}': the model is a {chosen.cls}, not a WongKinYiu/yolov9 model")
