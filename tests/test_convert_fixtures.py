@@ -99,6 +99,10 @@ def test_mid_training_checkpoint_uses_ema(converted, fixtures: Path) -> None:
     assert report["ema_vs_raw_max_abs_diff"] == pytest.approx(4.9e-4, rel=0.2)
     removed = report["removed"]["checkpoint_entries"]
     assert {"optimizer", "ema", "updates", "opt"} <= set(removed)
+    # the EMA was deployed: the raw weights are what was left out
+    assert removed["model"]["type"] == "models.yolo.DetectionModel"
+    assert removed["model"]["tensors"] == report["tensors"]["dual"]
+    assert removed["model"]["elements"] > report["params"]["before"]  # the dual model's parameters and buffers
     assert report["bytes"]["saved"] == report["bytes"]["before"] - report["bytes"]["after"] > 10_000_000
 
 

@@ -394,6 +394,8 @@ def convert(
 
     published = compare_with_published(ckpt.cfg, plan)  # where the derived config differs from the published one
     removed = {k: compact(ckpt.top_level[k]) for k in TRAINING_KEYS if ckpt.top_level.get(k) not in (None, -1)}
+    if ckpt.weights == "ema" and ckpt.top_level.get("model") is not None:  # the raw weights, not deployed
+        removed = {"model": compact(ckpt.top_level["model"]), **removed}
     dropped_attrs = [a for a in ("hyp", "class_weights") if a in ckpt.model_attrs]
     info = dict(source_info or {})
     info.setdefault("uri", str(path))
