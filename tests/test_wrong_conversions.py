@@ -330,6 +330,7 @@ def test_lockstep_shares_only_the_same_function(checkpoints) -> None:
     next(m for m in twin.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().view(-1)[1] = float("nan")
     nan_too = copy.deepcopy(twin)
     assert not same_function(twin, nan_too)
+    assert not same_function(twin, twin)  # the very same storage: a NaN still never counts as identical
     twin = copy.deepcopy(b)
     next(m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)).eps = 1e-5
     assert not same_function(a, twin)

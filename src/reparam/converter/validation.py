@@ -306,6 +306,15 @@ _ROUTING = frozenset({"i", "f"})
 _PLAIN = (int, float, str, bool, type(None), torch.Size, torch.dtype)
 
 
+def _has_nan(t: torch.Tensor) -> bool:
+    """True when the float tensor ``t`` holds a NaN: ``torch.aminmax`` propagates NaN (torch docs), one vectorized
+    pass without the boolean copy of ``isnan(t).any()``."""
+    if t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isnan(lo)) or bool(torch.isnan(hi))
+
+
 def identical_tensors(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when ``a`` and ``b`` hold the same values: same dtype, shape, device and layout, and either the very same
     memory (storage, offset and strides) or equal elements (``torch.equal``).
@@ -320,7 +329,7 @@ def identical_tensors(a: torch.Tensor, b: torch.Tensor) -> bool:
     if (a.dtype, a.shape, a.device, a.layout) != (b.dtype, b.shape, b.device, b.layout):
         return False
     if (a.data_ptr(), a.storage_offset(), a.stride()) == (b.data_ptr(), b.storage_offset(), b.stride()) \
-            and not (a.is_floating_point() and bool(torch.isnan(a).any())):
+            and not (a.is_floating_point() and _has_nan(a)):
         return True
     return bool(torch.equal(a, b))
 
@@ -393,7 +402,8 @@ def _last_reads(sources: dict[int, list[int]], order: list[int]) -> dict[int, in
 
 
 def lockstep_forward(dual: nn.Module, deploy: nn.Module, x: torch.Tensor,
-                     branch: str | None = None) -> tuple[Any, Any, Lockstep]:
+                     branch: str | None = None,
+                     verdicts: dict[tuple[int, int], bool] | None = None) -> tuple[Any, Any, Lockstep]:
     """The dual model's kept branch and the deploy model on the same input ``x`` ``[B, 3, H, W]``, layer by layer,
     computing each structurally identical layer once.
 
@@ -406,9 +416,14 @@ def lockstep_forward(dual: nn.Module, deploy: nn.Module, x: torch.Tensor,
     deploy layer runs on its inputs. The deploy head always runs, on its own inputs. Each deploy output is dropped
     after its last reader too; a shared output lives as long as either side still reads it.
 
+    ``verdicts``, when given, keeps each :func:`same_function` answer by ``(dual layer, deploy layer)`` index, so a
+    second lockstep of the same two models (another input) does not compare their modules and tensors again; pass
+    the same dict only for the same, unchanged models.
+
     Returns ``(dual_out, deploy_out, lockstep)``: the dual head's kept-branch eval output (as
     :func:`main_branch_forward`), the deploy head's eval output (as ``deploy(x)``) and :class:`Lockstep`.
     """
+    known = verdicts if verdicts is not None else {}
     d_layers, p_layers = list(dual.model), list(deploy.model)  # type: ignore[attr-defined]
     d_head, p_head = d_layers[-1], p_layers[-1]
     d_src, p_src = _routing(d_layers), _routing(p_layers)
@@ -459,7 +474,9 @@ def lockstep_forward(dual: nn.Module, deploy: nn.Module, x: torch.Tensor,
             for c in by_inputs.get(key, []):
                 if c > done or c in d_out:  # not computed yet, or still held
                     dm = d_layers[c]
-                    if isinstance(dm.f, int) == isinstance(m.f, int) and same_function(dm, m):
+                    if (c, m.i) not in known:
+                        known[(c, m.i)] = isinstance(dm.f, int) == isinstance(m.f, int) and same_function(dm, m)
+                    if known[(c, m.i)]:
                         twin = c
                         break
         if twin is not None:
@@ -637,10 +654,11 @@ def check_conversion(
                                 layers_shared=steps.shared if steps else None,
                                 layers_run=steps.ran if steps else None))
 
+    verdicts: dict[tuple[int, int], bool] = {}  # same_function answers, shared by both locksteps (same models)
     with models_on(device, dual, deploy), strict_fp32(), computing_in_fp32(dual, deploy), torch.inference_mode():
         big, small = inputs
         if level == "fast":
-            theirs, ours, steps = lockstep_forward(dual, deploy, big, branch)
+            theirs, ours, steps = lockstep_forward(dual, deploy, big, branch, verdicts)
             record(big, theirs, ours, "main-only", steps)
             del theirs, ours
         else:
@@ -657,7 +675,7 @@ def check_conversion(
         flops["after"] = scaled_gflops(counter["flops"], small.shape, s)
         record(small, out, b, "full")
         if level == "fast":  # the lockstep itself, checked on the small batch against both whole forwards
-            theirs, ours, _steps = lockstep_forward(dual, deploy, small, branch)
+            theirs, ours, _steps = lockstep_forward(dual, deploy, small, branch, verdicts)
             d, why = _compare_outputs(unpack_output(out), unpack_output(theirs), nc, {})
             main_only_vs_full = d
             if why or d > atol:
