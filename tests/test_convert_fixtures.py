@@ -137,3 +137,22 @@ def test_report_records_sizes_and_artifacts(converted) -> None:
     assert report["params"]["after"] < report["params"]["before"]
     assert 0 < report["gflops"]["after"] < report["gflops"]["before"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names + ["report.json"])  # no staging left
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_canonical_zeros_turns_only_negative_zeros(dtype: torch.dtype) -> None:
+    """-0.0 becomes +0.0 in place (the official notebook's ``w -= w; w += v`` does the same); every other value, the
+    most negative finite one and -inf included, keeps its bits; a tensor without -0.0 is left untouched."""
+    from reparam.converter.transfer import canonical_zeros
+
+    info = torch.finfo(dtype)
+    t = torch.tensor([-0.0, 0.0, -1.5, info.min, -info.tiny, float("-inf"), 2.0, -0.0], dtype=dtype)
+    before = t.clone()
+    assert canonical_zeros(t) is t
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    assert t.view(width).tolist() == [0, 0, *before.view(width).tolist()[2:7], 0]
+    clean = before[1:7].clone()
+    bits = clean.view(width).clone()
+    canonical_zeros(clean)
+    assert torch.equal(clean.view(width), bits)
+    assert canonical_zeros(torch.empty(0, dtype=dtype)).numel() == 0

@@ -78,16 +78,16 @@ def canonical_zeros(t: torch.Tensor) -> torch.Tensor:
     """Turn every ``-0.0`` of ``t`` into ``+0.0`` in place and return ``t`` (no copy; non-float tensors unchanged).
 
     Its values do not change (``-0.0 == 0.0``), so a model holding ``t`` computes the same values after: the deploy
-    model keeps sharing the checkpoint's own tensors (the dual model's too) instead of holding copies. One pass over
-    the bits: ``-0.0`` is the sign bit alone.
+    model keeps sharing the checkpoint's own tensors (the dual model's too) instead of holding copies. ``-0.0`` is
+    the sign bit alone, which read as a signed integer of the same width is that integer type's minimum: so one
+    ``min`` over the bits (no boolean copy) tells whether there is any, and only then are they replaced.
     """
-    if t.dtype not in _NEGATIVE_ZERO:
+    if t.dtype not in _NEGATIVE_ZERO or t.numel() == 0:
         return t
     as_int, pattern = _NEGATIVE_ZERO[t.dtype]
     bits = t.detach().view(as_int)
-    neg_zero = bits == pattern
-    if bool(neg_zero.any()):
-        bits.masked_fill_(neg_zero, 0)
+    if int(bits.min()) == pattern:
+        bits.masked_fill_(bits == pattern, 0)
     return t
 
 
