@@ -48,7 +48,7 @@ def main() -> None:
     path = Path(args.ckpt)
     ckpt = read_checkpoint(path)
     pruned = prune(ckpt.cfg, ckpt.nc, ckpt.names, ckpt.state_dict, fits=ckpt.fits, stride=ckpt.stride)
-    options = ConvertOptions(fp32=args.fp32, formats=["pt", "safetensors"])
+    options = ConvertOptions(fp32=args.fp32, formats=("pt", "safetensors"))
     size = sum(t.numel() * t.element_size() for t in pruned.deploy_sd.values())
     print(f"{path.name}: deploy weights {size / 2**20:.1f} MiB, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {'fp32' if args.fp32 else 'fp16'}")

@@ -207,8 +207,9 @@ def write_all(
     The ``.pt``/``.safetensors`` weights are ``deploy``'s: the checkpoint's own tensors (fp16 unless
     ``options.fp32``, then their exact fp32 upcast, on a copy) in the unfused deploy graph; ``export_model`` (the
     fused model with ``--fuse``) is what ONNX/TorchScript export. Without ``--fp32``, ``deploy`` itself is turned to
-    fp16 in place (no copy of an fp16 checkpoint's tensors: the files are written from them). The export's wall and CPU time go to ``report.timing['export_s'/'export_cpu_s']``.
-    Raises whatever an export step raises, after removing the staging folder.
+    fp16 in place (no copy of an fp16 checkpoint's tensors: the files are written from them). The export's wall
+    and CPU time go to ``report.timing['export_s'/'export_cpu_s']``. Raises whatever an export step raises, after
+    removing the staging folder.
     """
     from .official_format import save_official
 

@@ -156,11 +156,16 @@ class FastOfficialPickler(pickle.Pickler):
         return NotImplemented
 
     def _renames(self) -> dict[bytes, bytes] | None:
+        """The ``GLOBAL`` opcode of each of our pickled classes -> the official one; ``None`` when a class was not
+        written as its plain ``GLOBAL`` (a ``copyreg`` extension code, or a Python 2 name mapping of protocols 0-2:
+        CPython ``save_global``)."""
         out: dict[bytes, bytes] = {}
         fix = self._kwargs.get("fix_imports", True) and self._proto < 3
+        # the ignore: copyreg._extension_registry (what pickle's save_global reads) is not in typeshed
+        extensions = copyreg._extension_registry  # type: ignore[attr-defined]
         for cls in self._pickled:
             module, name = cls.__module__, cls.__qualname__
-            if (module, name) in copyreg._extension_registry or (fix and (
+            if (module, name) in extensions or (fix and (
                     (module, name) in _compat_pickle.REVERSE_NAME_MAPPING
                     or module in _compat_pickle.REVERSE_IMPORT_MAPPING)):
                 return None
