@@ -211,9 +211,10 @@ def spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 def test_fp16_files_hold_the_checkpoints_own_tensors(fixtures: Path, tmp_path: Path,
                                                       spied: dict[str, list]) -> None:
     """``reparam convert``'s fp16 deploy model is written from the very tensors transferred from the checkpoint
-    (the same storage: no copy); both files hold their values."""
+    (the same storage: no copy); both files hold their values. On the CPU: a check on CUDA moves the model there
+    and back (:func:`reparam.converter.validation.models_on`), which copies its tensors."""
     source = fixtures / "ckpt" / "yolov9-t-dual-best.pt"
-    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64))
+    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64, device="cpu"))
     assert report.status == "succeeded"
     [pruned], [saved] = spied["pruned"], spied["saved"]
     sd = pruned.deploy_sd
@@ -231,13 +232,13 @@ def test_fp32_files_hold_the_exact_upcast(fixtures: Path, tmp_path: Path, spied:
     """With ``--fp32`` the files hold the fp16 checkpoint tensors upcast (exact), written from a copy: the deploy
     weights the checkpoint gave stay fp16 and untouched."""
     source = fixtures / "ckpt" / "yolov9-t-dual-best.pt"
-    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64, fp32=True))
+    report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64, fp32=True, device="cpu"))
     assert report.status == "succeeded" and [a.dtype for a in report.artifacts] == ["float32", "float32"]
     [pruned] = spied["pruned"]
     sd = pruned.deploy_sd
     st = load_file(str(tmp_path / "out" / "yolov9-t-dual-best-converted.safetensors"))
     pt = dict(load_pickle(tmp_path / "out" / "yolov9-t-dual-best-converted.pt").obj["model"].named_tensors())
-    assert list(st.keys()) != [] and sorted(st) == sorted(sd)
+    assert sorted(st) == sorted(sd) and len(sd) > 1000
     for k, v in sd.items():
         want = v.float() if v.is_floating_point() else v
         assert v.dtype in (torch.float16, torch.int64), k
