@@ -88,32 +88,54 @@ def write_report_only(out: Path, report: report_mod.Report, stem: str | None = N
     return out / "report.json"
 
 
-def _sorted_metadata(data: bytes) -> bytes:
-    """The safetensors file ``data`` with its ``__metadata__`` keys in sorted order: the same bytes every run.
+def _sorted_header(raw: bytes) -> bytes:
+    """The safetensors JSON header ``raw`` with its ``__metadata__`` first and its keys in sorted order, compact,
+    padded with spaces to a multiple of 8 bytes (the format's alignment; safetensors README, "Format").
+
+    The tensor entries keep the library's order (their ``data_offsets`` count from the end of the header, so they
+    stay valid whatever the header's length)."""
+    header = json.loads(raw)
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys in sorted order: the same
+    bytes every run.
 
     safetensors (0.8 included) keeps the metadata in a Rust ``HashMap`` and writes it in that map's random
     iteration order, so two saves of the same tensors and metadata differ in their header bytes and sha256
     (safetensors issue #584). The format (safetensors README, "Format"): an 8-byte little-endian header size N, an
-    N-byte JSON header (``__metadata__`` and each tensor's dtype, shape and ``data_offsets``, which count from the
-    end of the header), padded with spaces to a multiple of 8, then the tensor bytes. Only the header is re-written;
-    the tensor entries keep the library's order and the data is untouched.
+    N-byte JSON header (``__metadata__`` and each tensor's dtype, shape and ``data_offsets``), padded with spaces to
+    a multiple of 8, then the tensor bytes. Only the header is rewritten, in place when the sorted header has the
+    library's length (the usual case: the same JSON in another order); else the file is rewritten through a
+    temporary file, the tensor bytes streamed (never all in memory).
     """
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    if "__metadata__" in header:
-        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        text = _sorted_header(f.read(size))
+        if len(text) == size:
+            f.seek(8)
+            f.write(text)
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as g:
+            g.write(len(text).to_bytes(8, "little") + text)
+            f.seek(8 + size)
+            shutil.copyfileobj(f, g, 1 << 20)
+    os.replace(tmp, path)
 
 
 def save_safetensors(model: "DetectionModel", path: Path, *, nc: int, names: dict[int, str], stride: list[float],
                      extra: dict[str, str] | None = None) -> None:
     """Save ``model.state_dict()`` with the config and class metadata (strings, as safetensors requires).
 
-    The file is reproducible: the same model and metadata give the same bytes (and sha256) every run
-    (:func:`_sorted_metadata`)."""
-    from safetensors.torch import save
+    The library writes the tensors straight from their memory to the file (no copy of the file's bytes in memory);
+    then the header is rewritten so that the file is reproducible: the same model and metadata give the same bytes
+    (and sha256) every run (:func:`_sort_metadata`)."""
+    from safetensors.torch import save_file
 
     from .. import __version__
 
@@ -127,7 +149,8 @@ def save_safetensors(model: "DetectionModel", path: Path, *, nc: int, names: dic
         "reparam_version": __version__,
         **(extra or {}),
     }
-    Path(path).write_bytes(_sorted_metadata(save(state, metadata=meta)))
+    save_file(state, str(path), metadata=meta)
+    _sort_metadata(Path(path))
 
 
 def load_safetensors(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> "DetectionModel":
@@ -171,7 +194,6 @@ def write_all(
     dual: torch.nn.Module,
     export_model: torch.nn.Module,
     deploy: "DetectionModel",
-    deploy_sd: dict[str, torch.Tensor],
     options: "ConvertOptions",
     report: report_mod.Report,
     say: Callable[[str], None],
@@ -182,11 +204,12 @@ def write_all(
     ``evaluate(stage, artifacts)``, when given, runs on the written files before anything is published; what it
     raises (:class:`~reparam.errors.ValidationFailedError` for a failed evaluation) publishes nothing.
 
-    The ``.pt``/``.safetensors`` weights are the checkpoint's own tensors (fp16 unless ``options.fp32``) in the
-    unfused deploy graph; ``export_model`` (the fused model with ``--fuse``) is what ONNX/TorchScript export.
-    Without ``--fp32``, ``deploy`` itself is turned to fp16 in place (no copy: it normally holds ``deploy_sd``'s
-    fp16 tensors already). The export's wall and CPU time go to ``report.timing['export_s'/'export_cpu_s']``.
-    Raises whatever an export step raises, after removing the staging folder.
+    The ``.pt``/``.safetensors`` weights are ``deploy``'s: the checkpoint's own tensors (fp16 unless
+    ``options.fp32``, then their exact fp32 upcast, on a copy) in the unfused deploy graph; ``export_model`` (the
+    fused model with ``--fuse``) is what ONNX/TorchScript export. Without ``--fp32``, ``deploy`` itself is turned to
+    fp16 in place (no copy of an fp16 checkpoint's tensors: the files are written from them). The export's wall
+    and CPU time go to ``report.timing['export_s'/'export_cpu_s']``. Raises whatever an export step raises, after
+    removing the staging folder.
     """
     from .official_format import save_official
 
@@ -194,9 +217,10 @@ def write_all(
     stage = _staging(out)
     arts: list[report_mod.Artifact] = []
     try:
-        # fp16 like the official deploy checkpoints (exact: the checkpoint's own fp16 tensors are copied in)
+        # fp16 like the official deploy checkpoints: deploy holds the checkpoint's own tensors (load_weights with
+        # keep_dtype), so .half() of an fp16 checkpoint changes nothing and the very tensors are saved; --fp32
+        # saves their exact upcast (fp16 -> fp32 is exact)
         saved = copy.deepcopy(deploy).float() if options.fp32 else deploy.half()
-        saved.load_state_dict(deploy_sd)
         saved.yaml_file = f"{stem}-deploy.yaml"
         saved.eval()
         if "pt" in options.formats:

@@ -499,7 +499,7 @@ def convert(
     try:
         with phase("write"):
             artifacts.write_all(out, path, ckpt, plan, dual, fused if fused is not None else deploy, deploy,
-                                deploy_sd, options, report, say,
+                                options, report, say,
                                 evaluate=evaluate if eval_dataset is not None else None)
         for unit in ("s", "cpu_s"):  # write_all times the export (and the evaluation) inside it
             timings[f"write_{unit}"] = round(timings[f"write_{unit}"] - timings.get(f"export_{unit}", 0.0)
