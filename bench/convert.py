@@ -293,7 +293,7 @@ def report(m: dict) -> None:
     size = base["ckpt_mib"]
     print(f"\n{ckpt.name}: {ckpt.stat().st_size / 1e6:.1f} MB file, {size:.1f} MiB of tensors in memory, "
           f"interpreter baseline {base['peak_mib']:.0f} MiB")
-    print(f"  {'step':26s} {'CPU s':>7s} {'wall s':>7s} {'CPU/floor':>9s} {'CPU/nb':>7s} {'peak MiB':>9s} "
+    print(f"  {'step':31s} {'CPU s':>7s} {'wall s':>7s} {'CPU/floor':>9s} {'CPU/nb':>7s} {'peak MiB':>9s} "
           f"{'above base':>10s} {'/ckpt':>6s} {'tensor peak':>11s} {'/ckpt':>6s}")
     for name, r in rows.items():
         floor = rows["floor (process)" if name.endswith("(process)") else "floor"]
@@ -302,7 +302,7 @@ def report(m: dict) -> None:
         ratio_nb = f"{r['cpu_s'] / nb['cpu_s']:7.2f}" if nb and name != "notebook" else f"{'-':>7s}"
         tensors = (f"{r['tensor_peak_mib']:11.0f} {r['tensor_peak_mib'] / size:6.2f}" if "tensor_peak_mib" in r
                    else f"{'-':>11s} {'-':>6s}")
-        print(f"  {name:26s} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} {r['cpu_s'] / floor['cpu_s']:9.2f} {ratio_nb} "
+        print(f"  {name:31s} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} {r['cpu_s'] / floor['cpu_s']:9.2f} {ratio_nb} "
               f"{r['peak_mib']:9.0f} {above:10.0f} {above / size:6.2f} {tensors}")
     if m["notebook"]:
         print(f"  notebook procedure: {m['notebook']}")
