@@ -211,8 +211,8 @@ def spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 def test_fp16_files_hold_the_checkpoints_own_tensors(fixtures: Path, tmp_path: Path,
                                                       spied: dict[str, list]) -> None:
     """``reparam convert``'s fp16 deploy model is written from the very tensors transferred from the checkpoint
-    (the same storage: no copy); both files hold their values. On the CPU: a check on CUDA moves the model there
-    and back (:func:`reparam.converter.validation.models_on`), which copies its tensors."""
+    (the same storage: no copy); both files hold their values. (A check on another device gives the models their
+    own tensors back: the test below.)"""
     source = fixtures / "ckpt" / "yolov9-t-dual-best.pt"
     report = convert(source, tmp_path / "out", ConvertOptions(imgsz=64, device="cpu"))
     assert report.status == "succeeded"
@@ -246,3 +246,22 @@ def test_fp32_files_hold_the_exact_upcast(fixtures: Path, tmp_path: Path, spied:
         assert torch.equal(pt[k], want) and pt[k].dtype == want.dtype, k
     deploy = pruned.deploy.state_dict()
     assert all(deploy[k].data_ptr() == v.data_ptr() for k, v in sd.items())  # no in-place change of the deploy
+
+
+def test_a_check_on_another_device_gives_the_models_their_own_tensors_back(fixtures: Path) -> None:
+    """:func:`models_on` moves the models away for a check and then puts back the very tensors they held (same
+    storage, no copy back): on ``meta`` here, the one non-CPU device every machine has; CUDA takes the same path."""
+    from reparam.converter.validation import models_on
+
+    ck = read_checkpoint(fixtures / "ckpt" / "yolov9-t-dual-best.pt")
+    pruned = convert_mod.prune(ck.cfg, ck.nc, ck.names, ck.state_dict)
+    before = {id(m): {k: v.data_ptr() for k, v in m.state_dict().items()} for m in (pruned.dual, pruned.deploy)}
+    stride = pruned.deploy.model[-1].stride
+    with models_on("meta", pruned.dual, pruned.deploy):
+        assert {v.device.type for v in pruned.deploy.state_dict().values()} == {"meta"}
+    for m in (pruned.dual, pruned.deploy):
+        assert {k: v.data_ptr() for k, v in m.state_dict().items()} == before[id(m)]
+    assert all(v.device.type == "cpu" for v in pruned.deploy.state_dict().values())
+    assert pruned.deploy.model[-1].stride.device.type == "cpu" and torch.equal(pruned.deploy.model[-1].stride, stride)
+    sd = pruned.deploy_sd
+    assert all(pruned.deploy.state_dict()[k].data_ptr() == v.data_ptr() for k, v in sd.items())

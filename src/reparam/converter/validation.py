@@ -581,22 +581,35 @@ def _stride_mismatch(x: torch.Tensor, out: Any, *models: nn.Module) -> str:
 
 @contextmanager
 def models_on(device: torch.device | str | None, *models: nn.Module) -> Iterator[None]:
-    """Within the block, ``models`` live on ``device`` (weights keep their dtype); on exit they go back to the CPU.
+    """Within the block, ``models`` live on ``device`` (weights keep their dtype); on exit they hold their own CPU
+    tensors again.
 
-    ``None`` or the CPU leaves them where they are (no copy). Artifacts are always written from CPU tensors, so a
-    model moved to CUDA for a check is moved back, also after an exception.
+    ``None`` or the CPU leaves them where they are (no copy). Otherwise every tensor the modules hold (each
+    parameter's data, each buffer, and the plain tensor attributes a model's ``_apply`` moves too, such as a head's
+    ``stride``) is kept before the move and put back after (also after an exception), instead of copying the
+    device's tensors back: the models leave the block holding the very tensors they came with (the checkpoint's own
+    storage, which the artifacts are written from), and no second copy of the weights exists on the CPU.
     """
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type == "cpu":
         yield
         return
+    # a move may set a parameter's .data or replace the Parameter object (torch's Module._apply): keep both
+    params = [(p, p.data) for m in models for p in m.parameters()]
+    held = [(mod, dict(mod._parameters), dict(mod._buffers),
+             {k: v for k, v in vars(mod).items() if isinstance(v, torch.Tensor)})
+            for m in models for mod in m.modules()]
     try:
         for m in models:
             m.to(dev)
         yield
     finally:
-        for m in models:
-            m.to("cpu")
+        for p, data in params:
+            p.data = data
+        for mod, parameters, buffers, attrs in held:
+            mod._parameters.update(parameters)
+            mod._buffers.update(buffers)
+            mod.__dict__.update(attrs)
 
 
 def check_conversion(
