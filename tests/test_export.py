@@ -284,10 +284,15 @@ def test_torchscript_roundtrip(models, tmp_path):
     pred = Predictions(fuse_model(copy.deepcopy(deploy)))
     path = tmp_path / "m.torchscript"
     g = torch.Generator().manual_seed(2)
-    export_torchscript(pred, path, torch.rand(1, 3, 128, 128, generator=g), metadata={"stride": "32"})
+    export_torchscript(pred, path, torch.rand(1, 3, 128, 128, generator=g),
+                       metadata={"stride": "32", "names": "{0: 'red', 1: 'green', 10: 'blue'}"})
     extra = {"config.txt": ""}
     loaded = torch.jit.load(str(path), _extra_files=extra)
-    assert json.loads(extra["config.txt"])["stride"] == "32"
+    # read as the official DetectMultiBackend reads it: JSON, digit keys back to ints, stride an int, names by id
+    config = json.loads(extra["config.txt"],
+                        object_hook=lambda d: {int(k) if k.isdigit() else k: v for k, v in d.items()})
+    assert int(config["stride"]) == 32 and config["names"] == {0: "red", 1: "green", 10: "blue"}
+    assert config["shape"] == [1, 3, 128, 128] and config["device"] == "cpu"
     for shape in [(1, 3, 128, 128), (2, 3, 96, 160)]:
         x = torch.rand(*shape, generator=g)
         with torch.no_grad():

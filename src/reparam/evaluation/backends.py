@@ -152,11 +152,12 @@ def _meta_nm(meta: dict[str, str], path: Path) -> int:
                                 "reparam, which stores it)") from None
 
 
-def _meta_names(meta: dict[str, str], path: Path) -> tuple[dict[int, str], int]:
+def _meta_names(meta: dict[str, Any], path: Path) -> tuple[dict[int, str], int]:
     from ..converter.export.modules import names_from_metadata
 
     try:
-        names = names_from_metadata(meta["names"])
+        raw = meta["names"]  # a JSON object in a TorchScript config.txt (official form), else the literal's text
+        names = ({int(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else names_from_metadata(raw))
         stride = int(float(meta.get("stride", 32)))
     except (KeyError, ValueError, TypeError, AttributeError):
         raise InvalidInputError(f"'{path}' carries no class names in its metadata (export it with reparam, which "

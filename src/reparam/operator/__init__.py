@@ -8,3 +8,5 @@ transitions), ``queue`` (concurrency slots), ``metrics``, ``kube`` (API client),
 """
 
 from . import handlers  # noqa: F401  (registers the kopf handlers)
+
+__all__ = ["handlers"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .modules import Predictions
+from .modules import Predictions, names_from_metadata
 from .onnx_graph import quiet
 
 __all__ = ["export_torchscript"]
@@ -19,7 +19,7 @@ def export_torchscript(module: Predictions, path: Path, sample: torch.Tensor, *,
                        metadata: dict[str, str] | None = None, device: torch.device | str = "cpu"
                        ) -> torch.jit.ScriptModule:
     """Trace ``module`` on ``device`` and save it with a ``config.txt`` extra file (metadata JSON plus the tracing
-    ``shape`` and ``device``).
+    ``shape`` and ``device``; ``names`` as a JSON object and ``stride`` as an int, the official ``export.py`` form).
 
     Shapes stay free (the anchor grid is computed from the feature maps): ``images [B, 3, H, W] -> [B, 4 + nc, A]``.
     With ``half`` the model and the tracing input are fp16 (the trace runs one fp16 forward on ``device``).
@@ -33,6 +33,14 @@ def export_torchscript(module: Predictions, path: Path, sample: torch.Tensor, *,
     x = (sample.half() if half else sample.float()).to(dev)
     with torch.no_grad():
         traced = quiet(lambda: torch.jit.trace(module, x, check_trace=False, strict=False))
-    extra = {"config.txt": json.dumps({**(metadata or {}), "shape": list(sample.shape), "device": str(dev)})}
+    config: dict[str, object] = {**(metadata or {}), "shape": list(sample.shape), "device": str(dev)}
+    # as the official export.py writes config.txt: "stride" an int and "names" a JSON object of id -> name (its
+    # DetectMultiBackend turns the digit keys back into ints and indexes names by class id; a string there would
+    # be indexed by character)
+    if "names" in config:
+        config["names"] = names_from_metadata(str(config["names"]))
+    if "stride" in config:
+        config["stride"] = int(float(str(config["stride"])))
+    extra = {"config.txt": json.dumps(config)}
     torch.jit.save(traced, str(path), _extra_files=extra)
     return traced
