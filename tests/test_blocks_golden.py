@@ -160,6 +160,7 @@ def test_fold_batchnorm_with_a_conv_bias() -> None:
     (1, 64, 64, rm.blocks.CBFUSE_CHUNK_BYTES),  # a few channels per slice
     (2, 7, 24, 6 * 24 * 24 * 4 * 3),            # 3 channels per slice, the last one shorter, two images
     (1, 5, 16, 1),                              # one channel per slice
+    (5, 4, 8, 6 * 4 * 8 * 8 * 4 * 2),           # two whole images per slice, the last slice one image
 ])
 def test_cbfuse_in_slices_equals_the_plain_stack(batch: int, channels: int, side: int, chunk_bytes: int,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -454,8 +454,10 @@ class CBLinear(nn.Module):
         return self.conv(x).split(self.c2s, dim=1)
 
 
-#: Bytes of resized parts :class:`CBFuse` stacks at once in inference mode (see its docstring).
+#: Bytes of resized parts :class:`CBFuse` stacks at once in inference mode on the CPU (see its docstring), and on
+#: an accelerator, where fewer, larger slices keep the kernel launches few.
 CBFUSE_CHUNK_BYTES = 16 * 2**20
+CBFUSE_CHUNK_BYTES_ACCELERATOR = 256 * 2**20
 
 
 class CBFuse(nn.Module):
@@ -463,8 +465,9 @@ class CBFuse(nn.Module):
     (nearest) to the last input's size and sum everything.
 
     As the official ``CBFuse.forward``: ``torch.stack(parts).sum(0)`` of the resized parts and the last input. In
-    inference mode (``torch.inference_mode``: the equivalence check, evaluation) the same stack-and-sum runs one
-    image and a few channels at a time into the output (:data:`CBFUSE_CHUNK_BYTES` of parts at once): nearest
+    inference mode (``torch.inference_mode``: the equivalence check, evaluation) the same stack-and-sum runs a few
+    images, or a few channels of one image, at a time into the output (:data:`CBFUSE_CHUNK_BYTES` of parts at once,
+    :data:`CBFUSE_CHUNK_BYTES_ACCELERATOR` on a GPU): nearest
     resizing, stacking and the sum over the stacked dimension are each element by element, so every output element
     is computed by the same operations on the same values, bit for bit, while the full-size stack (six full maps at
     the first fusion of yolov9-e: 288 MiB at 640 px, more than the model's weights) is never held. Traced or
@@ -490,14 +493,18 @@ class CBFuse(nn.Module):
         return torch.stack(parts).sum(dim=0)
 
     def _chunked(self, xs: list) -> torch.Tensor:
-        """The plain forward's result, computed ``[1, c, H, W]`` slice by slice (equal bits, bounded memory)."""
+        """The plain forward's result, computed ``[b', c', H, W]`` slice by slice (equal bits, bounded memory):
+        whole images when one fits the budget, else a few channels of one image."""
         target = xs[-1]
         b, c, h, w = target.shape
-        step = max(1, CBFUSE_CHUNK_BYTES // max(1, len(xs) * h * w * target.element_size()))
+        budget = CBFUSE_CHUNK_BYTES if target.device.type == "cpu" else CBFUSE_CHUNK_BYTES_ACCELERATOR
+        per_channel = max(1, len(xs) * h * w * target.element_size())
+        images, step = (max(1, budget // (per_channel * c)), c) if per_channel * c <= budget \
+            else (1, max(1, budget // per_channel))
         out = torch.empty_like(target)
-        for i in range(b):
+        for i in range(0, b, images):
             for c0 in range(0, c, step):
-                where = (slice(i, i + 1), slice(c0, c0 + step))
+                where = (slice(i, i + images), slice(c0, c0 + step))
                 parts = [F.interpolate(x[self.idx[k]][where], size=(h, w), mode="nearest")
                          for k, x in enumerate(xs[:-1])]
                 parts.append(target[where])
