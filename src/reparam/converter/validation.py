@@ -20,8 +20,8 @@ Two check levels (:func:`check_conversion`):
   branch cannot influence the main output, so running it would prove nothing more), in lockstep with the deploy
   model (:func:`lockstep_forward`, below); then, on a small non-square batch ``[2, 3, h, w]`` (``h = 64``, ``w =
   96`` at stride 32: every level's map is non-square, 8x12, 4x6 and 2x3: shape handling, batching and rectangular
-  anchors), the *whole* dual model (both
-  branches), the whole deploy model and the lockstep of both, which must all agree. That second step also proves,
+  anchors), the *whole* dual model (both branches), the whole deploy model and the lockstep of both, which must all
+  agree. That second step also proves,
   on every conversion, that the main-only evaluation equals the full dual forward and that the lockstep's deploy
   output equals the deploy model's own forward. The FLOP count is taken during the small step and scaled to ``s x
   s``.

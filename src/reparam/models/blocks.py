@@ -467,10 +467,11 @@ class CBFuse(nn.Module):
     As the official ``CBFuse.forward``: ``torch.stack(parts).sum(0)`` of the resized parts and the last input. In
     inference mode (``torch.inference_mode``: the equivalence check, evaluation) the same stack-and-sum runs a few
     images, or a few channels of one image, at a time into the output (:data:`CBFUSE_CHUNK_BYTES` of parts at once,
-    :data:`CBFUSE_CHUNK_BYTES_ACCELERATOR` on a GPU): nearest
-    resizing, stacking and the sum over the stacked dimension are each element by element, so every output element
-    is computed by the same operations on the same values, bit for bit, while the full-size stack (six full maps at
-    the first fusion of yolov9-e: 288 MiB at 640 px, more than the model's weights) is never held. Traced or
+    :data:`CBFUSE_CHUNK_BYTES_ACCELERATOR` on a GPU): nearest resizing, stacking and the sum over the stacked
+    dimension are each element by element, so every output element is computed by the same operations on the same
+    values, bit for bit (the sum goes into a fresh contiguous tensor, then is copied: a strided ``out=`` could let
+    the reduction reorder its additions), while the full-size stack (six full maps at the first fusion of yolov9-e:
+    288 MiB at 640 px, more than the model's weights) is never held. Traced or
     exported (TorchScript, ONNX) it is always the plain form, so the graph keeps free shapes.
 
     Args:
