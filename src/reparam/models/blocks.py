@@ -470,8 +470,9 @@ class CBFuse(nn.Module):
     :data:`CBFUSE_CHUNK_BYTES_ACCELERATOR` on a GPU): nearest resizing, stacking and the sum over the stacked
     dimension are each element by element, so every output element is computed by the same operations on the same
     values, bit for bit (the sum goes into a fresh contiguous tensor, then is copied: a strided ``out=`` could let
-    the reduction reorder its additions), while the full-size stack (six full maps at the first fusion of yolov9-e:
-    288 MiB at 640 px, more than the model's weights) is never held. Traced or
+    the reduction reorder its additions), while the full-size parts and their stack are never held (at the first
+    fusion of yolov9-e at 640 px: five resized 64x320x320 fp32 maps and the stack of six, 275 MiB, more than the
+    model's weights). Traced or
     exported (TorchScript, ONNX) it is always the plain form, so the graph keeps free shapes.
 
     Args:
