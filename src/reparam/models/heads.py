@@ -180,7 +180,39 @@ def _single_branch(head: _AnchorFreeHead, x: list[torch.Tensor]):
     return y if head.export else (y, maps)
 
 
-class DDetect(_AnchorFreeHead):
+class _SingleBranchHead(_AnchorFreeHead):
+    """One branch on ``nl`` levels: box towers ``cv2``, class towers ``cv3``, ``dfl``; forward :func:`_single_branch`.
+
+    ``DDetect`` and the plain ``Detect`` differ only in their box tower and in the towers' widths, given by the
+    subclass as :meth:`_box_tower` and :meth:`_widths`. Each subclass still defines ``forward`` (calling this one):
+    the segmentation heads store ``DDetect.forward``/``Detect.forward`` as an attribute, as the official ones do, and
+    a pickle names a function by its qualified name, which must be the official class's.
+    """
+
+    @staticmethod
+    def _box_tower(c_in: int, c_hidden: int, reg_max: int) -> nn.Sequential:
+        raise NotImplementedError
+
+    @staticmethod
+    def _widths(c_in: int, nc: int, reg_max: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def __init__(self, nc: int = 80, ch: Sequence[int] = (), inplace: bool = True):
+        super().__init__()
+        self._init_common(nc, len(ch), inplace)
+        c2, c3 = self._widths(ch[0], nc, self.reg_max)
+        self.cv2 = nn.ModuleList(self._box_tower(x, c2, self.reg_max) for x in ch)
+        self.cv3 = nn.ModuleList(_cls_branch(x, c3, nc) for x in ch)
+        self.dfl = DFL(self.reg_max)
+
+    def _tower_pairs(self):
+        return [(self.cv2, self.cv3)]
+
+    def forward(self, x: list[torch.Tensor]):
+        return _single_branch(self, x)
+
+
+class DDetect(_SingleBranchHead):
     """Single-branch anchor-free detection head (GELAN / deploy models).
 
     Args:
@@ -194,19 +226,13 @@ class DDetect(_AnchorFreeHead):
     or ``y`` alone when ``export`` is set.
     """
 
-    def __init__(self, nc: int = 80, ch: Sequence[int] = (), inplace: bool = True):
-        super().__init__()
-        self._init_common(nc, len(ch), inplace)
-        c2, c3 = _branch_channels(ch[0], nc, self.reg_max)
-        self.cv2 = nn.ModuleList(_box_branch(x, c2, self.reg_max) for x in ch)
-        self.cv3 = nn.ModuleList(_cls_branch(x, c3, nc) for x in ch)
-        self.dfl = DFL(self.reg_max)
-
-    def _tower_pairs(self):
-        return [(self.cv2, self.cv3)]
+    _box_tower = staticmethod(_box_branch)
+    _widths = staticmethod(_branch_channels)
 
     def forward(self, x: list[torch.Tensor]):
-        return _single_branch(self, x)
+        # its own (the base's, by another name): DSegment stores ``DDetect.forward`` and a pickle names the function
+        # by its qualified name, which must be ``DDetect.forward`` (official ``models.yolo``)
+        return super().forward(x)
 
 
 class DualDDetect(_AnchorFreeHead):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .blocks import Conv, Proto
-from .heads import DFL, _AnchorFreeHead, _cls_branch, _mask_branch, _single_branch
+from .heads import _mask_branch, _SingleBranchHead
 
 __all__ = ["Detect", "Segment"]
 
@@ -33,7 +33,12 @@ def _plain_box_branch(c_in: int, c_hidden: int, reg_max: int) -> nn.Sequential:
     return nn.Sequential(Conv(c_in, c_hidden, 3), Conv(c_hidden, c_hidden, 3), nn.Conv2d(c_hidden, 4 * reg_max, 1))
 
 
-class Detect(_AnchorFreeHead):
+def _plain_widths(c_in: int, nc: int, reg_max: int) -> tuple[int, int]:
+    """Hidden widths of ``Detect``'s box and class towers (YOLOv9 ``Detect``: the box width not rounded to 4)."""
+    return max(c_in // 4, reg_max * 4, 16), max(c_in, min(nc * 2, 128))
+
+
+class Detect(_SingleBranchHead):
     """Anchor-free single-branch detection head (official ``Detect``; the base of ``Segment``).
 
     Args:
@@ -46,20 +51,13 @@ class Detect(_AnchorFreeHead):
     pixels, sigmoid scores), or ``y`` alone when ``export`` is set.
     """
 
-    def __init__(self, nc: int = 80, ch: Sequence[int] = (), inplace: bool = True):
-        super().__init__()
-        self._init_common(nc, len(ch), inplace)
-        c2 = max(ch[0] // 4, self.reg_max * 4, 16)
-        c3 = max(ch[0], min(nc * 2, 128))
-        self.cv2 = nn.ModuleList(_plain_box_branch(x, c2, self.reg_max) for x in ch)
-        self.cv3 = nn.ModuleList(_cls_branch(x, c3, nc) for x in ch)
-        self.dfl = DFL(self.reg_max)
-
-    def _tower_pairs(self):
-        return [(self.cv2, self.cv3)]
+    _box_tower = staticmethod(_plain_box_branch)
+    _widths = staticmethod(_plain_widths)
 
     def forward(self, x: list[torch.Tensor]):
-        return _single_branch(self, x)
+        # its own (the base's, by another name): Segment stores ``Detect.forward`` and a pickle names the function
+        # by its qualified name, which must be ``Detect.forward`` (official ``models.yolo``)
+        return super().forward(x)
 
 
 class Segment(Detect):
