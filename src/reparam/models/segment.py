@@ -41,14 +41,8 @@ def _plain_widths(c_in: int, nc: int, reg_max: int) -> tuple[int, int]:
 class Detect(_SingleBranchHead):
     """Anchor-free single-branch detection head (official ``Detect``; the base of ``Segment``).
 
-    Args:
-        nc: number of classes.
-        ch: input channels of each level (P3, P4, P5).
-        inplace: kept for compatibility (unused).
-
-    Input: list of ``nl`` maps ``[B, ch[i], H_i, W_i]``.
-    Output: training: the raw maps ``[B, 64 + nc, H_i, W_i]``; eval: ``(y [B, 4 + nc, A], maps)`` (xywh in input
-    pixels, sigmoid scores), or ``y`` alone when ``export`` is set.
+    Arguments, input and output as :class:`~.heads.DDetect` (``nc``, ``ch`` of P3/P4/P5; eval ``(y [B, 4 + nc, A],
+    maps)``); only its box towers and their width differ (module docstring).
     """
 
     _box_tower = staticmethod(_plain_box_branch)
